@@ -1,0 +1,236 @@
+"""Projected gradient descent (Madry et al. 2018) on [0, 1] images, batched, with restarts and EOT."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_choice, check_images, check_int, check_labels, check_positive
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin", "dlr")
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns.
+
+    Attributes:
+        x_adv: (N, 3, H, W) adversarial images in [0, 1], the strongest found per sample.
+        success: (N,) bool, the attack's goal reached (targeted: predicted == target; untargeted:
+            predicted != label).
+        loss_history: (restarts, steps + 1, N) objective the attack ascends, at every iterate
+            (ce: cross-entropy to the label, or minus cross-entropy to the target when targeted).
+        logits: (N, C) logits of ``x_adv`` (mean over EOT draws).
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    loss_history: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def success_rate(self) -> float:
+        return self.success.float().mean().item()
+
+
+def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: bool) -> torch.Tensor:
+    """Per-sample objective that PGD ascends. (N, C), (N,) -> (N,).
+
+    - ``ce``: cross-entropy to ``y`` (minus it when targeted). CLIP's logit scale of 100 saturates it
+      on confident samples, which is why the margin losses exist.
+    - ``margin``: Carlini & Wagner (2017) logit margin, best other class minus ``y`` (``y`` minus best
+      other when targeted). Positive exactly when the attack has succeeded.
+    - ``dlr``: Croce & Hein (2020) difference of logits ratio, the margin divided by the spread of the
+      top logits, so it is invariant to the logit scale; the targeted form uses the 1st, 3rd and 4th.
+    """
+    if loss == "ce":
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return -ce if targeted else ce
+    own = logits.gather(1, y[:, None]).squeeze(1)
+    best_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    margin = own - best_other if targeted else best_other - own
+    if loss == "margin":
+        return margin
+    top = logits.sort(dim=1, descending=True).values
+    if targeted:  # Croce & Hein (2020), Eq. 8
+        return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+    return margin / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
+        alpha: float | None = None, steps: int = 10, targeted: bool = False, random_start: bool = True,
+        restarts: int = 1, norm: str = "linf", loss: str = "ce", early_stop: bool = False,
+        eot_samples: int = 1, seed: int | None = None, autocast: bool = False) -> AttackResult:
+    """Projected gradient descent with restarts, keeping the strongest result per sample.
+
+    Args:
+        model: maps (N, 3, H, W) images in [0, 1] to (N, C) logits; may be stochastic (a defence).
+        x: (N, 3, H, W) clean images in [0, 1].
+        y: (N,) labels to leave (untargeted) or targets to reach (targeted). None (untargeted only):
+            leave the model's own prediction on ``x``.
+        eps: radius of the threat model in [0, 1] pixel units (L-inf: per pixel; L2: per image).
+        alpha: step size; default ``2.5 * eps / steps`` (Madry et al. 2018).
+        steps: gradient steps per restart.
+        targeted: reach ``y`` instead of leaving it.
+        random_start: start from a uniform point of the ball rather than ``x``.
+        restarts: independent runs; per sample the successful (else highest-objective) one is kept.
+        norm: ``"linf"`` or ``"l2"``.
+        loss: ``"ce"``, ``"margin"`` or ``"dlr"`` (see ``attack_objective``).
+        early_stop: stop updating samples once they succeed (cheaper; the result is still a success).
+        eot_samples: Expectation over Transformation (Athalye et al. 2018): the gradient is the mean of
+            the gradients of this many stochastic forward passes, run as one batch.
+        seed: seeds the random start (None: the global generator).
+        autocast: run the model under bfloat16 autocast (GPU speed; gradients stay float32).
+
+    Returns:
+        AttackResult with the adversarial images, per-sample success and the objective history.
+    """
+    check_images(x)
+    num_classes = _num_classes(model, x)
+    if y is None:
+        if targeted:
+            raise ValueError("y (the target classes) is required when targeted=True")
+        with torch.no_grad():
+            y = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
+    check_labels(y, len(x), num_classes, "y")
+    check_positive(eps, "eps", allow_zero=True)
+    if eps > 1 and norm == "linf":
+        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_int(steps, "steps")
+    if alpha is not None:
+        check_positive(alpha, "alpha")
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    check_int(restarts, "restarts")
+    check_int(eot_samples, "eot_samples")
+    check_choice(norm, "norm", NORMS)
+    check_choice(loss, "loss", LOSSES)
+
+    y = y.to(device=x.device, dtype=torch.int64)
+    generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
+    best = _Strongest(x)
+    history = []
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(restarts):
+            history.append(_pgd_run(model, x, y, best, eps=eps, alpha=alpha, steps=steps, targeted=targeted,
+                                    random_start=random_start, norm=norm, loss=loss, early_stop=early_stop,
+                                    eot_samples=eot_samples, generator=generator, autocast=autocast))
+    finally:
+        model.train(was_training)
+    return AttackResult(best.x, best.success, torch.stack(history), best.logits)
+
+
+class _Strongest:
+    """The strongest iterate seen so far per sample, over all steps and restarts: a success beats a
+    failure, then the higher objective wins. Tracking it makes more steps or restarts never weaker."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.clone()
+        self.objective = torch.full((len(x),), float("-inf"), device=x.device)
+        self.success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.logits = None
+
+    def update(self, index, x_adv, objective, logits, success) -> None:
+        """Offer candidates for the samples ``index``; keep those that are stronger."""
+        if self.logits is None:
+            self.logits = torch.zeros(len(self.x), logits.shape[1], device=logits.device)
+        better = (success & ~self.success[index]) | (
+            (success == self.success[index]) & (objective > self.objective[index]))
+        index = index[better]
+        self.x[index] = x_adv[better]
+        self.objective[index] = objective[better]
+        self.logits[index] = logits[better]
+        self.success[index] = success[better]
+
+
+def _pgd_run(model, x, y, best: _Strongest, *, eps, alpha, steps, targeted, random_start, norm, loss,
+             early_stop, eot_samples, generator, autocast) -> torch.Tensor:
+    """One PGD run from a fresh start, offering every iterate to ``best``. Returns (steps+1, N) objectives."""
+    delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    x_adv = (x + delta).clamp(0, 1)
+    history = torch.full((steps + 1, len(x)), float("nan"), device=x.device)
+    active = torch.arange(len(x), device=x.device)  # samples still being updated
+    for step in range(steps + 1):
+        last = step == steps  # the final iterate is only evaluated
+        x_active = x_adv[active].requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
+            logits, objective = _eot_forward(model, x_active, y[active], eot_samples, loss, targeted, autocast)
+            grad = None if last else torch.autograd.grad(objective.sum(), x_active)[0]
+        objective = objective.detach()
+        history[step, active] = objective
+        best.update(active, x_active.detach(), objective, logits, _succeeded(logits, y[active], targeted))
+        if last:
+            break
+        x_adv[active] = _step(x[active], x_active.detach(), grad, eps, alpha, norm)
+        if early_stop:
+            active = active[~best.success[active]]
+            if len(active) == 0:
+                break
+    return history
+
+
+def _step(x, x_adv, grad, eps, alpha, norm):
+    """Ascend, project onto the eps-ball around x, clip to [0, 1]."""
+    if norm == "linf":
+        x_adv = x_adv + alpha * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    else:
+        grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = x_adv + alpha * grad / grad_norm - x
+        delta_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        x_adv = x + delta * (eps / delta_norm.clamp_min(1e-12)).clamp(max=1)
+    # clipping to [0, 1] moves every pixel towards x (x is in [0, 1]), so the norm bound still holds
+    return x_adv.clamp(0, 1)
+
+
+def _random_start(x, eps, norm, generator):
+    if norm == "linf":
+        return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    # uniform in the L2 ball: a Gaussian direction, radius eps * U^(1/d)
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    radius = torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype) ** (1 / x[0].numel())
+    return direction * (eps * radius).view(-1, 1, 1, 1)
+
+
+def _eot_logits(model, x, eot_samples, autocast) -> torch.Tensor:
+    """``eot_samples`` stochastic passes of ``model`` in one batch. (N, 3, H, W) -> (k, N, C)."""
+    batch = x.repeat(eot_samples, 1, 1, 1) if eot_samples > 1 else x  # (k*N, 3, H, W)
+    with _autocast(x.device, autocast):
+        logits = model(batch).float()
+    return logits.view(eot_samples, len(x), -1)
+
+
+def _eot_forward(model, x, y, eot_samples, loss, targeted, autocast):
+    """Expectation over Transformation (Athalye et al. 2018), batched.
+
+    Returns the mean logits (N, C), which judge success, and the mean of the per-draw objectives (N,),
+    whose gradient is therefore the mean of the per-draw gradients.
+    """
+    logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
+    objective = attack_objective(logits.flatten(0, 1), y.repeat(eot_samples), loss, targeted)  # (k*N,)
+    return logits.mean(dim=0).detach(), objective.view(eot_samples, len(x)).mean(dim=0)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _succeeded(logits, y, targeted):
+    prediction = logits.argmax(dim=1)
+    return prediction == y if targeted else prediction != y
+
+
+def _num_classes(model, x):
+    if hasattr(model, "num_classes"):
+        return model.num_classes
+    parameter = next(model.parameters(), None)
+    with torch.no_grad():
+        return model(x[:1].to(parameter.device if parameter is not None else x.device)).shape[1]

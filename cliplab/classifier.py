@@ -1,0 +1,104 @@
+"""Zero-shot CLIP classifier on [0, 1] images: the single place where resizing and normalisation happen."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_images
+
+
+@torch.no_grad()
+def build_text_head(model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
+                    templates: Sequence[str]) -> torch.Tensor:
+    """Embed every (class, template) prompt once and average per class (Radford et al. 2021, Sec. 3.1.4).
+
+    Args:
+        model: an open_clip CLIP model.
+        tokenizer: open_clip tokenizer for ``model``.
+        class_names: readable class names, e.g. ``"aquarium fish"``.
+        templates: format strings with one ``{}``, e.g. ``"a photo of a {}."``.
+
+    Returns:
+        (num_classes, embed_dim) class embeddings: for each class the mean of the L2-normalised
+        template embeddings, renormalised.
+    """
+    device = next(model.parameters()).device
+    prompts = [template.format(name) for name in class_names for template in templates]
+    tokens = tokenizer(prompts).to(device)
+    embeddings = model.encode_text(tokens, normalize=True).float()  # (C*T, D)
+    embeddings = embeddings.reshape(len(class_names), len(templates), -1).mean(dim=1)
+    return F.normalize(embeddings, dim=-1)  # (C, D)
+
+
+class ZeroShotClassifier(nn.Module):
+    """CLIP as an image classifier: [0, 1] images in, logits out.
+
+    Owns the whole pipeline of open_clip's inference preprocessing and zero-shot recipe: resize the
+    shortest side to the model's input size (bicubic, antialiased as PIL does), centre-crop,
+    normalise with the model's mean/std, encode, L2-normalise and take the cosine similarity with the
+    text head times the model's logit scale. The text head is computed once, at construction, and kept
+    as a buffer, so attacks never run the text encoder.
+
+    Args:
+        model: an open_clip CLIP model (``model.visual.image_size`` gives the input size).
+        tokenizer: its tokenizer.
+        class_names: readable class names.
+        templates: prompt templates, format strings with one ``{}``.
+        mean, std: normalisation of the model (``model.visual.image_mean``/``image_std`` by default).
+
+    Shape:
+        - Input: (N, 3, H, W), float in [0, 1], any resolution.
+        - Output: (N, num_classes) logits.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
+                 templates: Sequence[str], mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
+        super().__init__()
+        if not class_names:
+            raise ValueError("class_names must be a non-empty sequence of strings")
+        if not templates or any(t.count("{}") != 1 for t in templates):
+            raise ValueError("templates must be a non-empty sequence of format strings with exactly one '{}'")
+        self.model = model
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        size = model.visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        mean = mean if mean is not None else getattr(model.visual, "image_mean", None)
+        std = std if std is not None else getattr(model.visual, "image_std", None)
+        if mean is None or std is None:
+            raise ValueError("mean and std must be given when model.visual has no image_mean/image_std")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("text_head", build_text_head(model, tokenizer, self.class_names, self.templates))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize (shortest side), centre-crop and normalise, differentiably. (N,3,H,W) -> (N,3,S,S)."""
+        height, width = x.shape[-2:]
+        target_h, target_w = self.image_size
+        if (height, width) != (target_h, target_w):
+            scale = max(target_h / height, target_w / width)
+            size = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
+            # antialias=True selects PIL's bicubic kernel (a=-0.5), which open_clip's transform uses;
+            # the clamp mirrors PIL's saturation to the valid pixel range.
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            top, left = (size[0] - target_h) // 2, (size[1] - target_w) // 2
+            x = x[..., top:top + target_h, left:left + target_w]
+        return (x - self.mean) / self.std
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings. (N,3,H,W) in [0,1] -> (N, D)."""
+        check_images(x, values=False)  # noisy inputs from defences may leave [0, 1]
+        features = self.model.encode_image(self.preprocess(x))
+        return F.normalize(features.float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits. (N,3,H,W) in [0,1] -> (N, C)."""
+        return self.model.logit_scale.exp().float() * self.embed(x) @ self.text_head.T

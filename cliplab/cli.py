@@ -1,0 +1,137 @@
+"""Command line: ``cliplab reproduce`` runs the notebooks headless; ``cliplab train-shapes-clip``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .profiles import PROFILES
+
+
+@dataclass
+class NotebookRun:
+    name: str  # notebook file stem, e.g. "01_attacks"
+    seconds: float  # wall-clock execution time
+    error: str | None  # "cell N: ErrorName: message" when a cell failed
+
+
+def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
+    """The numbered notebooks of ``directory``, restricted to the ``only`` prefixes (e.g. ["01", "04"])."""
+    notebooks = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        unknown = set(only) - {nb.name[:2] for nb in notebooks}
+        if unknown:
+            raise ValueError(f"--only names notebooks that do not exist in {directory}: {sorted(unknown)} "
+                             f"(have: {', '.join(nb.name[:2] for nb in notebooks)})")
+        notebooks = [nb for nb in notebooks if nb.name[:2] in only]
+    return notebooks
+
+
+def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: int = 3600) -> NotebookRun:
+    """Execute ``path`` in a fresh kernel with ``env`` set; write the executed copy to ``out_dir``."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    from ._io import atomic_write
+
+    notebook = nbformat.read(path, as_version=4)
+    code_cells = sum(cell.cell_type == "code" for cell in notebook.cells)
+    bar = tqdm(total=code_cells, desc=path.stem, unit="cell")
+    failed_cell = {}
+
+    def on_cell_executed(cell, cell_index, execute_reply, **_):
+        bar.update(1)
+        if execute_reply and execute_reply.get("content", {}).get("status") == "error":
+            failed_cell.setdefault("index", cell_index)
+
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}},
+                            on_cell_executed=on_cell_executed)
+    start, error = time.perf_counter(), None
+    try:
+        client.execute(env={**os.environ, **env})  # the kernel's environment carries the profile
+    except CellExecutionError as exc:
+        error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
+    finally:
+        bar.close()
+    with atomic_write(out_dir / path.name) as tmp:
+        nbformat.write(notebook, tmp)
+    return NotebookRun(path.stem, time.perf_counter() - start, error)
+
+
+def reproduce(profile: str = "shapes", only: list[str] | None = None, device: str | None = None,
+              notebooks: Path | None = None, results: Path = Path("results")) -> list[NotebookRun]:
+    """Execute the study's notebooks headless for ``profile``; executed copies and PNG figures go to
+    ``results/<profile>/`` (figures under ``figures/``)."""
+    notebooks = notebooks or default_notebook_dir()
+    out_dir = results / profile
+    env = {"CLIPLAB_PROFILE": profile, "CLIPLAB_FIGURES": str((out_dir / "figures").resolve()),
+           "MPLBACKEND": "Agg"}
+    if device:
+        env["CLIPLAB_DEVICE"] = device
+    runs = []
+    for path in find_notebooks(notebooks, only):
+        env["CLIPLAB_FIGURES"] = str((out_dir / "figures" / path.stem).resolve())
+        runs.append(execute_notebook(path, out_dir, env))
+    return runs
+
+
+def default_notebook_dir() -> Path:
+    """``./notebooks`` when run from a checkout, else the one beside the installed package."""
+    for candidate in (Path.cwd() / "notebooks", Path(__file__).resolve().parents[1] / "notebooks"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("no notebooks/ directory found: run from the cliplab checkout or pass --notebooks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("reproduce", help="execute the notebooks headless and collect their figures")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="shapes")
+    run.add_argument("--only", type=lambda s: [p.strip() for p in s.split(",") if p.strip()],
+                     help="comma-separated notebook numbers, e.g. 01,02")
+    run.add_argument("--device", choices=("cpu", "cuda"))
+    run.add_argument("--notebooks", type=Path, help="directory of the notebooks (default: ./notebooks)")
+    run.add_argument("--results", type=Path, default=Path("results"))
+    train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
+    train.add_argument("--out", type=Path, required=True, help="where to write the .safetensors weights")
+    train.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "train-shapes-clip":
+        return _train_shapes_clip(args.out, args.steps)
+    try:
+        runs = reproduce(args.profile, args.only, args.device, args.notebooks, args.results)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"cliplab reproduce: {error}", file=sys.stderr)
+        return 2
+    print(f"\nprofile {args.profile}: results in {args.results / args.profile}")
+    for run_ in runs:
+        figures = args.results / args.profile / "figures" / run_.name
+        count = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
+        status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
+        print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
+    return 1 if any(run_.error for run_ in runs) else 0
+
+
+def _train_shapes_clip(out: Path, steps: int | None) -> int:
+    import torch
+
+    from .models import save_weights
+    from .shapes_clip import ShapesCLIPConfig, train_shapes_clip
+
+    config = ShapesCLIPConfig() if steps is None else ShapesCLIPConfig(steps=steps)
+    save_weights(train_shapes_clip(config), out, dtype=torch.float16)
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Data sets as (x, y, class_names) tensors in the data contract: float NCHW in [0, 1], native 32x32.
+
+- ``shapes``: Shapes-100, 10 colours x 10 shapes, rendered by cliplab deterministically from a seed.
+- ``cifar100``: CIFAR-100 through torchvision, with readable class names and the CLIP paper's prompts.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from ._checks import check_choice, check_int
+
+# (name, RGB) in [0, 1]; far enough apart to stay distinguishable under the per-image jitter below.
+COLOURS = (
+    ("red", (0.85, 0.10, 0.10)), ("orange", (1.00, 0.55, 0.05)), ("yellow", (0.95, 0.90, 0.10)),
+    ("green", (0.10, 0.70, 0.15)), ("cyan", (0.10, 0.85, 0.90)), ("blue", (0.10, 0.20, 0.90)),
+    ("purple", (0.50, 0.10, 0.70)), ("pink", (1.00, 0.55, 0.75)), ("white", (0.97, 0.97, 0.97)),
+    ("black", (0.03, 0.03, 0.03)),
+)
+SHAPES = ("circle", "ring", "triangle", "square", "hexagon", "star", "cross", "crescent", "ellipse",
+          "semicircle")
+SHAPES100_CLASSES = tuple(f"{colour} {shape}" for colour, _ in COLOURS for shape in SHAPES)
+SHAPES100_TEMPLATES = (
+    "a photo of a {}.", "a drawing of a {}.", "a picture of the {}.", "a small {}.", "a big {}.",
+    "an image of a {}.", "a rendering of a {}.", "a {} on a plain background.",
+)
+
+# The 18 CIFAR prompt templates of the CLIP paper (Radford et al. 2021, prompts for CIFAR-10/100).
+CIFAR_TEMPLATES = (
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+    "a photo of the small {}.", "a photo of the big {}.",
+)
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+DATASETS = ("shapes", "cifar100")
+SPLIT_SEEDS = {"train": 0, "test": 1}  # disjoint random streams for the two Shapes-100 splits
+SHAPES_TRAIN_SIZE, SHAPES_TEST_SIZE = 50_000, 10_000
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+def class_names(name: str) -> list[str]:
+    """Readable class names of a data set, without loading its images."""
+    check_choice(name, "name", DATASETS)
+    return list(SHAPES100_CLASSES if name == "shapes" else CIFAR100_CLASSES)
+
+
+def templates(name: str, single: bool = False) -> list[str]:
+    """Prompt templates of a data set (``single=True``: just ``"a photo of a {}."``)."""
+    check_choice(name, "name", DATASETS)
+    if single:
+        return list(SINGLE_TEMPLATE)
+    return list(SHAPES100_TEMPLATES if name == "shapes" else CIFAR_TEMPLATES)
+
+
+def load_dataset(name: str, split: str = "test", n: int | None = None, root: str | os.PathLike | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Load a data set as tensors.
+
+    Args:
+        name: ``"shapes"`` (generated, offline) or ``"cifar100"`` (torchvision).
+        split: ``"train"`` or ``"test"``.
+        n: keep the first ``n`` images (all when None).
+        root: CIFAR-100 cache directory; default ``$CLIPLAB_DATA`` or ``~/.cache/cliplab/data``.
+
+    Returns:
+        x: (N, 3, 32, 32) float32 in [0, 1]; y: (N,) int64; class_names: readable names.
+    """
+    check_choice(name, "name", DATASETS)
+    check_choice(split, "split", SPLIT_SEEDS)
+    if n is not None:
+        check_int(n, "n")
+    if name == "shapes":
+        size = SHAPES_TRAIN_SIZE if split == "train" else SHAPES_TEST_SIZE
+        x, y = render_shapes(min(n or size, size), seed=SPLIT_SEEDS[split])
+        return x, y, list(SHAPES100_CLASSES)
+    return _load_cifar100(split, n, root)
+
+
+# ----------------------------------------------------------------------------------------- Shapes-100
+def render_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render ``n`` Shapes-100 images, batched, deterministically from ``seed``.
+
+    Each image: a tinted, shaded background; one shape of a random class at a random position, size and
+    rotation, its colour jittered slightly; soft (anti-aliased) edges from a signed distance.
+
+    Returns:
+        x: (n, 3, size, size) in [0, 1]; y: (n,) int64 with y = 10 * colour + shape.
+    """
+    check_int(n, "n")
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    y = torch.randint(len(SHAPES100_CLASSES), (n,), generator=gen)
+    colour_idx, shape_idx = y // len(SHAPES), y % len(SHAPES)
+
+    radius = size * (0.22 + 0.16 * rand(n))  # (n,) pixels
+    centre = size / 2 + (rand(n, 2) - 0.5) * (size - 2 * radius[:, None] - 2).clamp(min=0)  # (n, 2)
+    angle = 2 * math.pi * rand(n)
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    py, px = torch.meshgrid(coords, coords, indexing="ij")  # (S, S)
+    dx, dy = px - centre[:, 0, None, None], py - centre[:, 1, None, None]  # (n, S, S)
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    u, v = (cos * dx + sin * dy), (-sin * dx + cos * dy)  # rotated frame, pixels
+
+    distance = torch.empty(n, size, size)
+    for k, shape in enumerate(SHAPES):  # one batched call per shape class, not per image
+        members = shape_idx == k
+        if members.any():
+            distance[members] = _signed_distance(shape, u[members], v[members], radius[members, None, None])
+    coverage = (0.5 - distance).clamp(0, 1)[:, None]  # (n, 1, S, S): one pixel of anti-aliasing
+
+    palette = torch.tensor([rgb for _, rgb in COLOURS])
+    colour = (palette[colour_idx] + 0.06 * (rand(n, 3) - 0.5)).clamp(0, 1)[:, :, None, None]
+    tint = 0.30 + 0.40 * rand(n, 1) + 0.08 * (rand(n, 3) - 0.5)  # mid-grey, slightly coloured
+    slope = (rand(n, 2) - 0.5) * 0.3 / size  # a gentle linear shading
+    shading = slope[:, 0, None, None] * (px - size / 2) + slope[:, 1, None, None] * (py - size / 2)
+    background = (tint[:, :, None, None] + shading[:, None]).clamp(0, 1)
+    x = coverage * colour + (1 - coverage) * background
+    return x.clamp(0, 1).contiguous(), y
+
+
+def _signed_distance(shape: str, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Approximate signed distance in pixels (negative inside) of a shape of radius ``r`` at the origin."""
+    rho, theta = torch.hypot(u, v), torch.atan2(v, u)
+    if shape == "circle":
+        return rho - 0.9 * r
+    if shape == "ring":
+        return (rho - 0.7 * r).abs() - 0.28 * r
+    if shape in ("triangle", "square", "hexagon"):
+        sides = {"triangle": 3, "square": 4, "hexagon": 6}[shape]
+        sector = 2 * math.pi / sides
+        # distance to the nearest edge line of a regular polygon with circumradius r
+        return rho * torch.cos(torch.remainder(theta, sector) - sector / 2) - r * math.cos(math.pi / sides)
+    if shape == "star":
+        phase = torch.remainder(theta, 2 * math.pi / 5) / (2 * math.pi / 5)  # in [0, 1) per branch
+        edge = r * (0.45 + 0.55 * (1 - 2 * (phase - 0.5).abs()))  # five points, straight-ish flanks
+        return rho - edge
+    if shape == "cross":
+        arm, half = 0.95 * r, 0.32 * r
+        bar = lambda a, b: torch.maximum(a.abs() - arm, b.abs() - half)  # noqa: E731
+        return torch.minimum(bar(u, v), bar(v, u))
+    if shape == "crescent":
+        bite = torch.hypot(u - 0.45 * r, v) - 0.75 * r
+        return torch.maximum(rho - 0.9 * r, -bite)
+    if shape == "ellipse":
+        a, b = 0.95 * r, 0.45 * r
+        return (torch.sqrt((u / a) ** 2 + (v / b) ** 2) - 1) * b
+    if shape == "semicircle":
+        v = v + 0.4 * r  # centre the half disc on the origin
+        return torch.maximum(torch.hypot(u, v) - r, -v)
+    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+
+
+# ------------------------------------------------------------------------------------------ CIFAR-100
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """Where CIFAR-100 is cached: ``root``, else ``$CLIPLAB_DATA``, else ``~/.cache/cliplab/data``."""
+    return Path(root or os.environ.get("CLIPLAB_DATA") or Path.home() / ".cache" / "cliplab" / "data")
+
+
+def _load_cifar100(split: str, n: int | None, root) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from torchvision.datasets import CIFAR100
+
+    root = data_root(root)
+    folder = root / CIFAR100.base_folder
+    if not all((folder / part).is_file() for part in ("train", "test", "meta")):
+        ensure_reachable(CIFAR_URL, what=f"CIFAR-100 (expected in {folder})",
+                         how=f"download {CIFAR_URL} on a machine with internet, unpack it into {root}, "
+                             "and pass root= or set CLIPLAB_DATA to that directory")
+    dataset = CIFAR100(str(root), train=split == "train", download=True)
+    x = torch.from_numpy(dataset.data[:n]).permute(0, 3, 1, 2).float().div(255)  # (N, 3, 32, 32)
+    y = torch.as_tensor(dataset.targets[:n], dtype=torch.int64)
+    return x.contiguous(), y, [name.replace("_", " ") for name in dataset.classes]
+
+
+def is_offline() -> bool:
+    """True when the user asked for no network (``CLIPLAB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("CLIPLAB_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def ensure_reachable(url: str, *, what: str, how: str, timeout: float = 3.0) -> None:
+    """Fail within seconds, with an actionable message, when ``url`` cannot be reached.
+
+    Download helpers retry for minutes when there is no network; one TCP connection with a short
+    timeout tells us first whether trying makes sense at all.
+    """
+    problem = "offline mode is set (CLIPLAB_OFFLINE / HF_HUB_OFFLINE)" if is_offline() else None
+    if problem is None:
+        host = urlparse(url).hostname
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return
+        except OSError as error:
+            problem = f"{host} is unreachable ({error})"
+    raise FileNotFoundError(f"{what} is not available locally and {problem}. To fix: {how}.")
+
+
+CIFAR100_CLASSES = (
+    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
+    "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair",
+    "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin",
+    "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp",
+    "lawn mower", "leopard", "lion", "lizard", "lobster", "man", "maple tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak tree", "orange", "orchid", "otter", "palm tree", "pear", "pickup truck",
+    "pine tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone", "television",
+    "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf",
+    "woman", "worm",
+)

@@ -1,0 +1,144 @@
+"""Accuracy and attack success over many images, in batches, always with sample size and a 95% CI."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from scipy.stats import beta
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._checks import check_images, check_int, check_labels
+from .attacks import _autocast, _num_classes, pgd
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """A measured proportion (accuracy, success rate) with its sample size.
+
+    Attributes:
+        hits: number of successes (correct predictions, successful attacks).
+        n: number of trials.
+    """
+
+    hits: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.n if self.n else float("nan")
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Exact (Clopper-Pearson) two-sided 95% confidence interval."""
+        if self.n == 0:
+            return float("nan"), float("nan")
+        low = beta.ppf(0.025, self.hits, self.n - self.hits + 1) if self.hits > 0 else 0.0
+        high = beta.ppf(0.975, self.hits + 1, self.n - self.hits) if self.hits < self.n else 1.0
+        return float(low), float(high)
+
+    def __str__(self) -> str:
+        low, high = self.ci95
+        return f"{100 * self.value:.1f}% [{100 * low:.1f}, {100 * high:.1f}] (n={self.n})"
+
+
+@dataclass(frozen=True)
+class RobustAccuracy:
+    """Clean and adversarial accuracy on the same images.
+
+    Attributes:
+        clean: accuracy on the clean images.
+        robust: accuracy on the adversarial images (a misclassified clean image counts as not robust).
+        success: untargeted success rate among the images classified correctly when clean.
+    """
+
+    clean: Proportion
+    robust: Proportion
+    success: Proportion
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, autocast: bool = False,
+            progress: bool = False) -> torch.Tensor:
+    """Predicted classes, in batches, on the device of the model's parameters. (N,3,H,W) -> (N,)."""
+    check_images(x)
+    check_int(batch_size, "batch_size")
+    device = _device_of(model, x)
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
+            batch = x[start:start + batch_size].to(device)
+            with _autocast(device, autocast):
+                out.append(model(batch).argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> Proportion:
+    """Top-1 accuracy with its sample size. Keyword arguments go to ``predict``."""
+    prediction = predict(model, x, **kwargs)
+    check_labels(y, len(x), _num_classes(model, x), "y")
+    return Proportion(int((prediction == y.cpu()).sum()), len(y))
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                    batch_size: int = 256, progress: bool = True, **attack_kwargs) -> RobustAccuracy:
+    """Clean and robust accuracy under an untargeted PGD attack (``cliplab.pgd``), in batches.
+
+    Only correctly classified images are attacked: the others are already errors.
+
+    Args:
+        model: the classifier (or a defence wrapping it) under attack, end to end.
+        x: (N, 3, H, W) images in [0, 1]; y: (N,) labels.
+        eps: threat-model radius; ``attack_kwargs`` (steps, restarts, loss, norm, eot_samples, ...) go
+            to ``pgd``.
+        batch_size: images per attack batch.
+        progress: show a tqdm bar.
+    """
+    correct, fooled = _attack_batches(model, x, y, eps=eps, targeted=False, batch_size=batch_size,
+                                                progress=progress, **attack_kwargs)
+    n_correct = int(correct.sum())
+    return RobustAccuracy(clean=Proportion(n_correct, len(y)),
+                          robust=Proportion(n_correct - int(fooled.sum()), len(y)),
+                          success=Proportion(int(fooled.sum()), n_correct))
+
+
+def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                        targets: torch.Tensor | None = None, batch_size: int = 256, progress: bool = True,
+                        **attack_kwargs) -> Proportion:
+    """Success rate of PGD among the images the model classifies correctly when clean.
+
+    Untargeted (``targets`` None): the prediction leaves the label. Targeted: the prediction becomes the
+    target; images whose label already is their target are left out.
+    """
+    targeted = targets is not None
+    if targeted:
+        check_labels(targets, len(x), _num_classes(model, x), "targets")
+    correct, hit = _attack_batches(model, x, y, eps=eps, targets=targets, targeted=targeted,
+                                             batch_size=batch_size, progress=progress, **attack_kwargs)
+    eligible = correct & (targets.cpu() != y.cpu()) if targeted else correct
+    return Proportion(int((hit & eligible).sum()), int(eligible.sum()))
+
+
+def _attack_batches(model, x, y, *, eps, targeted, batch_size, progress, targets=None, **attack_kwargs):
+    """Attack the correctly classified images batch by batch.
+
+    Returns per-image boolean vectors (on the CPU): correct when clean, and attack succeeded.
+    """
+    check_images(x)
+    check_labels(y, len(x), _num_classes(model, x), "y")
+    check_int(batch_size, "batch_size")
+    device = _device_of(model, x)
+    autocast = attack_kwargs.get("autocast", False)
+    correct = predict(model, x, batch_size=batch_size, autocast=autocast) == y.cpu()
+    success = torch.zeros(len(x), dtype=torch.bool)
+    todo = correct.nonzero().squeeze(1)
+    for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc=f"PGD eps={eps:.4f}"):
+        index = todo[start:start + batch_size]
+        labels = (targets if targeted else y)[index].to(device)
+        result = pgd(model, x[index].to(device), labels, eps=eps, targeted=targeted, **attack_kwargs)
+        success[index] = result.success.cpu()
+    return correct, success
+
+
+def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else x.device

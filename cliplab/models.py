@@ -1,0 +1,145 @@
+"""Loading CLIP classifiers: by profile name, or any open_clip model with a tag, a checkpoint or no weights.
+
+Weight files are resolved before open_clip is called, so that a missing file fails in seconds with a
+message saying what to download and where to put it, instead of minutes of download retries.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import data
+from ._io import atomic_write
+from .classifier import ZeroShotClassifier
+from .shapes_clip import MODEL_NAME as SHAPES_MODEL, WEIGHTS as SHAPES_WEIGHTS
+
+# profile -> (open_clip model name, default weights, data set whose class names and prompts it uses)
+PROFILE_MODELS = {
+    "shapes": (SHAPES_MODEL, str(SHAPES_WEIGHTS), "shapes"),
+    "cifar100": ("ViT-B-32", "openai", "cifar100"),
+}
+_DEFAULT = object()  # "the profile's own weights"; for a bare model name, weights must be chosen explicitly
+
+
+def register_model_configs() -> None:
+    """Make cliplab's own model configs (the tiny `shapes` CLIP) known to open_clip by name."""
+    import open_clip
+
+    if SHAPES_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
+def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: Sequence[str] | None = None,
+                    templates: Sequence[str] | None = None, device: str | torch.device | None = None,
+                    ) -> ZeroShotClassifier:
+    """Build a zero-shot classifier.
+
+    Args:
+        name: a profile (``"shapes"``, ``"cifar100"``) or any open_clip model name (``"ViT-B-32"``).
+        pretrained: an open_clip pretrained tag (``"openai"``), a local checkpoint path (.safetensors,
+            .pt, .bin), or None for random initialisation (tests, benchmarks). Defaults to the profile's
+            weights; must be given for a bare model name.
+        class_names: readable class names; default: the profile's data set (CIFAR-100 for model names).
+        templates: prompt templates with one ``{}``; default: the data set's templates.
+        device: where to put the model; default CUDA when available, else CPU.
+
+    Returns:
+        A ``ZeroShotClassifier`` in eval mode.
+
+    Raises:
+        ValueError: unknown profile or model name, or an unknown pretrained tag.
+        FileNotFoundError: weights neither on disk nor downloadable (fails within seconds).
+    """
+    import open_clip
+
+    register_model_configs()
+    if name in PROFILE_MODELS:
+        model_name, default_weights, dataset = PROFILE_MODELS[name]
+        pretrained = default_weights if pretrained is _DEFAULT else pretrained
+    elif name in open_clip.list_models():
+        model_name, dataset = name, "cifar100"
+        if pretrained is _DEFAULT:
+            raise ValueError(f"pretrained must be given for model {name!r}: a tag "
+                             f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}), "
+                             "a checkpoint path, or None for random initialisation")
+    else:
+        raise ValueError(f"name must be a profile ({', '.join(PROFILE_MODELS)}) or an open_clip model "
+                         f"name (see open_clip.list_models()), got {name!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _create_model(model_name, pretrained, device)
+    classifier = ZeroShotClassifier(
+        model, open_clip.get_tokenizer(model_name),
+        class_names if class_names is not None else data.class_names(dataset),
+        templates if templates is not None else data.templates(dataset),
+    )
+    return classifier.eval()
+
+
+def _create_model(model_name: str, pretrained: str | os.PathLike | None, device: torch.device) -> nn.Module:
+    import open_clip
+
+    if pretrained is None:
+        return open_clip.create_model(model_name, device=device)
+    pretrained = str(pretrained)
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if tag:
+        path = _cached_weights(model_name, pretrained, tag)
+        # open_clip would reconfigure from the tag; with a file we must pass what the tag implies
+        preprocess = {k: tag[k] for k in ("mean", "std") if k in tag}
+        return open_clip.create_model(model_name, pretrained=path, device=device,
+                                      force_quick_gelu=tag.get("quick_gelu", False),
+                                      force_preprocess_cfg=preprocess or None)
+    if not Path(pretrained).is_file():
+        looks_like_path = os.sep in pretrained or Path(pretrained).suffix
+        raise FileNotFoundError(f"pretrained checkpoint file not found: {pretrained}") if looks_like_path else \
+            ValueError(f"pretrained must be a tag of {model_name!r} "
+                       f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none known'}), "
+                       f"a checkpoint path or None, got {pretrained!r}")
+    return open_clip.create_model(model_name, pretrained=pretrained, device=device).float()
+
+
+def _cached_weights(model_name: str, tag_name: str, tag: dict) -> str:
+    """Path of a pretrained tag's weights: from the local cache, else downloaded (if the host answers)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from open_clip.pretrained import download_pretrained
+
+    repo = tag.get("hf_hub", "")
+    if repo:
+        repo_id, filename = os.path.split(repo)
+        for candidate in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+            cached = try_to_load_from_cache(repo_id, candidate)
+            if isinstance(cached, str):
+                return cached
+        source, where = constants.ENDPOINT, f"the Hugging Face cache ({constants.HF_HUB_CACHE}), repo {repo_id}"
+    else:
+        cached = Path.home() / ".cache" / "clip" / os.path.basename(tag["url"])
+        if cached.is_file():
+            return str(cached)
+        source, where = tag["url"], str(cached)
+    data.ensure_reachable(
+        source, what=f"the weights of {model_name} {tag_name!r} (looked in {where})",
+        how=f"run `cliplab.load_classifier({model_name!r}, pretrained={tag_name!r})` once on a machine with "
+            "internet and copy the cache (HF_HOME) here, or pass pretrained='/path/to/checkpoint' "
+            "(.safetensors/.pt) to load a local file",
+    )
+    return download_pretrained(tag)
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Save a model's weights as safetensors, atomically (a crash never leaves half a file).
+
+    A ``ZeroShotClassifier`` saves its open_clip model, so the file loads back through
+    ``load_classifier(model_name, pretrained=path)``. ``dtype`` (e.g. ``torch.float16``) converts
+    floating-point tensors to halve the file; loading casts them back to the model's precision.
+    """
+    from safetensors.torch import save_file
+
+    model = model.model if isinstance(model, ZeroShotClassifier) else model
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+               for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp)

@@ -1,0 +1,77 @@
+"""Figures of the study, shared by the notebooks. Every rate is drawn with its 95% confidence band."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import torch
+
+from ._io import atomic_write
+from .evaluation import Proportion
+
+
+def save_figure(fig: plt.Figure, name: str) -> Path | None:
+    """Save ``fig`` as ``$CLIPLAB_FIGURES/<name>.png`` when that variable is set (``cliplab reproduce``)."""
+    directory = os.environ.get("CLIPLAB_FIGURES")
+    if not directory:
+        return None
+    path = Path(directory) / f"{name}.png"
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_rates(ax: plt.Axes, x: Sequence[float], curves: Mapping[str, Sequence[Proportion]], *,
+               xlabel: str, ylabel: str, **plot_kwargs) -> None:
+    """One line per curve with its Clopper-Pearson 95% band; the sample size goes in the legend."""
+    for label, rates in curves.items():
+        values = [100 * r.value for r in rates]
+        low, high = zip(*[(100 * r.ci95[0], 100 * r.ci95[1]) for r in rates])
+        n = sorted({r.n for r in rates})
+        n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
+        line, = ax.plot(x, values, marker="o", label=f"{label} ({n_text})", **plot_kwargs)
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
+    """Draw one (3, H, W) image in [0, 1]."""
+    ax.imshow(image.detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def show_top5(ax: plt.Axes, probabilities: torch.Tensor, class_names: Sequence[str], *, title: str = "",
+              highlight: Sequence[int] = ()) -> None:
+    """Horizontal bars of the five most probable classes; ``highlight`` classes are drawn in red."""
+    top = probabilities.detach().cpu().topk(5)
+    names = [class_names[i] for i in top.indices.tolist()]
+    colours = ["tab:red" if i in highlight else "tab:blue" for i in top.indices.tolist()]
+    ax.barh(range(5)[::-1], 100 * top.values.numpy(), color=colours)
+    ax.set_yticks(range(5)[::-1], names, fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("probability (%)")
+    ax.set_title(title, fontsize=9)
+
+
+def show_attack(clean: torch.Tensor, adversarial: torch.Tensor, p_clean: torch.Tensor, p_adv: torch.Tensor,
+                class_names: Sequence[str], *, label: int, target: int | None = None, eps: float) -> plt.Figure:
+    """Clean image, amplified perturbation, adversarial image, and the top-5 probabilities of both."""
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3), gridspec_kw={"width_ratios": [1, 1, 1, 1.6, 1.6]})
+    delta = adversarial - clean
+    scale = 0.5 / max(delta.abs().max().item(), 1e-12)
+    show_image(axes[0], clean, f"clean: {class_names[label]}")
+    show_image(axes[1], 0.5 + scale * delta, f"perturbation x{scale:.0f}\n(L-inf {255 * delta.abs().max():.1f}/255)")
+    goal = f"target: {class_names[target]}" if target is not None else "untargeted"
+    show_image(axes[2], adversarial, f"adversarial ({goal})")
+    show_top5(axes[3], p_clean, class_names, title="top-5, clean", highlight=[label])
+    show_top5(axes[4], p_adv, class_names, title=f"top-5, adversarial (eps={255 * eps:g}/255)",
+              highlight=[t for t in (target,) if t is not None])
+    fig.tight_layout()
+    return fig
