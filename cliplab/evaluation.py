@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from scipy.stats import beta
 from torch import nn
 from tqdm.auto import tqdm
@@ -57,18 +58,26 @@ class RobustAccuracy:
     success: Proportion
 
 
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, autocast: bool = False,
-            progress: bool = False) -> torch.Tensor:
-    """Predicted classes, in batches, on the device of the model's parameters. (N,3,H,W) -> (N,)."""
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: int = 1,
+            autocast: bool = False, progress: bool = False) -> torch.Tensor:
+    """Predicted classes, in batches, on the device of the model's parameters. (N,3,H,W) -> (N,) on the CPU.
+
+    ``votes`` > 1 scores a randomised model (a defence with random transformations) as deployed: the
+    majority vote of that many stochastic passes, batched together (ties go to the lowest class).
+    """
     check_images(x)
     check_int(batch_size, "batch_size")
+    check_int(votes, "votes")
     device = _device_of(model, x)
     out = []
     with torch.no_grad():
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
             with _autocast(device, autocast):
-                out.append(model(batch).argmax(dim=1).cpu())
+                logits = model(batch.repeat(votes, 1, 1, 1) if votes > 1 else batch)  # (votes*B, C)
+            choices = logits.argmax(dim=1).view(votes, len(batch))
+            counts = F.one_hot(choices, logits.shape[1]).sum(dim=0)  # (B, C)
+            out.append(counts.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
@@ -80,7 +89,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> Pr
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                    batch_size: int = 256, progress: bool = True, **attack_kwargs) -> RobustAccuracy:
+                    batch_size: int = 256, votes: int = 1, progress: bool = True,
+                    **attack_kwargs) -> RobustAccuracy:
     """Clean and robust accuracy under an untargeted PGD attack (``cliplab.pgd``), in batches.
 
     Only correctly classified images are attacked: the others are already errors.
@@ -91,10 +101,12 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
         eps: threat-model radius; ``attack_kwargs`` (steps, restarts, loss, norm, eot_samples, ...) go
             to ``pgd``.
         batch_size: images per attack batch.
+        votes: score clean and adversarial images by the majority vote of this many stochastic passes
+            (randomised defences, as deployed); 1 for deterministic models.
         progress: show a tqdm bar.
     """
     correct, fooled = _attack_batches(model, x, y, eps=eps, targeted=False, batch_size=batch_size,
-                                                progress=progress, **attack_kwargs)
+                                      votes=votes, progress=progress, **attack_kwargs)
     n_correct = int(correct.sum())
     return RobustAccuracy(clean=Proportion(n_correct, len(y)),
                           robust=Proportion(n_correct - int(fooled.sum()), len(y)),
@@ -102,24 +114,24 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
 
 
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                        targets: torch.Tensor | None = None, batch_size: int = 256, progress: bool = True,
-                        **attack_kwargs) -> Proportion:
+                        targets: torch.Tensor | None = None, batch_size: int = 256, votes: int = 1,
+                        progress: bool = True, **attack_kwargs) -> Proportion:
     """Success rate of PGD among the images the model classifies correctly when clean.
 
     Untargeted (``targets`` None): the prediction leaves the label. Targeted: the prediction becomes the
-    target; images whose label already is their target are left out.
+    target; images whose label already is their target are left out. ``votes`` as in ``robust_accuracy``.
     """
     targeted = targets is not None
     if targeted:
         check_labels(targets, len(x), _num_classes(model, x), "targets")
     correct, hit = _attack_batches(model, x, y, eps=eps, targets=targets, targeted=targeted,
-                                             batch_size=batch_size, progress=progress, **attack_kwargs)
+                                   batch_size=batch_size, votes=votes, progress=progress, **attack_kwargs)
     eligible = correct & (targets.cpu() != y.cpu()) if targeted else correct
     return Proportion(int((hit & eligible).sum()), int(eligible.sum()))
 
 
-def _attack_batches(model, x, y, *, eps, targeted, batch_size, progress, targets=None, **attack_kwargs):
-    """Attack the correctly classified images batch by batch.
+def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, progress, targets=None, **attack_kwargs):
+    """Attack the correctly classified images batch by batch; judge success with ``predict`` (and its votes).
 
     Returns per-image boolean vectors (on the CPU): correct when clean, and attack succeeded.
     """
@@ -128,14 +140,15 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, progress, targets
     check_int(batch_size, "batch_size")
     device = _device_of(model, x)
     autocast = attack_kwargs.get("autocast", False)
-    correct = predict(model, x, batch_size=batch_size, autocast=autocast) == y.cpu()
+    correct = predict(model, x, batch_size=batch_size, votes=votes, autocast=autocast) == y.cpu()
     success = torch.zeros(len(x), dtype=torch.bool)
     todo = correct.nonzero().squeeze(1)
     for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc=f"PGD eps={eps:.4f}"):
         index = todo[start:start + batch_size]
-        labels = (targets if targeted else y)[index].to(device)
-        result = pgd(model, x[index].to(device), labels, eps=eps, targeted=targeted, **attack_kwargs)
-        success[index] = result.success.cpu()
+        labels = (targets if targeted else y)[index]
+        result = pgd(model, x[index].to(device), labels.to(device), eps=eps, targeted=targeted, **attack_kwargs)
+        prediction = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
+        success[index] = prediction == labels.cpu() if targeted else prediction != labels.cpu()
     return correct, success
 
 

@@ -1,0 +1,111 @@
+"""Sanity checks against gradient masking (Athalye et al. 2018; Carlini et al. 2019, Sec. 5).
+
+A defence that looks robust only because its gradients are useless fails at least one of these. Run
+``gradient_masking_report`` on any (defended) model; each failed check also raises a warning.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_images, check_labels
+from .attacks import _num_classes, pgd
+from .evaluation import predict
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # what was checked
+    passed: bool  # whether the defence behaved as an honest (non-masked) model would
+    detail: str  # the measured numbers behind the verdict
+
+
+@dataclass
+class MaskingReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def __str__(self) -> str:
+        lines = [f"{'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                            undefended: nn.Module | None = None, steps: int = 10, eot_samples: int = 1,
+                            votes: int = 1, tolerance: float = 0.02, seed: int = 0) -> MaskingReport:
+    """Run the gradient-masking sanity checks on ``model`` at threat radius ``eps`` (L-inf).
+
+    Checks:
+        1. input gradients are finite and non-zero for every image;
+        2. accuracy does not rise with eps (eps/2, eps, 2 eps);
+        3. an unbounded attack (eps = 1) brings accuracy to ~0 (<= 5%, or <= 10% with votes);
+        4. more steps and restarts (4x steps, 2 restarts) are never weaker;
+        5. white-box is at least as strong as transfer from ``undefended`` (when given).
+
+    Args:
+        model: the model under test, defence included. x, y: a batch of images and labels.
+        eps: the threat radius the defence is evaluated at.
+        undefended: the base classifier, as transfer source.
+        steps, eot_samples: PGD budget of the reference attack (EOT for randomised models).
+        votes: majority votes to score a randomised model.
+        tolerance: slack on accuracy comparisons (Monte-Carlo noise of randomised models).
+        seed: seeds the attacks.
+    """
+    check_images(x)
+    check_labels(y, len(x), _num_classes(model, x), "y")
+    attack = dict(eot_samples=eot_samples, loss="margin", seed=seed)
+
+    def robust(eps_value, model_=model, **kwargs):
+        x_adv = pgd(model_, x, y, eps=eps_value, **{"steps": steps, **attack, **kwargs}).x_adv
+        return _accuracy(model, x_adv, y, votes), x_adv
+
+    report = MaskingReport()
+    report.checks.append(_gradient_check(model, x, y, eot_samples))
+    curve = [robust(e)[0] for e in (eps / 2, eps, 2 * eps)]
+    report.checks.append(Check("accuracy falls as eps grows", all(b <= a + tolerance for a, b in zip(curve, curve[1:])),
+                               "accuracy at eps/2, eps, 2eps: " + ", ".join(f"{100 * a:.1f}%" for a in curve)))
+    unbounded = robust(1.0)[0]
+    limit = 0.05 if votes == 1 else 0.10
+    report.checks.append(Check("unbounded attack (eps=1) reaches ~0% accuracy", unbounded <= limit,
+                               f"{100 * unbounded:.1f}% (limit {100 * limit:.0f}%)"))
+    stronger = robust(eps, steps=4 * steps, restarts=2)[0]
+    report.checks.append(Check("more steps and restarts are never weaker", stronger <= curve[1] + tolerance,
+                               f"{steps} steps: {100 * curve[1]:.1f}%, {4 * steps} steps x 2 restarts: "
+                               f"{100 * stronger:.1f}%"))
+    if undefended is not None:
+        transfer = _accuracy(model, pgd(undefended, x, y, eps=eps, steps=steps, loss="margin", seed=seed).x_adv,
+                             y, votes)
+        report.checks.append(Check("white-box at least as strong as transfer", curve[1] <= transfer + tolerance,
+                                   f"white-box {100 * curve[1]:.1f}%, transfer from undefended "
+                                   f"{100 * transfer:.1f}%"))
+    for check in report.checks:
+        if not check.passed:
+            warnings.warn(f"gradient-masking check failed: {check.name} ({check.detail})", stacklevel=2)
+    return report
+
+
+def _gradient_check(model, x, y, eot_samples) -> Check:
+    x = x.clone().requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x.repeat(eot_samples, 1, 1, 1))
+        loss = F.cross_entropy(logits.float(), y.repeat(eot_samples), reduction="sum")
+        grad = torch.autograd.grad(loss, x)[0]
+    finally:
+        model.train(was_training)
+    finite = bool(torch.isfinite(grad).all())
+    zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
+    return Check("input gradients finite and non-zero", finite and zero == 0,
+                 f"finite: {finite}, images with an all-zero gradient: {zero}/{len(x)}")
+
+
+def _accuracy(model, x, y, votes) -> float:
+    return (predict(model, x, votes=votes) == y.cpu()).float().mean().item()

@@ -1,0 +1,131 @@
+"""Edge-preserving denoisers on [0, 1] images, built on kornia, and the ``Denoised`` defence.
+
+Every denoiser is differentiable, so ``pgd(Denoised(classifier, denoiser), ...)`` is an adaptive attack
+through the denoiser (Athalye et al. 2018); a random denoiser plus ``eot_samples`` is EOT.
+"""
+from __future__ import annotations
+
+import torch
+from kornia.filters import bilateral_blur, guided_blur, median_blur
+from torch import nn
+
+from ._checks import check_images, check_positive
+
+
+def check_kernel_size(kernel_size: int) -> None:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int (3, 5, 7, ...), got {kernel_size!r}")
+
+
+def _sigma_tensor(sigma, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample (N,) sigma as an (N,) tensor on x's device, validated > 0."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(len(x))
+    if sigma.shape != (len(x),):
+        raise ValueError(f"{name} must be a number or a tensor of shape ({len(x)},), got shape {tuple(sigma.shape)}")
+    if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+        raise ValueError(f"{name} must be > 0 and finite, got values in [{sigma.min().item():.3g}, {sigma.max().item():.3g}]")
+    return sigma
+
+
+def bilateral(x: torch.Tensor, *, sigma_space, sigma_color=0.1, kernel_size: int = 5) -> torch.Tensor:
+    """Bilateral filter (Tomasi & Manduchi 1998): a Gaussian blur whose weights fall with colour distance.
+
+    Args:
+        x: (N, 3, H, W) images in [0, 1].
+        sigma_space: spatial sigma in pixels; a number, or an (N,) tensor (one sigma per image).
+        sigma_color: colour sigma in [0, 1] intensity units (L1 distance over channels); number or (N,).
+        kernel_size: odd window size.
+
+    Returns:
+        (N, 3, H, W) filtered images.
+    """
+    check_images(x)
+    check_kernel_size(kernel_size)
+    space = _sigma_tensor(sigma_space, "sigma_space", x)
+    color = _sigma_tensor(sigma_color, "sigma_color", x)
+    return bilateral_blur(x, kernel_size, color, space[:, None].expand(-1, 2), border_type="reflect")
+
+
+def guided(x: torch.Tensor, *, eps: float = 0.01, kernel_size: int = 5) -> torch.Tensor:
+    """Self-guided filter (He et al. 2013): locally linear in the image itself, edge-preserving.
+
+    ``eps`` (> 0) is the regularisation: edges with local variance well above it are kept.
+    """
+    check_images(x)
+    check_kernel_size(kernel_size)
+    check_positive(eps, "eps")
+    return guided_blur(x, x, kernel_size, eps)
+
+
+def median(x: torch.Tensor, *, kernel_size: int = 3) -> torch.Tensor:
+    """Median filter, the classic non-linear denoiser (its gradient flows through the selected pixel)."""
+    check_images(x)
+    check_kernel_size(kernel_size)
+    return median_blur(x, kernel_size)
+
+
+def bilateral_sweep(x: torch.Tensor, sigmas_space, *, sigma_color=0.1, kernel_size: int = 5) -> torch.Tensor:
+    """Filter every image with every spatial sigma in one batched call. (N,3,H,W), S sigmas -> (S,N,3,H,W)."""
+    sigmas = torch.as_tensor(sigmas_space, dtype=x.dtype, device=x.device).flatten()
+    batch = x.repeat(len(sigmas), 1, 1, 1)  # (S*N, 3, H, W), sigma-major
+    out = bilateral(batch, sigma_space=sigmas.repeat_interleave(len(x)), sigma_color=sigma_color,
+                    kernel_size=kernel_size)
+    return out.view(len(sigmas), *x.shape)
+
+
+class Bilateral(nn.Module):
+    """``bilateral`` as a module with fixed sigmas."""
+
+    def __init__(self, sigma_space: float = 1.0, sigma_color: float = 0.1, kernel_size: int = 5):
+        super().__init__()
+        check_positive(sigma_space, "sigma_space")
+        check_positive(sigma_color, "sigma_color")
+        check_kernel_size(kernel_size)
+        self.sigma_space, self.sigma_color, self.kernel_size = sigma_space, sigma_color, kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bilateral(x, sigma_space=self.sigma_space, sigma_color=self.sigma_color, kernel_size=self.kernel_size)
+
+
+class RandomBilateral(nn.Module):
+    """Bilateral filter with a spatial sigma drawn uniformly per image at every call, as in the original
+    study (kernel 5, sigma in [0.05, 4.95]): a randomised defence, to be attacked with EOT."""
+
+    def __init__(self, sigma_range: tuple[float, float] = (0.05, 4.95), sigma_color: float = 0.1,
+                 kernel_size: int = 5):
+        super().__init__()
+        low, high = sigma_range
+        check_positive(low, "sigma_range[0]")
+        if not high >= low:
+            raise ValueError(f"sigma_range must be (low, high) with high >= low, got {sigma_range}")
+        check_positive(sigma_color, "sigma_color")
+        check_kernel_size(kernel_size)
+        self.sigma_range, self.sigma_color, self.kernel_size = (low, high), sigma_color, kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.sigma_range
+        sigma = low + (high - low) * torch.rand(len(x), device=x.device, dtype=x.dtype)
+        return bilateral(x, sigma_space=sigma, sigma_color=self.sigma_color, kernel_size=self.kernel_size)
+
+
+class Median(nn.Module):
+    def __init__(self, kernel_size: int = 3):
+        super().__init__()
+        check_kernel_size(kernel_size)
+        self.kernel_size = kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return median(x, kernel_size=self.kernel_size)
+
+
+class Guided(nn.Module):
+    def __init__(self, eps: float = 0.01, kernel_size: int = 5):
+        super().__init__()
+        check_positive(eps, "eps")
+        check_kernel_size(kernel_size)
+        self.eps, self.kernel_size = eps, kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return guided(x, eps=self.eps, kernel_size=self.kernel_size)
