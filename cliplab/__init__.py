@@ -3,7 +3,7 @@
 Images are float NCHW tensors in [0, 1] at native resolution; every classifier and defence maps them to
 logits, so every attack here is end to end.
 """
-from .attacks import AttackResult, attack_objective, pgd
+from .attacks import AttackResult, attack_objective, eot_gradient, pgd
 from .classifier import ZeroShotClassifier, build_text_head
 from .data import load_dataset
 from .evaluation import Proportion, RobustAccuracy, accuracy, attack_success_rate, predict, robust_accuracy
@@ -12,7 +12,7 @@ from .profiles import Profile, get_profile
 
 __all__ = [
     "AttackResult", "Profile", "Proportion", "RobustAccuracy", "ZeroShotClassifier", "accuracy",
-    "attack_objective", "attack_success_rate", "build_text_head", "get_profile", "load_classifier",
+    "attack_objective", "attack_success_rate", "eot_gradient", "build_text_head", "get_profile", "load_classifier",
     "load_dataset", "pgd", "predict", "robust_accuracy", "save_weights",
 ]
 __version__ = "0.1.0"

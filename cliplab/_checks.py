@@ -6,6 +6,7 @@ mistake surfaces at the call that made it rather than deep inside a kernel.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -48,14 +49,14 @@ def check_labels(y: torch.Tensor, n: int, num_classes: int, name: str = "y") -> 
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def check_int(value: int, name: str, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

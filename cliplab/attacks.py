@@ -90,13 +90,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         AttackResult with the adversarial images, per-sample success and the objective history.
     """
     check_images(x)
-    num_classes = _num_classes(model, x)
-    if y is None:
-        if targeted:
-            raise ValueError("y (the target classes) is required when targeted=True")
-        with torch.no_grad():
-            y = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
-    check_labels(y, len(x), num_classes, "y")
     check_positive(eps, "eps", allow_zero=True)
     if eps > 1 and norm == "linf":
         raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
@@ -108,21 +101,34 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
     check_int(eot_samples, "eot_samples")
     check_choice(norm, "norm", NORMS)
     check_choice(loss, "loss", LOSSES)
+    if y is None and targeted:
+        raise ValueError("y (the target classes) is required when targeted=True")
 
-    y = y.to(device=x.device, dtype=torch.int64)
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
-    best = _Strongest(x)
     history = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
+        if y is None:  # leave the model's own prediction
+            with torch.no_grad():
+                y = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
+        check_labels(y, len(x), _num_classes(model, x), "y")
+        y = y.to(device=x.device, dtype=torch.int64)
+        best = _Strongest(x)
         for _ in range(restarts):
             history.append(_pgd_run(model, x, y, best, eps=eps, alpha=alpha, steps=steps, targeted=targeted,
                                     random_start=random_start, norm=norm, loss=loss, early_stop=early_stop,
                                     eot_samples=eot_samples, generator=generator, autocast=autocast))
+    return AttackResult(best.x, best.success, torch.stack(history), best.logits)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode (no dropout, frozen norms) and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
     finally:
         model.train(was_training)
-    return AttackResult(best.x, best.success, torch.stack(history), best.logits)
 
 
 class _Strongest:
@@ -157,16 +163,14 @@ def _pgd_run(model, x, y, best: _Strongest, *, eps, alpha, steps, targeted, rand
     active = torch.arange(len(x), device=x.device)  # samples still being updated
     for step in range(steps + 1):
         last = step == steps  # the final iterate is only evaluated
-        x_active = x_adv[active].requires_grad_(not last)
-        with torch.set_grad_enabled(not last):
-            logits, objective = _eot_forward(model, x_active, y[active], eot_samples, loss, targeted, autocast)
-            grad = None if last else torch.autograd.grad(objective.sum(), x_active)[0]
-        objective = objective.detach()
+        objective, grad, logits = _objective_and_gradient(model, x_adv[active], y[active], loss=loss,
+                                                          targeted=targeted, eot_samples=eot_samples,
+                                                          autocast=autocast, gradient=not last)
         history[step, active] = objective
-        best.update(active, x_active.detach(), objective, logits, _succeeded(logits, y[active], targeted))
+        best.update(active, x_adv[active], objective, logits, _succeeded(logits, y[active], targeted))
         if last:
             break
-        x_adv[active] = _step(x[active], x_active.detach(), grad, eps, alpha, norm)
+        x_adv[active] = _step(x[active], x_adv[active], grad, eps, alpha, norm)
         if early_stop:
             active = active[~best.success[active]]
             if len(active) == 0:
@@ -206,15 +210,31 @@ def _eot_logits(model, x, eot_samples, autocast) -> torch.Tensor:
     return logits.view(eot_samples, len(x), -1)
 
 
-def _eot_forward(model, x, y, eot_samples, loss, targeted, autocast):
-    """Expectation over Transformation (Athalye et al. 2018), batched.
+def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = "ce", targeted: bool = False,
+                 eot_samples: int = 1, autocast: bool = False) -> torch.Tensor:
+    """Input gradient of the attack objective, averaged over ``eot_samples`` stochastic passes.
 
-    Returns the mean logits (N, C), which judge success, and the mean of the per-draw objectives (N,),
-    whose gradient is therefore the mean of the per-draw gradients.
+    Expectation over Transformation (Athalye et al. 2018): for a randomised model the gradient of the
+    expected objective is the mean of the per-draw gradients; all draws run as one batch.
+
+    Shape: x (N, 3, H, W), y (N,) -> (N, 3, H, W).
     """
-    logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
-    objective = attack_objective(logits.flatten(0, 1), y.repeat(eot_samples), loss, targeted)  # (k*N,)
-    return logits.mean(dim=0).detach(), objective.view(eot_samples, len(x)).mean(dim=0)
+    check_images(x)
+    check_int(eot_samples, "eot_samples")
+    check_choice(loss, "loss", LOSSES)
+    return _objective_and_gradient(model, x, y, loss=loss, targeted=targeted, eot_samples=eot_samples,
+                                   autocast=autocast, gradient=True)[1]
+
+
+def _objective_and_gradient(model, x, y, *, loss, targeted, eot_samples, autocast, gradient):
+    """Mean per-draw objective (N,), its input gradient (N, 3, H, W) or None, and the mean logits (N, C)."""
+    x = x.detach().requires_grad_(gradient)
+    with torch.set_grad_enabled(gradient):
+        logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
+        objective = attack_objective(logits.flatten(0, 1), y.repeat(eot_samples), loss, targeted)
+        objective = objective.view(eot_samples, len(x)).mean(dim=0)  # (N,)
+        grad = torch.autograd.grad(objective.sum(), x)[0] if gradient else None
+    return objective.detach(), grad, logits.detach().mean(dim=0)
 
 
 def _autocast(device: torch.device, enabled: bool):

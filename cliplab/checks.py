@@ -9,11 +9,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_images, check_labels
-from .attacks import _num_classes, pgd
+from .attacks import _num_classes, eot_gradient, eval_mode, pgd
 from .evaluation import predict
 
 
@@ -80,8 +79,7 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                                f"{steps} steps: {100 * curve[1]:.1f}%, {4 * steps} steps x 2 restarts: "
                                f"{100 * stronger:.1f}%"))
     if undefended is not None:
-        transfer = _accuracy(model, pgd(undefended, x, y, eps=eps, steps=steps, loss="margin", seed=seed).x_adv,
-                             y, votes)
+        transfer = robust(eps, model_=undefended, eot_samples=1)[0]
         report.checks.append(Check("white-box at least as strong as transfer", curve[1] <= transfer + tolerance,
                                    f"white-box {100 * curve[1]:.1f}%, transfer from undefended "
                                    f"{100 * transfer:.1f}%"))
@@ -92,15 +90,8 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def _gradient_check(model, x, y, eot_samples) -> Check:
-    x = x.clone().requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(x.repeat(eot_samples, 1, 1, 1))
-        loss = F.cross_entropy(logits.float(), y.repeat(eot_samples), reduction="sum")
-        grad = torch.autograd.grad(loss, x)[0]
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        grad = eot_gradient(model, x, y, eot_samples=eot_samples)
     finite = bool(torch.isfinite(grad).all())
     zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
     return Check("input gradients finite and non-zero", finite and zero == 0,

@@ -84,12 +84,13 @@ class ZeroShotClassifier(nn.Module):
         height, width = x.shape[-2:]
         target_h, target_w = self.image_size
         if (height, width) != (target_h, target_w):
-            scale = max(target_h / height, target_w / width)
-            size = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
-            # antialias=True selects PIL's bicubic kernel (a=-0.5), which open_clip's transform uses;
-            # the clamp mirrors PIL's saturation to the valid pixel range.
+            # torchvision's Resize(int) arithmetic: the short side becomes the target, the long side is
+            # truncated; antialias=True selects PIL's bicubic kernel (a=-0.5), which open_clip's transform
+            # uses, and the clamp mirrors PIL's saturation to the valid pixel range.
+            short = min(target_h, target_w)
+            size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-            top, left = (size[0] - target_h) // 2, (size[1] - target_w) // 2
+            top, left = int(round((size[0] - target_h) / 2)), int(round((size[1] - target_w) / 2))  # CenterCrop
             x = x[..., top:top + target_h, left:left + target_w]
         return (x - self.mean) / self.std
 

@@ -23,6 +23,8 @@ class NotebookRun:
 def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
     """The numbered notebooks of ``directory``, restricted to the ``only`` prefixes (e.g. ["01", "04"])."""
     notebooks = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) found in {directory}")
     if only:
         unknown = set(only) - {nb.name[:2] for nb in notebooks}
         if unknown:
@@ -32,8 +34,22 @@ def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
     return notebooks
 
 
+def clean_notebook(notebook) -> None:
+    """Strip what changes on every run (timestamps, widget state, kernel details) but keep the outputs,
+    as ``nbstripout --keep-output`` does, so committed notebooks diff cleanly."""
+    notebook.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                         "language_info": {"name": "python"}}
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            for output in cell.outputs:
+                output.pop("execution_count", None)
+                output.get("metadata", {}).pop("execution", None)
+
+
 def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: int = 3600) -> NotebookRun:
-    """Execute ``path`` in a fresh kernel with ``env`` set; write the executed copy to ``out_dir``."""
+    """Execute ``path`` in a fresh kernel with ``env`` set; write the cleaned executed copy to ``out_dir``."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -48,7 +64,7 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
     def on_cell_executed(cell, cell_index, execute_reply, **_):
         bar.update(1)
         if execute_reply and execute_reply.get("content", {}).get("status") == "error":
-            failed_cell.setdefault("index", cell_index)
+            failed_cell.setdefault("index", cell_index + 1)  # 1-based, markdown cells counted
 
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}},
@@ -60,17 +76,20 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
         error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
     finally:
         bar.close()
+    clean_notebook(notebook)
     with atomic_write(out_dir / path.name) as tmp:
         nbformat.write(notebook, tmp)
     return NotebookRun(path.stem, time.perf_counter() - start, error)
 
 
 def reproduce(profile: str = "shapes", only: list[str] | None = None, device: str | None = None,
-              notebooks: Path | None = None, results: Path = Path("results")) -> list[NotebookRun]:
+              notebooks: Path | None = None, results: Path = Path("results"),
+              update: bool = False) -> list[NotebookRun]:
     """Execute the study's notebooks headless for ``profile``; executed copies and PNG figures go to
-    ``results/<profile>/`` (figures under ``figures/``)."""
+    ``results/<profile>/`` (figures under ``figures/<notebook>/``). ``update`` writes the executed
+    notebooks back in place instead (how the committed outputs are made)."""
     notebooks = notebooks or default_notebook_dir()
-    out_dir = results / profile
+    out_dir = notebooks if update else results / profile
     env = {"CLIPLAB_PROFILE": profile, "CLIPLAB_FIGURES": str((out_dir / "figures").resolve()),
            "MPLBACKEND": "Agg"}
     if device:
@@ -100,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", choices=("cpu", "cuda"))
     run.add_argument("--notebooks", type=Path, help="directory of the notebooks (default: ./notebooks)")
     run.add_argument("--results", type=Path, default=Path("results"))
+    run.add_argument("--update", action="store_true",
+                     help="write the executed notebooks back into --notebooks (to commit their outputs)")
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
     train.add_argument("--out", type=Path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--steps", type=int, default=None)
@@ -108,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-shapes-clip":
         return _train_shapes_clip(args.out, args.steps)
     try:
-        runs = reproduce(args.profile, args.only, args.device, args.notebooks, args.results)
+        runs = reproduce(args.profile, args.only, args.device, args.notebooks, args.results, args.update)
     except (ValueError, FileNotFoundError) as error:
         print(f"cliplab reproduce: {error}", file=sys.stderr)
         return 2

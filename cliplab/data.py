@@ -22,7 +22,7 @@ COLOURS = (
     ("purple", (0.50, 0.10, 0.70)), ("pink", (1.00, 0.55, 0.75)), ("white", (0.97, 0.97, 0.97)),
     ("black", (0.03, 0.03, 0.03)),
 )
-SHAPES = ("circle", "ring", "triangle", "square", "hexagon", "star", "cross", "crescent", "ellipse",
+SHAPES = ("circle", "ring", "triangle", "square", "arrow", "star", "cross", "crescent", "ellipse",
           "semicircle")
 SHAPES100_CLASSES = tuple(f"{colour} {shape}" for colour, _ in COLOURS for shape in SHAPES)
 SHAPES100_TEMPLATES = (
@@ -44,6 +44,7 @@ SINGLE_TEMPLATE = ("a photo of a {}.",)
 DATASETS = ("shapes", "cifar100")
 SPLIT_SEEDS = {"train": 0, "test": 1}  # disjoint random streams for the two Shapes-100 splits
 SHAPES_TRAIN_SIZE, SHAPES_TEST_SIZE = 50_000, 10_000
+SHAPES_CHUNK = 1000  # images rendered per seeded chunk
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
@@ -90,18 +91,25 @@ def render_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, 
     """Render ``n`` Shapes-100 images, batched, deterministically from ``seed``.
 
     Each image: a tinted, shaded background; one shape of a random class at a random position, size and
-    rotation, its colour jittered slightly; soft (anti-aliased) edges from a signed distance.
+    rotation, its colour jittered slightly; soft (anti-aliased) edges from a signed distance. Images are
+    drawn in fixed chunks with their own seeds, so the first k of n images do not depend on n.
 
     Returns:
         x: (n, 3, size, size) in [0, 1]; y: (n,) int64 with y = 10 * colour + shape.
     """
     check_int(n, "n")
+    chunks = [_render_chunk(seed * 1_000_003 + c, size) for c in range((n + SHAPES_CHUNK - 1) // SHAPES_CHUNK)]
+    return torch.cat([x for x, _ in chunks])[:n].contiguous(), torch.cat([y for _, y in chunks])[:n]
+
+
+def _render_chunk(seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = SHAPES_CHUNK
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     y = torch.randint(len(SHAPES100_CLASSES), (n,), generator=gen)
     colour_idx, shape_idx = y // len(SHAPES), y % len(SHAPES)
 
-    radius = size * (0.22 + 0.16 * rand(n))  # (n,) pixels
+    radius = size * (0.25 + 0.15 * rand(n))  # (n,) pixels
     centre = size / 2 + (rand(n, 2) - 0.5) * (size - 2 * radius[:, None] - 2).clamp(min=0)  # (n, 2)
     angle = 2 * math.pi * rand(n)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
@@ -124,7 +132,7 @@ def render_shapes(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, 
     shading = slope[:, 0, None, None] * (px - size / 2) + slope[:, 1, None, None] * (py - size / 2)
     background = (tint[:, :, None, None] + shading[:, None]).clamp(0, 1)
     x = coverage * colour + (1 - coverage) * background
-    return x.clamp(0, 1).contiguous(), y
+    return x.clamp(0, 1), y
 
 
 def _signed_distance(shape: str, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -134,29 +142,39 @@ def _signed_distance(shape: str, u: torch.Tensor, v: torch.Tensor, r: torch.Tens
         return rho - 0.9 * r
     if shape == "ring":
         return (rho - 0.7 * r).abs() - 0.28 * r
-    if shape in ("triangle", "square", "hexagon"):
-        sides = {"triangle": 3, "square": 4, "hexagon": 6}[shape]
-        sector = 2 * math.pi / sides
-        # distance to the nearest edge line of a regular polygon with circumradius r
-        return rho * torch.cos(torch.remainder(theta, sector) - sector / 2) - r * math.cos(math.pi / sides)
+    if shape == "triangle":
+        return _polygon(u, v, r, 3)
+    if shape == "square":
+        return _polygon(u, v, 0.95 * r, 4)
+    if shape == "arrow":  # a triangular head on a shaft
+        head = _polygon(u, v + 0.3 * r, 0.65 * r, 3, phase=-math.pi / 2)  # tip at v = -0.95 r
+        shaft = torch.maximum(u.abs() - 0.18 * r, (v - 0.45 * r).abs() - 0.5 * r)  # v in [-0.05 r, 0.95 r]
+        return torch.minimum(head, shaft)
     if shape == "star":
         phase = torch.remainder(theta, 2 * math.pi / 5) / (2 * math.pi / 5)  # in [0, 1) per branch
-        edge = r * (0.45 + 0.55 * (1 - 2 * (phase - 0.5).abs()))  # five points, straight-ish flanks
+        edge = r * (0.38 + 0.62 * (1 - 2 * (phase - 0.5).abs()))  # five sharp points, straight-ish flanks
         return rho - edge
     if shape == "cross":
-        arm, half = 0.95 * r, 0.32 * r
+        arm, half = 0.95 * r, 0.3 * r
         bar = lambda a, b: torch.maximum(a.abs() - arm, b.abs() - half)  # noqa: E731
         return torch.minimum(bar(u, v), bar(v, u))
     if shape == "crescent":
         bite = torch.hypot(u - 0.45 * r, v) - 0.75 * r
         return torch.maximum(rho - 0.9 * r, -bite)
     if shape == "ellipse":
-        a, b = 0.95 * r, 0.45 * r
+        a, b = r, 0.38 * r
         return (torch.sqrt((u / a) ** 2 + (v / b) ** 2) - 1) * b
     if shape == "semicircle":
         v = v + 0.4 * r  # centre the half disc on the origin
         return torch.maximum(torch.hypot(u, v) - r, -v)
     raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+
+
+def _polygon(u: torch.Tensor, v: torch.Tensor, r, sides: int, phase: float = 0.0) -> torch.Tensor:
+    """Signed distance to the edges of a regular polygon with circumradius ``r``, one vertex at ``phase``."""
+    sector = 2 * math.pi / sides
+    theta = torch.atan2(v, u) - phase
+    return torch.hypot(u, v) * torch.cos(torch.remainder(theta, sector) - sector / 2) - r * math.cos(math.pi / sides)
 
 
 # ------------------------------------------------------------------------------------------ CIFAR-100

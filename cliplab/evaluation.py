@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checks import check_images, check_int, check_labels
-from .attacks import _autocast, _num_classes, pgd
+from .attacks import _autocast, _num_classes, eval_mode, pgd
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     check_int(votes, "votes")
     device = _device_of(model, x)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
             with _autocast(device, autocast):
@@ -89,8 +89,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> Pr
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                    batch_size: int = 256, votes: int = 1, progress: bool = True,
-                    **attack_kwargs) -> RobustAccuracy:
+                    batch_size: int = 256, votes: int = 1, surrogate: nn.Module | None = None,
+                    progress: bool = True, **attack_kwargs) -> RobustAccuracy:
     """Clean and robust accuracy under an untargeted PGD attack (``cliplab.pgd``), in batches.
 
     Only correctly classified images are attacked: the others are already errors.
@@ -103,10 +103,12 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
         batch_size: images per attack batch.
         votes: score clean and adversarial images by the majority vote of this many stochastic passes
             (randomised defences, as deployed); 1 for deterministic models.
+        surrogate: craft the attack on this model instead and only evaluate it on ``model`` (a transfer
+            attack, e.g. from the undefended classifier); None attacks ``model`` itself.
         progress: show a tqdm bar.
     """
     correct, fooled = _attack_batches(model, x, y, eps=eps, targeted=False, batch_size=batch_size,
-                                      votes=votes, progress=progress, **attack_kwargs)
+                                      votes=votes, surrogate=surrogate, progress=progress, **attack_kwargs)
     n_correct = int(correct.sum())
     return RobustAccuracy(clean=Proportion(n_correct, len(y)),
                           robust=Proportion(n_correct - int(fooled.sum()), len(y)),
@@ -115,22 +117,26 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
 
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                         targets: torch.Tensor | None = None, batch_size: int = 256, votes: int = 1,
-                        progress: bool = True, **attack_kwargs) -> Proportion:
+                        surrogate: nn.Module | None = None, progress: bool = True,
+                        **attack_kwargs) -> Proportion:
     """Success rate of PGD among the images the model classifies correctly when clean.
 
     Untargeted (``targets`` None): the prediction leaves the label. Targeted: the prediction becomes the
-    target; images whose label already is their target are left out. ``votes`` as in ``robust_accuracy``.
+    target; images whose label already is their target are left out. ``votes`` and ``surrogate`` as in
+    ``robust_accuracy``.
     """
     targeted = targets is not None
     if targeted:
         check_labels(targets, len(x), _num_classes(model, x), "targets")
     correct, hit = _attack_batches(model, x, y, eps=eps, targets=targets, targeted=targeted,
-                                   batch_size=batch_size, votes=votes, progress=progress, **attack_kwargs)
+                                   batch_size=batch_size, votes=votes, surrogate=surrogate, progress=progress,
+                                   **attack_kwargs)
     eligible = correct & (targets.cpu() != y.cpu()) if targeted else correct
     return Proportion(int((hit & eligible).sum()), int(eligible.sum()))
 
 
-def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, progress, targets=None, **attack_kwargs):
+def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate, progress, targets=None,
+                    **attack_kwargs):
     """Attack the correctly classified images batch by batch; judge success with ``predict`` (and its votes).
 
     Returns per-image boolean vectors (on the CPU): correct when clean, and attack succeeded.
@@ -146,7 +152,8 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, progress, 
     for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc=f"PGD eps={eps:.4f}"):
         index = todo[start:start + batch_size]
         labels = (targets if targeted else y)[index]
-        result = pgd(model, x[index].to(device), labels.to(device), eps=eps, targeted=targeted, **attack_kwargs)
+        result = pgd(model if surrogate is None else surrogate, x[index].to(device), labels.to(device), eps=eps, targeted=targeted,
+                     **attack_kwargs)
         prediction = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
         success[index] = prediction == labels.cpu() if targeted else prediction != labels.cpu()
     return correct, success

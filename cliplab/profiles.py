@@ -22,6 +22,14 @@ class Profile:
     attack_steps: int  # PGD steps for the sweeps
     eps_grid: tuple[float, ...]  # L-inf radii of the sweeps, in units of 1/255
     target_class: str  # the class the targeted attack of notebook 01 aims for
+    n_defence: int  # test images behind the defence sweeps (02-04), where EOT multiplies the cost
+    eot_samples: int  # EOT draws of every reported adaptive attack on a randomised defence (>= 20)
+    eot_grid: tuple[int, ...]  # EOT draws compared in 02
+    votes: int  # stochastic passes whose majority vote scores a randomised defence, as deployed
+    smoothing_sigmas: tuple[float, ...]  # randomized-smoothing noise levels (pixel units)
+    certify_n0: int  # Monte-Carlo draws that select the class to certify (Cohen et al.: 100)
+    certify_n: int  # Monte-Carlo draws that bound its probability (Cohen et al.: 100,000)
+    n_certify: int  # test images certified per sigma
     device: str  # "cuda" or "cpu"
 
     @property
@@ -32,9 +40,15 @@ class Profile:
 
 PROFILES = {
     "shapes": Profile(name="shapes", n_eval=500, batch_size=250, attack_steps=10,
-                      eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star", device="cpu"),
+                      eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star",
+                      n_defence=100, eot_samples=20, eot_grid=(1, 2, 5, 10, 20), votes=15,
+                      smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=64, certify_n=1000, n_certify=200,
+                      device="cpu"),
     "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20,
-                        eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck", device="cuda"),
+                        eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
+                        n_defence=1000, eot_samples=20, eot_grid=(1, 2, 5, 10, 20, 40), votes=32,
+                        smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=100, certify_n=10_000, n_certify=500,
+                        device="cuda"),
 }
 
 

@@ -23,7 +23,7 @@ WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_NAME}.safetensors"
 
 @dataclass
 class ShapesCLIPConfig:
-    steps: int = 1500  # optimiser steps
+    steps: int = 2000  # optimiser steps
     batch_size: int = 256  # images per step
     lr: float = 1e-3  # peak AdamW learning rate
     warmup: int = 100  # linear warm-up steps before the cosine decay

@@ -1,0 +1,112 @@
+"""`cliplab reproduce`: runs numbered notebooks headless in a fresh kernel with the profile in the
+environment, writes executed copies and figures under results/<profile>/, reports failures by notebook
+and cell, and sets the exit code."""
+from __future__ import annotations
+
+import os
+import re
+
+import nbformat
+import pytest
+
+from cliplab import cli
+
+OK_CELLS = [
+    "import os\nimport matplotlib.pyplot as plt\nimport cliplab.plots as P",
+    "assert os.environ['CLIPLAB_PROFILE'] == 'shapes', os.environ.get('CLIPLAB_PROFILE')\n"
+    "fig = plt.figure()\nplt.plot([0, 1], [1, 0])\nprint(P.save_figure(fig, 'demo'))",
+]
+FAIL_CELLS = ["x = 1", "raise ValueError('boom')", "never = True"]
+
+
+def _write_notebook(path, cells, markdown_first=False):
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = ([nbformat.v4.new_markdown_cell("# title")] if markdown_first else []) + \
+        [nbformat.v4.new_code_cell(source) for source in cells]
+    nbformat.write(notebook, path)
+
+
+@pytest.fixture(scope="module")
+def notebooks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("notebooks")
+    _write_notebook(directory / "01_ok.ipynb", OK_CELLS)
+    _write_notebook(directory / "02_fail.ipynb", FAIL_CELLS)
+    (directory / "README.ipynb").write_text("not a numbered notebook, never run")
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    for variable in ("CLIPLAB_PROFILE", "CLIPLAB_FIGURES", "CLIPLAB_DEVICE"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    shapes = out / "shapes"
+    assert sorted(p.name for p in shapes.glob("*.ipynb")) == ["01_ok.ipynb", "02_fail.ipynb"]
+    assert (shapes / "figures" / "01_ok" / "demo.png").is_file()
+    assert (shapes / "figures" / "01_ok" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in shapes.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
+
+    # the executed copies carry their outputs; the failing one stops at the failing cell
+    ok = nbformat.read(shapes / "01_ok.ipynb", as_version=4)
+    printed_path = "".join(o.get("text", "") for o in ok.cells[1].outputs)
+    assert printed_path.strip().endswith("demo.png")
+    fail = nbformat.read(shapes / "02_fail.ipynb", as_version=4)
+    errors = [o for cell in fail.cells for o in cell.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "ValueError" and errors[0].evalue == "boom"
+    assert fail.cells[1].outputs == errors
+    assert fail.cells[2].outputs == [], "execution must stop at the failing cell"
+
+    # the summary names the failing notebook, the cell and the error
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ")}
+    assert "FAILED" not in lines["01_ok"] and "1 figures" in lines["01_ok"]
+    assert "FAILED" in lines["02_fail"]
+    assert re.search(r"cell \d+", lines["02_fail"]), lines["02_fail"]
+    assert "ValueError: boom" in lines["02_fail"]
+    assert "README" not in printed
+    # the profile never leaks into the calling process
+    assert "CLIPLAB_PROFILE" not in os.environ
+
+
+def test_reproduce_only(notebooks, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out), "--only", "01"])
+    assert code == 0
+    assert [p.name for p in (out / "shapes").glob("*.ipynb")] == ["01_ok.ipynb"]
+    assert "02_fail" not in capsys.readouterr().out
+
+
+def test_reproduce_unknown_notebook(notebooks, tmp_path, capsys):
+    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path), "--only", "01,07"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "07" in captured.err and "--only" in captured.err
+    assert not list(tmp_path.rglob("*.ipynb")), "nothing may run when --only names a missing notebook"
+
+
+def test_reproduce_missing_notebook_directory(tmp_path, capsys):
+    """A mistyped --notebooks directory is a usage error, not a successful run of nothing."""
+    missing = tmp_path / "no_such_dir"
+    code = cli.main(["reproduce", "--notebooks", str(missing), "--results", str(tmp_path / "results")])
+    assert code == 2, "running zero notebooks must not report success"
+    assert "no_such_dir" in capsys.readouterr().err
+
+
+def test_unknown_profile_is_a_usage_error(notebooks, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["reproduce", "--profile", "imagenet", "--notebooks", str(notebooks)])
+    assert exit_.value.code == 2
+    assert "imagenet" in capsys.readouterr().err
+
+
+def test_find_notebooks(notebooks):
+    assert [p.name for p in cli.find_notebooks(notebooks, None)] == ["01_ok.ipynb", "02_fail.ipynb"]
+    assert [p.name for p in cli.find_notebooks(notebooks, ["02"])] == ["02_fail.ipynb"]
+    with pytest.raises(ValueError, match="07"):
+        cli.find_notebooks(notebooks, ["07"])

@@ -1,0 +1,135 @@
+"""Evaluation: Proportion and its Clopper-Pearson interval, predict / accuracy against a manual argmax,
+and the bookkeeping of robust_accuracy and attack_success_rate."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cliplab
+from cliplab import Proportion
+
+
+class Fixed(nn.Module):
+    """A deterministic 4-class linear model on the mean colour, with a ``num_classes`` attribute."""
+
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return 10 * self.linear(x.mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------- Proportion
+@pytest.mark.parametrize("hits, n", [(0, 10), (3, 10), (10, 10), (500, 1000), (1, 1), (0, 1), (999, 1000)])
+def test_interval_contains_value(hits, n):
+    p = Proportion(hits, n)
+    low, high = p.ci95
+    assert p.n == n
+    assert 0 <= low <= p.value <= high <= 1
+    assert p.value == hits / n
+
+
+def test_interval_width_at_n_1000():
+    low, high = Proportion(500, 1000).ci95
+    # DESIGN.md: n = 1000 gives about +-3 points at 50% (exact: 46.9% to 53.1%)
+    assert 0.028 < 0.5 - low < 0.034 and 0.028 < high - 0.5 < 0.034
+    # and it narrows with n
+    low_big, high_big = Proportion(5000, 10000).ci95
+    assert high_big - low_big < (high - low) / 2
+
+
+def test_interval_edge_cases():
+    assert Proportion(0, 50).ci95[0] == 0.0 and Proportion(0, 50).ci95[1] > 0
+    assert Proportion(50, 50).ci95[1] == 1.0 and Proportion(50, 50).ci95[0] < 1
+    # Clopper-Pearson at 0/n: upper bound 1 - 0.025^(1/n)
+    assert math.isclose(Proportion(0, 50).ci95[1], 1 - 0.025 ** (1 / 50), rel_tol=1e-9)
+    assert math.isclose(Proportion(50, 50).ci95[0], 0.025 ** (1 / 50), rel_tol=1e-9)
+    empty = Proportion(0, 0)
+    assert math.isnan(empty.value) and all(math.isnan(b) for b in empty.ci95)
+
+
+def test_str_reports_value_interval_and_n():
+    text = str(Proportion(500, 1000))
+    assert text.startswith("50.0%") and "n=1000" in text and "46.9" in text and "53.1" in text
+
+
+# ------------------------------------------------------------------------------ predict / accuracy
+def test_accuracy_matches_manual_argmax():
+    model = Fixed()
+    torch.manual_seed(0)
+    x = torch.rand(50, 3, 8, 8)
+    with torch.no_grad():
+        manual = model(x).argmax(1)
+    y = manual.clone()
+    y[::3] = (y[::3] + 1) % 4  # every third label wrong
+    result = cliplab.accuracy(model, x, y, batch_size=7)  # batches that do not divide N
+    assert result.n == 50
+    assert result.hits == int((manual == y).sum()) == 50 - 17
+    assert torch.equal(cliplab.predict(model, x, batch_size=7), manual)
+    assert torch.equal(cliplab.predict(model, x, batch_size=1000), manual)
+
+
+def test_accuracy_on_shapes_matches_manual_argmax(shapes_clf, shapes_test):
+    x, y, _ = shapes_test
+    with torch.no_grad():
+        manual = shapes_clf(x[:100]).argmax(1)
+    result = cliplab.accuracy(shapes_clf, x[:100], y[:100], batch_size=32)
+    assert result.hits == int((manual == y[:100]).sum()) and result.n == 100
+
+
+def test_predict_empty_and_bad_inputs():
+    model = Fixed()
+    assert cliplab.predict(model, torch.rand(0, 3, 8, 8)).shape == (0,)
+    with pytest.raises(ValueError, match=r"^x must have values in \[0, 1\]"):
+        cliplab.predict(model, torch.rand(2, 3, 8, 8) + 1)
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1"):
+        cliplab.predict(model, torch.rand(2, 3, 8, 8), batch_size=0)
+    with pytest.raises(ValueError, match=r"^y must hold class indices in \[0, 3\]"):
+        cliplab.accuracy(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"^y must have shape \(2,\)"):
+        cliplab.accuracy(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------- robust / success rate
+def test_robust_accuracy_bookkeeping(shapes_clf, shapes_test, shapes_pred):
+    x, y, _ = shapes_test
+    x, y, pred = x[:40], y[:40], shapes_pred[:40]
+    r = cliplab.robust_accuracy(shapes_clf, x, y, eps=2 / 255, steps=3, batch_size=16, seed=0, progress=False)
+    assert r.clean.hits == int((pred == y).sum()) and r.clean.n == 40
+    assert r.success.n == r.clean.hits
+    assert r.robust.hits == r.clean.hits - r.success.hits
+    assert r.robust.value <= r.clean.value
+    # eps = 0: nothing is fooled
+    r0 = cliplab.robust_accuracy(shapes_clf, x, y, eps=0.0, steps=1, progress=False)
+    assert r0.success.hits == 0 and r0.robust.hits == r0.clean.hits
+
+
+def test_robust_accuracy_decreases_with_eps(shapes_clf, shapes_test):
+    x, y, _ = shapes_test
+    accuracies = [cliplab.robust_accuracy(shapes_clf, x[:48], y[:48], eps=e / 255, steps=5, seed=0,
+                                          progress=False).robust.value for e in (0, 1, 4)]
+    assert accuracies[0] >= accuracies[1] >= accuracies[2]
+    assert accuracies[2] < accuracies[0]
+
+
+def test_attack_success_rate_leaves_out_targets_equal_to_labels(shapes_clf, shapes_test, shapes_pred):
+    x, y, _ = shapes_test
+    x, y, pred = x[:24], y[:24], shapes_pred[:24]
+    targets = (y + 1) % 100
+    targets[:6] = y[:6]  # already "reached": must not count
+    rate = cliplab.attack_success_rate(shapes_clf, x, y, eps=8 / 255, targets=targets, steps=5, seed=0,
+                                       progress=False)
+    eligible = (pred == y) & (targets != y)
+    assert rate.n == int(eligible.sum())
+    assert 0 <= rate.hits <= rate.n
+    untargeted = cliplab.attack_success_rate(shapes_clf, x, y, eps=8 / 255, steps=5, seed=0, progress=False)
+    assert untargeted.n == int((pred == y).sum())
+    with pytest.raises(ValueError, match=r"^targets must hold class indices"):
+        cliplab.attack_success_rate(shapes_clf, x, y, eps=1 / 255, targets=targets + 100, progress=False)

@@ -1,0 +1,154 @@
+"""load_classifier / save_weights: checkpoints round-trip through the same call as downloaded weights,
+saving is atomic, bad names fail clearly, and a missing download fails fast when offline."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import cliplab
+from cliplab.data import render_shapes
+
+
+def _logits(clf, x):
+    with torch.no_grad():
+        return clf(x)
+
+
+def test_shapes_checkpoint_round_trip(shapes_clf, tmp_path):
+    path = tmp_path / "m.safetensors"
+    cliplab.save_weights(shapes_clf, path)
+    loaded = cliplab.load_classifier("shapes", pretrained=path, device="cpu")
+    x = render_shapes(8, seed=0)[0]
+    assert torch.equal(_logits(loaded, x), _logits(shapes_clf, x))
+    assert not loaded.training
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"], "save left temporary files behind"
+    # a str path goes through the same call
+    loaded_str = cliplab.load_classifier("shapes", pretrained=str(path), device="cpu")
+    assert torch.equal(_logits(loaded_str, x), _logits(shapes_clf, x))
+
+
+def test_random_shapes_checkpoint_round_trip_float16(random_shapes_clf, tmp_path):
+    """Saving in float16 (as the shipped checkpoint is) loads back as float32, close to the original."""
+    path = tmp_path / "half.safetensors"
+    cliplab.save_weights(random_shapes_clf, path, dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert torch.float16 in dtypes and torch.float32 not in dtypes
+    loaded = cliplab.load_classifier("shapes", pretrained=path, device="cpu")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = render_shapes(4, seed=0)[0]
+    torch.testing.assert_close(_logits(loaded, x), _logits(random_shapes_clf, x), atol=5e-2, rtol=0)
+
+
+def test_vit_checkpoint_round_trip(random_vit, tmp_path):
+    """The `cifar100` architecture: a checkpoint saved here loads through load_classifier(name, path)."""
+    path = tmp_path / "vit.safetensors"
+    cliplab.save_weights(random_vit, path)
+    loaded = cliplab.load_classifier("ViT-B-32", pretrained=path, class_names=random_vit.class_names,
+                                     templates=random_vit.templates, device="cpu")
+    x = render_shapes(2, seed=0)[0]
+    assert torch.equal(_logits(loaded, x), _logits(random_vit, x))
+    assert sorted(os.listdir(tmp_path)) == ["vit.safetensors"]
+
+
+def test_save_is_atomic_on_failure(random_shapes_clf, tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    cliplab.save_weights(random_shapes_clf, path)
+    original = path.read_bytes()
+
+    import safetensors.torch
+
+    def crash(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cliplab.save_weights(random_shapes_clf, path)
+    assert path.read_bytes() == original, "a failed save must leave the previous file untouched"
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"], "a failed save left temporary files behind"
+
+
+def test_save_creates_parent_directories(random_shapes_clf, tmp_path):
+    path = tmp_path / "a" / "b" / "m.safetensors"
+    cliplab.save_weights(random_shapes_clf.model, path)  # a bare open_clip model works too
+    assert path.is_file()
+
+
+def test_loaded_classifier_defaults():
+    torch.manual_seed(0)
+    clf = cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+    assert not clf.training
+    assert clf.num_classes == 100 and clf.class_names[0] == "red circle"
+    assert clf.image_size == (32, 32)
+    assert next(clf.parameters()).device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------- bad names
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"^name must be a profile"):
+        cliplab.load_classifier("ViT-Z-99", device="cpu")
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match=r"^profile must be one of"):
+        cliplab.get_profile("imagenet")
+    with pytest.raises(ValueError, match=r"^name must be a profile"):
+        cliplab.load_classifier("imagenet", device="cpu")
+
+
+def test_model_name_needs_explicit_weights():
+    with pytest.raises(ValueError, match=r"^pretrained must be given"):
+        cliplab.load_classifier("ViT-B-32", device="cpu")
+
+
+def test_unknown_pretrained_tag():
+    with pytest.raises(ValueError, match=r"^pretrained must be a tag of 'ViT-B-32'.*openai"):
+        cliplab.load_classifier("ViT-B-32", pretrained="no_such_tag", device="cpu")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        cliplab.load_classifier("shapes", pretrained=missing, device="cpu")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        cliplab.load_classifier("ViT-B-32", pretrained=str(missing), device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ offline
+def test_offline_download_fails_fast_and_says_how(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # nothing cached: an empty Hugging Face cache and home directory
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as error:
+        cliplab.load_classifier("cifar100", device="cpu")
+    assert time.perf_counter() - start < 10
+    message = str(error.value)
+    assert "pretrained=" in message and "offline" in message
+    assert "ViT-B-32" in message
+
+
+# ----------------------------------------------------------------------------------------- profiles
+def test_profiles(monkeypatch):
+    monkeypatch.delenv("CLIPLAB_DEVICE", raising=False)
+    monkeypatch.setenv("CLIPLAB_PROFILE", "cifar100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA"):
+        profile = cliplab.get_profile()
+    assert profile.name == "cifar100" and profile.device == "cpu"
+    monkeypatch.delenv("CLIPLAB_PROFILE")
+    shapes = cliplab.get_profile()
+    assert shapes.name == "shapes" and shapes.device == "cpu"
+    assert shapes.eps_values == [e / 255 for e in shapes.eps_grid]
+    with pytest.raises(ValueError, match=r"^device must be one of"):
+        cliplab.get_profile("shapes", device="tpu")
