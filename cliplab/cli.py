@@ -36,16 +36,18 @@ def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
 
 def clean_notebook(notebook) -> None:
     """Strip what changes on every run (timestamps, widget state, kernel details) but keep the outputs,
-    as ``nbstripout --keep-output`` does, so committed notebooks diff cleanly."""
+    as ``nbstripout --keep-output`` does, so committed notebooks diff cleanly. Execution counts are
+    renumbered 1, 2, ...: nbval needs them on cells with outputs, and sequential numbers never change."""
     notebook.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                          "language_info": {"name": "python"}}
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    for count, cell in enumerate(code_cells, start=1):
+        cell.execution_count = count
+        for output in cell.outputs:
+            if "execution_count" in output:
+                output.execution_count = count
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)
-        if cell.cell_type == "code":
-            cell.execution_count = None
-            for output in cell.outputs:
-                output.pop("execution_count", None)
-                output.get("metadata", {}).pop("execution", None)
 
 
 def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: int = 3600) -> NotebookRun:
@@ -89,15 +91,11 @@ def reproduce(profile: str = "shapes", only: list[str] | None = None, device: st
     ``results/<profile>/`` (figures under ``figures/<notebook>/``). ``update`` writes the executed
     notebooks back in place instead (how the committed outputs are made)."""
     notebooks = notebooks or default_notebook_dir()
-    out_dir = notebooks if update else results / profile
-    env = {"CLIPLAB_PROFILE": profile, "CLIPLAB_FIGURES": str((out_dir / "figures").resolve()),
-           "MPLBACKEND": "Agg"}
-    if device:
-        env["CLIPLAB_DEVICE"] = device
+    env = {"CLIPLAB_PROFILE": profile, "MPLBACKEND": "Agg", **({"CLIPLAB_DEVICE": device} if device else {})}
     runs = []
     for path in find_notebooks(notebooks, only):
-        env["CLIPLAB_FIGURES"] = str((out_dir / "figures" / path.stem).resolve())
-        runs.append(execute_notebook(path, out_dir, env))
+        env["CLIPLAB_FIGURES"] = str((results / profile / "figures" / path.stem).resolve())
+        runs.append(execute_notebook(path, notebooks if update else results / profile, env))
     return runs
 
 

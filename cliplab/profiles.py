@@ -41,8 +41,8 @@ class Profile:
 PROFILES = {
     "shapes": Profile(name="shapes", n_eval=500, batch_size=250, attack_steps=10,
                       eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star",
-                      n_defence=100, eot_samples=20, eot_grid=(1, 2, 5, 10, 20), votes=15,
-                      smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=64, certify_n=1000, n_certify=200,
+                      n_defence=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15,
+                      smoothing_sigmas=(0.03, 0.06, 0.12, 0.25), certify_n0=64, certify_n=500, n_certify=100,
                       device="cpu"),
     "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20,
                         eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
