@@ -27,15 +27,18 @@ Two benchmarks, run together by default (``--bench`` picks one):
    batched call, against a Python loop over the sigmas calling ``bilateral(x, sigma_space=s)``, on
    ``--sweep-images`` random 32x32 images. Timed twice: forward only (under ``torch.no_grad()``), and
    forward+backward (input with ``requires_grad``, ``.sum().backward()``; in the loop, after each
-   call), since attacks differentiate through the denoiser. The outputs and the input gradients of
-   the two methods are checked to agree. Both do the same arithmetic; the batched call saves the
-   per-call overhead (argument checks, kernel construction) and, on CUDA, kernel launches.
+   call), since attacks differentiate through the denoiser. Both do the same arithmetic; the batched
+   call saves the per-call overhead (argument checks, kernel construction) and, on CUDA, kernel
+   launches, but its temporaries are 15 times larger (kornia unfolds every 5x5 window: about 2 GB
+   per temporary for 7500 images), which on CPU costs page faults (see ``benchmarks/RESULTS.md``).
 
-Each method is warmed up once before it is timed; on CUDA the clock is read after
-``torch.cuda.synchronize``. The batched methods and the cheap loops are timed ``--repeats`` times,
-interleaved so that they share any background load, and the fastest time of each is kept. A CPU run
-with the defaults takes about 4-7 minutes, most of it in the text encoder (the classifier's
-construction, the naive warm-up and the naive draw); ``--bench denoise`` alone takes well under a minute.
+Each method is warmed up once before it is timed (the denoisers on the first 50 images, where their
+outputs and input gradients are also checked to agree); on CUDA the clock is read after
+``torch.cuda.synchronize``. The batched methods and the loops other than (a) are timed ``--repeats``
+times, interleaved so that they share any background load, and the fastest time of each is kept.
+A CPU run with the defaults takes about 5-8 minutes on two shared cores: 2-4 in the text encoder
+(the classifier's construction, the naive warm-up and the naive draw), 2-3 in the denoising
+forward+backward passes.
 
 Run (from the repository root, with the venv active)::
 
@@ -62,6 +65,7 @@ from cliplab.denoise import bilateral, bilateral_sweep
 
 SIGMA = 0.25  # randomized smoothing noise, [0, 1] pixel units
 SWEEP_SIGMAS = tuple(round(0.2 * k, 1) for k in range(1, 16))  # 0.2, 0.4, ..., 3.0
+WARMUP_IMAGES = 50  # images of the denoising warm-up and agreement check
 
 
 @dataclass
@@ -128,8 +132,10 @@ def check_naive_logits(clf: cliplab.ZeroShotClassifier, tokenizer: Callable, x: 
     with torch.no_grad():
         naive, cached = naive_full_clip_logits(clf, tokenizer, noisy), clf(noisy)
     difference = (naive - cached).abs().max().item()
-    if not torch.equal(naive.argmax(dim=1), cached.argmax(dim=1)) or difference > 1e-3 * cached.abs().max().item():
-        raise AssertionError(f"naive full-CLIP logits disagree with the classifier's (max |diff| {difference:.3g})")
+    agree = torch.equal(naive.argmax(dim=1), cached.argmax(dim=1))
+    if not agree or difference > 1e-3 * cached.abs().max().item():
+        raise AssertionError(f"naive full-CLIP logits disagree with the classifier's "
+                             f"(max |diff| {difference:.3g})")
     return f"naive full-CLIP logits match the classifier's (max |diff| {difference:.2g})"
 
 
@@ -155,7 +161,8 @@ def bench_smoothing(clf, x: torch.Tensor, args: argparse.Namespace, tokenizer: C
     smoothing.sample_counts(x[:1], min(args.batch_size, args.draws))  # warm-up: one full batch
     naive_sample_counts(clf, tokenizer, x[:1], 1, SIGMA, full_clip=False)
     seconds = best_of({"ours": ours, "cached": cached}, device, args.repeats)
-    ours_timing = Timing("RandomizedSmoothing.sample_counts", args.batch_size, len(x) * args.draws, seconds["ours"])
+    ours_timing = Timing("RandomizedSmoothing.sample_counts", args.batch_size, len(x) * args.draws,
+                         seconds["ours"])
     cached_timing = Timing("per-image loop, cached text head (b)", 1, len(few) * args.cached_draws,
                            seconds["cached"])
     print(f"{ours_timing.method}: {ours_timing.rate:.3g} samples/s; {cached_timing.method}: "
@@ -212,9 +219,19 @@ def bench_denoise(x: torch.Tensor, repeats: int) -> dict[str, tuple[Timing, Timi
             bilateral(leaf, sigma_space=s).sum().backward()
         return leaf.grad
 
-    # warm-up, and the check that both methods compute the same thing
-    torch.testing.assert_close(sweep_forward(), torch.stack(loop_forward()))
-    torch.testing.assert_close(sweep_backward().clone(), loop_backward().clone())
+    # warm-up on a few images (the full size costs a minute on CPU), and the check that both methods
+    # compute the same outputs and input gradients
+    few = x[:WARMUP_IMAGES].clone().requires_grad_(True)
+    outputs, gradients = [], []
+    for method in (lambda z: bilateral_sweep(z, sigmas),
+                   lambda z: torch.stack([bilateral(z, sigma_space=s) for s in sigmas])):
+        few.grad = None
+        output = method(few)
+        output.sum().backward()
+        outputs.append(output.detach())
+        gradients.append(few.grad)
+    torch.testing.assert_close(*outputs)
+    torch.testing.assert_close(*gradients)
 
     work = len(x) * len(sigmas)
     results = {}
@@ -228,7 +245,8 @@ def bench_denoise(x: torch.Tensor, repeats: int) -> dict[str, tuple[Timing, Timi
 
 def format_denoise_table(results: dict[str, tuple[Timing, Timing]]) -> str:
     """Markdown table: one row per pass and method, with the batched call's speed-up over the loop."""
-    lines = ["| pass | method | calls | images per call | filtered images | seconds | images/s | batched speed-up |",
+    lines = ["| pass | method | calls | images per call | filtered images | seconds | images/s "
+             "| batched speed-up |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, (batched, looped) in results.items():
         for timing in (batched, looped):

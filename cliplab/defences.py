@@ -66,7 +66,7 @@ class RandomizedSmoothing(nn.Module):
         progress: show tqdm bars in ``predict``/``certify``.
     """
 
-    def __init__(self, classifier: nn.Module, sigma: float, *, batch_size: int = 500, num_noise: int = 8,
+    def __init__(self, classifier: nn.Module, sigma: float, *, batch_size: int = 256, num_noise: int = 8,
                  progress: bool = False):
         super().__init__()
         check_positive(sigma, "sigma")

@@ -67,7 +67,12 @@ def median(x: torch.Tensor, *, kernel_size: int = 3) -> torch.Tensor:
 
 
 def bilateral_sweep(x: torch.Tensor, sigmas_space, *, sigma_color=0.1, kernel_size: int = 5) -> torch.Tensor:
-    """Filter every image with every spatial sigma in one batched call. (N,3,H,W), S sigmas -> (S,N,3,H,W)."""
+    """Filter every image with every spatial sigma in one batched call. (N,3,H,W), S sigmas -> (S,N,3,H,W).
+
+    One call saves kernel launches on a GPU. On a CPU it is no faster than a loop over sigmas, and
+    kornia's window unfolding makes its memory grow with N * S (benchmarks/RESULTS.md): for attacks
+    through many sigmas on a CPU, loop over ``bilateral`` instead.
+    """
     sigmas = torch.as_tensor(sigmas_space, dtype=x.dtype, device=x.device).flatten()
     batch = x.repeat(len(sigmas), 1, 1, 1)  # (S*N, 3, H, W), sigma-major
     out = bilateral(batch, sigma_space=sigmas.repeat_interleave(len(x)), sigma_color=sigma_color,
