@@ -120,6 +120,27 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
     return AttackResult(best.x, best.success, torch.stack(history), best.logits)
 
 
+def pgd_maximize(objective, x: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+                 random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plain PGD (last iterate) on any per-sample objective, e.g. an embedding distance for FARE.
+
+    Args:
+        objective: maps (N, 3, H, W) images to (N,) values to ascend.
+        x: (N, 3, H, W) images in [0, 1]; eps, alpha, steps, norm, random_start as in ``pgd``.
+
+    Returns:
+        (N, 3, H, W) adversarial images within the eps-ball, in [0, 1], detached.
+    """
+    delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    x_adv = (x + delta).clamp(0, 1).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(objective(x_adv).sum(), x_adv)[0]
+        x_adv = _step(x, x_adv.detach(), grad, eps, alpha, norm)
+    return x_adv.detach()
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Run ``model`` in eval mode (no dropout, frozen norms) and restore its previous mode afterwards."""

@@ -94,12 +94,19 @@ class ZeroShotClassifier(nn.Module):
             x = x[..., top:top + target_h, left:left + target_w]
         return (x - self.mean) / self.std
 
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) image-encoder outputs, what FARE keeps close. (N,3,H,W) in [0,1] -> (N, D)."""
+        check_images(x, values=False)  # noisy inputs from defences may leave [0, 1]
+        return self.model.encode_image(self.preprocess(x)).float()
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings. (N,3,H,W) in [0,1] -> (N, D)."""
-        check_images(x, values=False)  # noisy inputs from defences may leave [0, 1]
-        features = self.model.encode_image(self.preprocess(x))
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(self.image_features(x), dim=-1)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits of raw image features. (N, D) -> (N, C)."""
+        return self.model.logit_scale.exp().float() * F.normalize(features, dim=-1) @ self.text_head.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits. (N,3,H,W) in [0,1] -> (N, C)."""
-        return self.model.logit_scale.exp().float() * self.embed(x) @ self.text_head.T
+        return self.logits_from_features(self.image_features(x))

@@ -108,6 +108,9 @@ def default_notebook_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .finetune import FinetuneConfig
+
+    ft_defaults = FinetuneConfig()
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("reproduce", help="execute the notebooks headless and collect their figures")
@@ -119,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--results", type=Path, default=Path("results"))
     run.add_argument("--update", action="store_true",
                      help="write the executed notebooks back into --notebooks (to commit their outputs)")
+    tune = commands.add_parser("finetune", help="adversarially fine-tune the image encoder (FARE or TeCoA)")
+    tune.add_argument("--profile", choices=sorted(PROFILES), default="shapes")
+    tune.add_argument("--method", default="fare", help="fare (unsupervised) or tecoa (supervised)")
+    tune.add_argument("--adapter", default="full", help="full or oft")
+    tune.add_argument("--block-size", type=int, default=8, help="OFT block size")
+    tune.add_argument("--eps", type=_fraction, default=4 / 255, help="L-inf radius, e.g. 4/255 or 0.0157")
+    tune.add_argument("--steps", type=int, help="optimiser steps (default: the profile's)")
+    tune.add_argument("--lr", type=float, default=ft_defaults.lr, help="peak AdamW learning rate")
+    tune.add_argument("--save-every", type=int, default=50)
+    tune.add_argument("--out", type=Path, required=True, help="directory for checkpoints and results")
+    tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", choices=("cpu", "cuda"))
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
     train.add_argument("--out", type=Path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--steps", type=int, default=None)
@@ -126,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "train-shapes-clip":
         return _train_shapes_clip(args.out, args.steps)
+    if args.command == "finetune":
+        try:
+            return _finetune(args)
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+            print(f"cliplab finetune: {error}", file=sys.stderr)
+            return 2
     try:
         runs = reproduce(args.profile, args.only, args.device, args.notebooks, args.results, args.update)
     except (ValueError, FileNotFoundError) as error:
@@ -138,6 +160,62 @@ def main(argv: list[str] | None = None) -> int:
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
+
+
+def _fraction(text: str) -> float:
+    """``"4/255"`` or ``"0.0157"`` as a float (argparse type)."""
+    numerator, _, denominator = text.partition("/")
+    try:
+        return float(numerator) / float(denominator or 1)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 4/255, got {text!r}")
+
+
+def _finetune(args) -> int:
+    """``cliplab finetune``: evaluate, fine-tune with checkpoints, evaluate, write final weights and metrics."""
+    import json
+
+    from . import finetune as ft
+    from ._io import atomic_write
+    from .data import load_dataset
+    from .evaluation import robust_accuracy
+    from .models import load_classifier
+    from .profiles import get_profile
+
+    profile = get_profile(args.profile, args.device)
+    config = ft.FinetuneConfig(method=args.method, adapter=args.adapter, block_size=args.block_size, eps=args.eps,
+                               steps=args.steps or profile.finetune_steps, lr=args.lr, save_every=args.save_every,
+                               seed=args.seed)
+    config.validate()
+    if not args.resume and (args.out / "latest.json").exists():
+        raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+    classifier = load_classifier(profile.name, device=profile.device)
+    x, y, _ = load_dataset(profile.name, split="train", n=profile.finetune_images)
+    x_test, y_test, _ = load_dataset(profile.name, split="test", n=profile.n_defence)
+    device = profile.device
+    x, y, x_test, y_test = x.to(device), y.to(device), x_test.to(device), y_test.to(device)
+
+    def evaluate(model):
+        result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps, restarts=2,
+                                 loss="margin", seed=0, progress=False)
+        return {"clean": _as_dict(result.clean), "robust": _as_dict(result.robust)}
+
+    metrics = {"config": {**vars(config)}, "eps": config.eps, "before": evaluate(classifier)}
+    ft.finetune(classifier, x, y, config, args.out, resume=args.resume)
+    metrics["after"] = evaluate(classifier)
+    ft.export_weights(classifier, args.out / "final.safetensors")
+    with atomic_write(args.out / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    for when in ("before", "after"):
+        print(f"{when:>6}: clean {metrics[when]['clean']['text']}, robust at eps={255 * config.eps:g}/255 "
+              f"{metrics[when]['robust']['text']}")
+    print(f"weights: {args.out / 'final.safetensors'} (load_classifier({profile.name!r}, pretrained=...))")
+    return 0
+
+
+def _as_dict(proportion) -> dict:
+    low, high = proportion.ci95
+    return {"value": proportion.value, "n": proportion.n, "ci95": [low, high], "text": str(proportion)}
 
 
 def _train_shapes_clip(out: Path, steps: int | None) -> int:

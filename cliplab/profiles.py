@@ -30,6 +30,8 @@ class Profile:
     certify_n0: int  # Monte-Carlo draws that select the class to certify (Cohen et al.: 100)
     certify_n: int  # Monte-Carlo draws that bound its probability (Cohen et al.: 100,000)
     n_certify: int  # test images certified per sigma
+    finetune_images: int  # training images robust fine-tuning draws its batches from
+    finetune_steps: int  # optimiser steps of robust fine-tuning
     device: str  # "cuda" or "cpu"
 
     @property
@@ -43,11 +45,13 @@ PROFILES = {
                       eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star",
                       n_defence=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15,
                       smoothing_sigmas=(0.03, 0.06, 0.12, 0.25), certify_n0=64, certify_n=500, n_certify=100,
+                      finetune_images=10_000, finetune_steps=300,
                       device="cpu"),
     "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20,
                         eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
                         n_defence=1000, eot_samples=20, eot_grid=(1, 2, 5, 10, 20, 40), votes=32,
                         smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=100, certify_n=10_000, n_certify=500,
+                        finetune_images=50_000, finetune_steps=2000,
                         device="cuda"),
 }
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._train import adamw
 from .data import SHAPES100_CLASSES, SHAPES100_TEMPLATES, load_dataset
 
 MODEL_NAME = "cliplab-shapes-tiny"  # registered with open_clip from cliplab/model_configs/
@@ -64,11 +65,8 @@ def train_shapes_clip(config: ShapesCLIPConfig = ShapesCLIPConfig()):
     model = open_clip.create_model(MODEL_NAME)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     x, y, _ = load_dataset("shapes", split="train", n=config.train_images)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, config))
+    optimizer, schedule = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                warmup=config.warmup, total=config.steps)
     model.train()
     bar = tqdm(range(config.steps), disable=not config.progress, desc="train shapes CLIP")
     for _ in bar:
@@ -87,14 +85,6 @@ def train_shapes_clip(config: ShapesCLIPConfig = ShapesCLIPConfig()):
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
-
-
-def warmup_cosine(step: int, config) -> float:
-    """Learning-rate factor: linear warm-up over ``config.warmup`` steps, then cosine decay to 0."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _normalise(model, x: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,27 @@ def test_find_notebooks(notebooks):
     assert [p.name for p in cli.find_notebooks(notebooks, ["02"])] == ["02_fail.ipynb"]
     with pytest.raises(ValueError, match="07"):
         cli.find_notebooks(notebooks, ["07"])
+
+
+def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tmp_path, capsys):
+    import json
+
+    from cliplab.cli import main
+
+    out = tmp_path / "run"
+    args = ["finetune", "--profile", "shapes", "--method", "tecoa", "--adapter", "oft", "--block-size", "8",
+            "--eps", "2/255", "--steps", "2", "--save-every", "1", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for when in ("before", "after"):
+        for kind in ("clean", "robust"):
+            entry = metrics[when][kind]
+            assert entry["n"] > 0 and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
+    assert abs(metrics["eps"] - 2 / 255) < 1e-12
+    cliplab_loaded = __import__("cliplab").load_classifier("shapes", pretrained=out / "final.safetensors",
+                                                           device="cpu")
+    assert cliplab_loaded.num_classes == 100
+    assert main(args) == 2  # a second run into the same directory needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(args[:-4] + ["--out", str(tmp_path / "other"), "--lr", "0"]) == 2
+    assert not (tmp_path / "other").exists()

@@ -1,0 +1,256 @@
+"""Adversarial fine-tuning of CLIP's image encoder, the text head frozen.
+
+- FARE (Schlarmann et al., ICML 2024), unsupervised: the inner attack maximises ||f(x + delta) - f0(x)||^2,
+  f0 the frozen original encoder; the outer step minimises it (plus, optionally, the clean term
+  ||f(x) - f0(x)||^2). No labels needed, and the embedding stays compatible with the text encoder.
+- TeCoA (Mao et al., ICLR 2023), supervised baseline: cross-entropy of the adversarial zero-shot logits.
+
+Either adapts all image-encoder weights (``adapter="full"``) or only orthogonal rotations of them
+(``adapter="oft"``, ``cliplab.oft``). Training is resumable: a run killed at any moment restarts from its
+last checkpoint and ends with exactly the weights of an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ._checks import check_choice, check_int, check_positive
+from ._io import atomic_write
+from ._train import adamw
+from .attacks import _autocast, eval_mode, pgd, pgd_maximize
+from .classifier import ZeroShotClassifier
+from .oft import apply_oft, merge_oft, oft_parameters
+
+METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "fare"  # "fare" (unsupervised) or "tecoa" (supervised)
+    adapter: str = "full"  # "full": every image-encoder weight; "oft": orthogonal fine-tuning
+    block_size: int = 8  # OFT block size (must divide the encoder's widths)
+    eps: float = 4 / 255  # L-inf radius of the inner attack, on [0, 1] images
+    attack_steps: int = 10  # inner PGD steps
+    clean_weight: float = 0.0  # FARE: weight of the clean term ||f(x) - f0(x)||^2
+    steps: int = 300  # optimiser steps
+    batch_size: int = 64  # images per step
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay on matrices (not on 1-D parameters)
+    warmup: int = 30  # linear warm-up steps before the cosine decay
+    grad_clip: float = 1.0  # maximum gradient norm
+    bf16: bool = False  # bfloat16 autocast (GPU)
+    save_every: int = 50  # checkpoint period in steps
+    seed: int = 0  # seeds batch order and attack starts
+    progress: bool = True  # tqdm bar with loss and running clean/robust accuracy
+
+    def validate(self) -> None:
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.adapter, "adapter", ADAPTERS)
+        check_int(self.block_size, "block_size")
+        check_positive(self.eps, "eps", allow_zero=True)
+        if self.eps > 1:
+            raise ValueError(f"eps must be in [0, 1] (pixel values are in [0, 1]), got {self.eps}")
+        for name in ("attack_steps", "steps", "batch_size", "save_every"):
+            check_int(getattr(self, name), name)
+        check_int(self.warmup, "warmup", minimum=0)
+        check_positive(self.lr, "lr")
+        check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        check_positive(self.clean_weight, "clean_weight", allow_zero=True)
+        check_positive(self.grad_clip, "grad_clip")
+
+
+def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
+    """Freeze the classifier except what ``config.adapter`` trains in the image encoder; return that."""
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    visual = classifier.model.visual
+    if config.adapter == "oft":
+        apply_oft(visual, block_size=config.block_size)
+        return oft_parameters(visual)
+    for parameter in visual.parameters():
+        parameter.requires_grad_(True)
+    return list(visual.parameters())
+
+
+def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
+             out: str | os.PathLike, *, resume: bool = False) -> ZeroShotClassifier:
+    """Adversarially fine-tune ``classifier``'s image encoder in place on images ``x`` (labels ``y``
+    are used by TeCoA only), checkpointing into ``out``.
+
+    Args:
+        classifier: the zero-shot classifier; its text head and logit scale stay frozen.
+        x: (N, 3, H, W) training images in [0, 1]; y: (N,) labels.
+        config: the run's settings.
+        out: directory for checkpoints (``checkpoint-<step>.safetensors`` + ``.state.pt``, ``latest.json``).
+        resume: continue from ``out``'s last checkpoint (an error when there is none).
+
+    Returns:
+        The fine-tuned classifier (OFT rotations still unmerged; ``merge_oft`` folds them in).
+    """
+    config.validate()
+    out = Path(out)
+    start = 0
+    if resume:
+        step_file = _latest(out)  # before touching the model: a bad directory changes nothing
+    original = copy.deepcopy(classifier.model.visual).eval().requires_grad_(False)  # f0, frozen
+    trainable = prepare(classifier, config)
+    optimizer, schedule = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                warmup=config.warmup, total=config.steps)
+    generator = torch.Generator().manual_seed(config.seed)  # batch order and attack starts
+    history: list[dict] = []  # per step: loss and the batch's clean / adversarial accuracy
+    if resume:
+        start, history = _load_checkpoint(step_file, classifier, optimizer, schedule, generator)
+    device = x.device
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
+               desc=f"{config.method}-{config.adapter}")
+    running = {"clean": 0.0, "robust": 0.0}
+    for step in bar:
+        index = torch.randint(len(x), (config.batch_size,), generator=generator)
+        attack_seed = int(torch.randint(2**62, (1,), generator=generator))
+        loss, clean_hit, robust_hit = _step(classifier, original, x[index.to(device)], y[index.to(device)],
+                                            config, attack_seed)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        history.append({"step": step + 1, "loss": loss.item(), "clean": clean_hit, "robust": robust_hit})
+        for key, value in (("clean", clean_hit), ("robust", robust_hit)):
+            running[key] = 0.9 * running[key] + 0.1 * value if step > start else value
+        bar.set_postfix(loss=f"{loss.item():.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            _save_checkpoint(out, step + 1, classifier, optimizer, schedule, generator, config, history)
+    return classifier
+
+
+def _step(classifier, original, x, y, config, attack_seed):
+    """One training step's loss; also the batch's clean and adversarial zero-shot accuracy."""
+    attack_generator = torch.Generator(x.device).manual_seed(attack_seed)
+    alpha = 2.5 * config.eps / config.attack_steps
+    with torch.no_grad(), _autocast(x.device, config.bf16):
+        target = original(classifier.preprocess(x)).float()  # f0(x), (B, D)
+    with eval_mode(classifier):
+        if config.method == "fare":
+            distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
+            with _autocast(x.device, config.bf16):
+                x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps,
+                                     generator=attack_generator)
+        else:
+            x_adv = pgd(classifier, x, y, eps=config.eps, alpha=alpha, steps=config.attack_steps,
+                        seed=attack_seed, autocast=config.bf16).x_adv
+    with _autocast(x.device, config.bf16):
+        features_adv = classifier.image_features(x_adv)
+        logits_adv = classifier.logits_from_features(features_adv)
+        if config.method == "fare":
+            loss = (features_adv - target).pow(2).sum(1).mean()
+            if config.clean_weight:
+                loss = loss + config.clean_weight * (classifier.image_features(x) - target).pow(2).sum(1).mean()
+        else:
+            loss = F.cross_entropy(logits_adv, y)
+    with torch.no_grad():
+        clean_hit = (classifier(x).argmax(1) == y).float().mean().item()
+    robust_hit = (logits_adv.argmax(1) == y).float().mean().item()
+    return loss, clean_hit, robust_hit
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, generator, config, history) -> None:
+    """Write weights (safetensors) and optimiser/scheduler/RNG state atomically, then point
+    ``latest.json`` at them, then drop older checkpoints: a crash at any moment leaves a complete one."""
+    from safetensors.torch import save_file
+
+    weights = out / f"checkpoint-{step}.safetensors"
+    with atomic_write(weights) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in classifier.model.state_dict().items()}, tmp)
+    with atomic_write(out / f"checkpoint-{step}.state.pt") as tmp:
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(), "config": asdict(config), "history": history}, tmp)
+    with atomic_write(out / "history.json") as tmp:  # training curves, readable without torch
+        Path(tmp).write_text(json.dumps(history))
+    with atomic_write(out / "latest.json") as tmp:
+        Path(tmp).write_text(json.dumps({"step": step}))
+    for old in out.glob("checkpoint-*"):
+        if not old.name.startswith(f"checkpoint-{step}."):
+            old.unlink()
+
+
+def _latest(out: Path) -> Path:
+    """The weights file of ``out``'s last complete checkpoint, with clear errors when there is none."""
+    latest = out / "latest.json"
+    if not latest.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {out} (missing {latest.name})")
+    try:
+        step = int(json.loads(latest.read_text())["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot resume: {latest} is corrupted ({error})") from error
+    weights = out / f"checkpoint-{step}.safetensors"
+    if not weights.is_file() or not weights.with_suffix(".state.pt").is_file():
+        raise FileNotFoundError(f"cannot resume: {latest} names step {step}, whose files are missing in {out}")
+    return weights
+
+
+def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator) -> tuple[int, list[dict]]:
+    from safetensors.torch import load_file
+
+    try:
+        classifier.model.load_state_dict(load_file(weights))
+        state = torch.load(weights.with_suffix(".state.pt"), weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which, not a deep safetensors trace
+        raise ValueError(f"cannot resume: checkpoint {weights} is corrupted or incompatible ({error})") from error
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    return state["step"], state["history"]
+
+
+def export_weights(classifier: ZeroShotClassifier, path: str | os.PathLike) -> None:
+    """Save the fine-tuned model (OFT merged) so that ``load_classifier(profile, pretrained=path)`` loads it."""
+    from .models import save_weights
+
+    merge_oft(classifier.model.visual)
+    save_weights(classifier, path)
+
+
+def save_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
+    """Save only the image encoder (OFT merged), small enough to ship: the text side never changes."""
+    from safetensors.torch import save_file
+
+    merge_oft(classifier.model.visual)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in classifier.model.visual.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(state, tmp)
+
+
+def load_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike) -> ZeroShotClassifier:
+    """Load an image encoder saved by ``save_encoder`` into ``classifier`` (cast to its precision)."""
+    from safetensors.torch import load_file
+
+    classifier.model.visual.load_state_dict(load_file(path))
+    return classifier.eval()
+
+
+def load_or_finetune(classifier: ZeroShotClassifier, name: str, config: FinetuneConfig, x: torch.Tensor,
+                     y: torch.Tensor, directory: str | os.PathLike) -> tuple[ZeroShotClassifier, list[dict]]:
+    """The notebooks' cache: load ``directory/<name>.safetensors`` (and its training history) when it
+    exists, else fine-tune ``classifier`` now, save encoder and history there, and return them."""
+    directory = Path(directory)
+    weights, history_file = directory / f"{name}.safetensors", directory / f"{name}.history.json"
+    if weights.is_file() and history_file.is_file():
+        return load_encoder(classifier, weights), json.loads(history_file.read_text())
+    run_dir = directory / f"{name}.run"
+    finetune(classifier, x, y, config, run_dir, resume=(run_dir / "latest.json").is_file())
+    history = json.loads((run_dir / "history.json").read_text())
+    save_encoder(classifier, weights)
+    with atomic_write(history_file) as tmp:
+        Path(tmp).write_text(json.dumps(history))
+    shutil.rmtree(run_dir)  # its resumable checkpoints are no longer needed
+    load_encoder(classifier, weights)  # the shipped (float16) weights, so a cached run reproduces this one
+    return classifier, history

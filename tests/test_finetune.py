@@ -1,0 +1,128 @@
+"""Robust fine-tuning: FARE/TeCoA steps learn, a killed run resumes to bit-identical weights, bad input fails."""
+import json
+
+import pytest
+import torch
+
+import cliplab
+from cliplab import finetune as ft
+from cliplab.oft import oft_parameters
+
+
+def tiny_config(**overrides):
+    settings = dict(steps=4, batch_size=8, attack_steps=2, save_every=2, warmup=1, lr=1e-3, progress=False)
+    return ft.FinetuneConfig(**{**settings, **overrides})
+
+
+@pytest.fixture()
+def data(shapes_test):
+    x, y, _ = shapes_test
+    return x[:64], y[:64]
+
+
+def fresh():
+    torch.manual_seed(0)
+    return cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+
+
+def weights(classifier):
+    return {k: v.clone() for k, v in classifier.model.state_dict().items()}
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method, adapter", [("fare", "full"), ("tecoa", "oft")])
+def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data, monkeypatch, method, adapter):
+    x, y = data
+    config = tiny_config(method=method, adapter=adapter)
+    reference = weights(ft.finetune(fresh(), x, y, config, tmp_path / "full"))
+
+    real_step, calls = ft._step, []
+
+    def dies_at_step_four(*args):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint of step 2 and one more optimiser step
+            raise Killed
+        return real_step(*args)
+
+    monkeypatch.setattr(ft, "_step", dies_at_step_four)
+    with pytest.raises(Killed):
+        ft.finetune(fresh(), x, y, config, tmp_path / "killed")
+    monkeypatch.setattr(ft, "_step", real_step)
+    assert json.loads((tmp_path / "killed" / "latest.json").read_text()) == {"step": 2}
+    resumed = weights(ft.finetune(fresh(), x, y, config, tmp_path / "killed", resume=True))
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
+        "checkpoint-4.safetensors", "checkpoint-4.state.pt", "history.json", "latest.json"]
+    history = json.loads((tmp_path / "killed" / "history.json").read_text())
+    assert history == json.loads((tmp_path / "full" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+
+
+def adversarial_distance(classifier, target, x, eps):
+    """Mean ||f(x_adv) - f0(x)||^2 under a fixed-seed FARE attack: what FARE minimises."""
+    from cliplab.attacks import pgd_maximize
+
+    distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
+    x_adv = pgd_maximize(distance, x, eps=eps, alpha=eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return distance(x_adv).mean().item()
+
+
+def test_fare_pulls_adversarial_embeddings_back_to_the_original_ones(data, tmp_path):
+    x, y = data
+    classifier = cliplab.load_classifier("shapes", device="cpu")
+    with torch.no_grad():
+        target = classifier.image_features(x)  # f0(x)
+    before = adversarial_distance(classifier, target, x, 4 / 255)
+    ft.finetune(classifier, x, y, tiny_config(steps=15, batch_size=32, attack_steps=3, lr=1e-3), tmp_path)
+    after = adversarial_distance(classifier, target, x, 4 / 255)
+    assert after < 0.7 * before, (before, after)
+    assert not any(p.requires_grad for p in classifier.model.transformer.parameters())  # text tower frozen
+    assert not classifier.model.logit_scale.requires_grad
+
+
+def test_oft_trains_only_rotations_and_export_merges(data, tmp_path):
+    x, y = data
+    classifier = fresh()
+    ft.finetune(classifier, x, y, tiny_config(adapter="oft"), tmp_path)
+    trainable = {id(p) for p in classifier.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in oft_parameters(classifier.model.visual)}
+    probe = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        before = classifier(probe)
+    ft.export_weights(classifier, tmp_path / "final.safetensors")
+    loaded = cliplab.load_classifier("shapes", pretrained=tmp_path / "final.safetensors", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"), (dict(steps=0), "steps"), (dict(eps=1.5), "eps"),
+    (dict(eps=-0.1), "eps"), (dict(method="pgd"), "method"), (dict(adapter="lora"), "adapter"),
+    (dict(save_every=0), "save_every"),
+])
+def test_bad_config_names_the_field(overrides, match, data, tmp_path):
+    x, y = data
+    with pytest.raises(ValueError, match=match):
+        ft.finetune(fresh(), x, y, tiny_config(**overrides), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_resume_without_checkpoint_or_from_a_corrupted_one_fails_clearly(data, tmp_path):
+    x, y = data
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ft.finetune(fresh(), x, y, tiny_config(), tmp_path, resume=True)
+    ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path)
+    (tmp_path / "checkpoint-2.safetensors").write_bytes(b"not a safetensors file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="corrupted"):
+        ft.finetune(fresh(), x, y, tiny_config(steps=4), tmp_path, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "latest.json").write_text("{oops")
+    with pytest.raises(ValueError, match="corrupted"):
+        ft.finetune(fresh(), x, y, tiny_config(steps=4), tmp_path, resume=True)
