@@ -143,13 +143,18 @@ def pgd_maximize(objective, x: torch.Tensor, *, eps: float, alpha: float, steps:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Run ``model`` in eval mode (no dropout, frozen norms) and restore its previous mode afterwards."""
-    was_training = model.training
+    """Run ``model`` in eval mode (no dropout, frozen norms), then restore every submodule's own mode.
+
+    Restoring only the top-level flag would be wrong for wrappers: a fresh ``Denoised(classifier, ...)`` is
+    in training mode, and ``wrapper.train(True)`` would switch the wrapped eval-mode classifier to training.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 class _Strongest:

@@ -164,3 +164,12 @@ def test_smoothing_rejects_bad_calls(call, match):
 def test_gaussian_noise_rejects_bad_sigma():
     with pytest.raises(ValueError, match="sigma"):
         GaussianNoise(0)
+
+
+def test_attacking_a_fresh_wrapper_leaves_the_wrapped_classifier_in_eval_mode(random_shapes_clf, batch):
+    x, y = batch
+    assert not random_shapes_clf.training
+    defended = Denoised(random_shapes_clf, GaussianNoise(0.1))  # a new module starts in training mode
+    cliplab.pgd(defended, x[:2], y[:2], eps=2 / 255, steps=1)
+    assert defended.training and not random_shapes_clf.training
+    assert not any(m.training for m in random_shapes_clf.modules())
