@@ -13,7 +13,7 @@ from torch import nn
 
 from ._checks import check_images, check_labels
 from .attacks import _num_classes, eot_gradient, eval_mode, pgd
-from .evaluation import predict
+from .evaluation import accuracy
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
     def robust(eps_value, model_=model, **kwargs):
         x_adv = pgd(model_, x, y, eps=eps_value, **{"steps": steps, **attack, **kwargs}).x_adv
-        return _accuracy(model, x_adv, y, votes), x_adv
+        return accuracy(model, x_adv, y, votes=votes).value, x_adv
 
     report = MaskingReport()
     report.checks.append(_gradient_check(model, x, y, eot_samples))
@@ -96,7 +96,3 @@ def _gradient_check(model, x, y, eot_samples) -> Check:
     zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
     return Check("input gradients finite and non-zero", finite and zero == 0,
                  f"finite: {finite}, images with an all-zero gradient: {zero}/{len(x)}")
-
-
-def _accuracy(model, x, y, votes) -> float:
-    return (predict(model, x, votes=votes) == y.cpu()).float().mean().item()
