@@ -115,23 +115,44 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
     for step in bar:
         index = torch.randint(len(x), (config.batch_size,), generator=generator)
         attack_seed = int(torch.randint(2**62, (1,), generator=generator))
-        loss, clean_hit, robust_hit = _step(classifier, original, x[index.to(device)], y[index.to(device)],
-                                            config, attack_seed)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
+        loss, clean_hit, robust_hit = train_step(classifier, original, x[index.to(device)], y[index.to(device)],
+                                                 config, optimizer, trainable, attack_seed)
         schedule.step()
-        history.append({"step": step + 1, "loss": loss.item(), "clean": clean_hit, "robust": robust_hit})
+        history.append({"step": step + 1, "loss": loss, "clean": clean_hit, "robust": robust_hit})
         for key, value in (("clean", clean_hit), ("robust", robust_hit)):
             running[key] = 0.9 * running[key] + 0.1 * value if step > start else value
-        bar.set_postfix(loss=f"{loss.item():.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
+        bar.set_postfix(loss=f"{loss:.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             _save_checkpoint(out, step + 1, classifier, optimizer, schedule, generator, config, history)
     return classifier
 
 
-def _step(classifier, original, x, y, config, attack_seed):
+def train_step(classifier: ZeroShotClassifier, original: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               config: FinetuneConfig, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+               attack_seed: int) -> tuple[float, float, float]:
+    """One optimiser step: inner attack, loss, backward, gradient clipping, update (no schedule step).
+
+    Args:
+        classifier: the classifier being trained (``prepare``-d).
+        original: the frozen original image encoder f0.
+        x: (B, 3, H, W) images in [0, 1]; y: (B,) labels (TeCoA only).
+        config: the run's settings.
+        optimizer: the optimizer of ``trainable``.
+        trainable: the trained parameters, whose gradient norm is clipped.
+        attack_seed: seed of the inner attack's random start.
+
+    Returns:
+        The loss, and the batch's clean and adversarial zero-shot accuracy.
+    """
+    loss, clean_hit, robust_hit = _loss(classifier, original, x, y, config, attack_seed)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    optimizer.step()
+    return loss.item(), clean_hit, robust_hit
+
+
+def _loss(classifier, original, x, y, config, attack_seed):
     """One training step's loss; also the batch's clean and adversarial zero-shot accuracy."""
     attack_generator = torch.Generator(x.device).manual_seed(attack_seed)
     alpha = 2.5 * config.eps / config.attack_steps

@@ -95,6 +95,10 @@ def merge_oft(module: nn.Module) -> nn.Module:
     """Fold every OFT rotation into its weight (W <- W0 R^T): zero overhead at inference, no OFT left."""
     for sub in list(module.modules()):
         if parametrize.is_parametrized(sub):
+            # torch.nn.utils.parametrize keeps the weight's property on a class made per module, which a
+            # deepcopy shares; removing it from that class would break every copy, so work on a private one
+            cls = type(sub)
+            sub.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for attr in list(sub.parametrizations.keys()):
                 if any(isinstance(p, OrthogonalRotation) for p in sub.parametrizations[attr]):
                     parametrize.remove_parametrizations(sub, attr, leave_parametrized=True)

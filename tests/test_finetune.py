@@ -39,7 +39,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
     config = tiny_config(method=method, adapter=adapter)
     reference = weights(ft.finetune(fresh(), x, y, config, tmp_path / "full"))
 
-    real_step, calls = ft._step, []
+    real_step, calls = ft._loss, []
 
     def dies_at_step_four(*args):
         calls.append(1)
@@ -47,10 +47,10 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
             raise Killed
         return real_step(*args)
 
-    monkeypatch.setattr(ft, "_step", dies_at_step_four)
+    monkeypatch.setattr(ft, "_loss", dies_at_step_four)
     with pytest.raises(Killed):
         ft.finetune(fresh(), x, y, config, tmp_path / "killed")
-    monkeypatch.setattr(ft, "_step", real_step)
+    monkeypatch.setattr(ft, "_loss", real_step)
     assert json.loads((tmp_path / "killed" / "latest.json").read_text()) == {"step": 2}
     resumed = weights(ft.finetune(fresh(), x, y, config, tmp_path / "killed", resume=True))
     assert resumed.keys() == reference.keys()

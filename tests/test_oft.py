@@ -1,4 +1,6 @@
 """Orthogonal fine-tuning: R orthogonal, identity at initialisation, neuron geometry preserved, merge exact."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,18 @@ def test_merged_and_unmerged_outputs_agree(visual):
     merge_oft(visual)
     assert not any(isinstance(m, OrthogonalRotation) for m in visual.modules())
     torch.testing.assert_close(visual(x), adapted, atol=1e-5, rtol=1e-4)
+
+
+def test_merging_a_copy_leaves_the_original_working(visual):
+    # parametrize shares one class between a module and its deepcopy: merging must not break the other
+    x = torch.rand(2, 3, 32, 32)
+    apply_oft(visual, block_size=8)
+    perturb(visual)
+    adapted = visual(x)
+    merged = merge_oft(copy.deepcopy(visual))
+    torch.testing.assert_close(visual(x), adapted)
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-4)
+    assert oft_parameters(visual) and not oft_parameters(merged)
 
 
 def test_gradients_reach_the_generators(visual):
