@@ -107,7 +107,7 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
     generator = torch.Generator().manual_seed(config.seed)  # batch order and attack starts
     history: list[dict] = []  # per step: loss and the batch's clean / adversarial accuracy
     if resume:
-        start, history = _load_checkpoint(step_file, classifier, optimizer, schedule, generator)
+        start, history = _load_checkpoint(step_file, classifier, optimizer, schedule, generator, config)
     device = x.device
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
                desc=f"{config.method}-{config.adapter}")
@@ -218,7 +218,7 @@ def _latest(out: Path) -> Path:
     return weights
 
 
-def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator) -> tuple[int, list[dict]]:
+def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator, config) -> tuple[int, list[dict]]:
     from safetensors.torch import load_file
 
     try:
@@ -226,10 +226,26 @@ def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator) 
         state = torch.load(weights.with_suffix(".state.pt"), weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which, not a deep safetensors trace
         raise ValueError(f"cannot resume: checkpoint {weights} is corrupted or incompatible ({error})") from error
+    _check_same_run(state["config"], config, f"cannot resume from {weights.parent}")
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     generator.set_state(state["generator"])
     return state["step"], state["history"]
+
+
+def _run_settings(config: FinetuneConfig | dict) -> dict:
+    """The settings that determine a run's weights (not how often it saves or whether it shows a bar)."""
+    settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
+    return {k: v for k, v in settings.items() if k not in ("save_every", "progress")}
+
+
+def _check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:
+    """Refuse to mix runs: ``stored`` (a saved config) must match ``config`` in every weight-relevant setting."""
+    stored, wanted = _run_settings(stored), _run_settings(config)
+    if stored != wanted:
+        differing = ", ".join(f"{k}={stored.get(k)!r} there, {wanted.get(k)!r} now"
+                              for k in sorted(stored.keys() | wanted.keys()) if stored.get(k) != wanted.get(k))
+        raise ValueError(f"{context}: it was trained with other settings ({differing})")
 
 
 def export_weights(classifier: ZeroShotClassifier, path: str | os.PathLike) -> None:
@@ -260,18 +276,31 @@ def load_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike) -> Zer
 
 def load_or_finetune(classifier: ZeroShotClassifier, name: str, config: FinetuneConfig, x: torch.Tensor,
                      y: torch.Tensor, directory: str | os.PathLike) -> tuple[ZeroShotClassifier, list[dict]]:
-    """The notebooks' cache: load ``directory/<name>.safetensors`` (and its training history) when it
-    exists, else fine-tune ``classifier`` now, save encoder and history there, and return them."""
+    """The notebooks' cache of fine-tuned encoders.
+
+    Loads ``directory/<name>.safetensors`` (the image encoder, float16) and ``<name>.json`` (the config it
+    was trained with and its training history) when they exist; otherwise fine-tunes ``classifier`` now
+    (resuming ``<name>.run/`` if an earlier attempt was killed), saves both, and removes the run directory.
+
+    Returns:
+        The classifier with the fine-tuned encoder (as stored: float16 values), and the training history.
+
+    Raises:
+        ValueError: the cached encoder was trained with other settings than ``config`` (delete it to retrain).
+    """
     directory = Path(directory)
-    weights, history_file = directory / f"{name}.safetensors", directory / f"{name}.history.json"
-    if weights.is_file() and history_file.is_file():
-        return load_encoder(classifier, weights), json.loads(history_file.read_text())
+    weights, record_file = directory / f"{name}.safetensors", directory / f"{name}.json"
+    if weights.is_file() and record_file.is_file():
+        record = json.loads(record_file.read_text())
+        _check_same_run(record["config"], config, f"cannot use {weights} (delete it and {record_file.name} "
+                                                  f"to retrain)")
+        return load_encoder(classifier, weights), record["history"]
     run_dir = directory / f"{name}.run"
     finetune(classifier, x, y, config, run_dir, resume=(run_dir / "latest.json").is_file())
     history = json.loads((run_dir / "history.json").read_text())
     save_encoder(classifier, weights)
-    with atomic_write(history_file) as tmp:
-        Path(tmp).write_text(json.dumps(history))
+    with atomic_write(record_file) as tmp:
+        Path(tmp).write_text(json.dumps({"config": _run_settings(config), "history": history}))
     shutil.rmtree(run_dir)  # its resumable checkpoints are no longer needed
     load_encoder(classifier, weights)  # the shipped (float16) weights, so a cached run reproduces this one
     return classifier, history

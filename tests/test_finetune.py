@@ -126,3 +126,30 @@ def test_resume_without_checkpoint_or_from_a_corrupted_one_fails_clearly(data, t
     (tmp_path / "latest.json").write_text("{oops")
     with pytest.raises(ValueError, match="corrupted"):
         ft.finetune(fresh(), x, y, tiny_config(steps=4), tmp_path, resume=True)
+
+
+def test_resume_with_other_settings_is_refused(data, tmp_path):
+    x, y = data
+    ft.finetune(fresh(), x, y, tiny_config(steps=4), tmp_path / "run")  # leaves checkpoint-4
+    with pytest.raises(ValueError, match="lr=0.001 there, 0.01 now"):
+        ft.finetune(fresh(), x, y, tiny_config(lr=1e-2), tmp_path / "run", resume=True)
+
+
+def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, tmp_path, monkeypatch):
+    x, y = data
+    config = tiny_config(steps=2)
+    trained, history = ft.load_or_finetune(fresh(), "fare", config, x, y, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fare.json", "fare.safetensors"]  # run dir removed
+    assert [h["step"] for h in history] == [1, 2]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached encoder must not be retrained")
+
+    monkeypatch.setattr(ft, "finetune", no_training)
+    loaded, loaded_history = ft.load_or_finetune(fresh(), "fare", tiny_config(steps=2, progress=True), x, y,
+                                                 tmp_path)
+    assert loaded_history == history
+    for key, value in weights(trained).items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="steps=2 there, 3 now"):
+        ft.load_or_finetune(fresh(), "fare", tiny_config(steps=3), x, y, tmp_path)
