@@ -8,14 +8,15 @@ from . import checks, denoise, finetune
 from .classifier import ZeroShotClassifier, build_text_head
 from .data import load_dataset
 from .defences import ABSTAIN, Denoised, GaussianNoise, RandomizedSmoothing
-from .evaluation import Proportion, RobustAccuracy, accuracy, attack_success_rate, predict, robust_accuracy
+from .evaluation import (Proportion, RobustAccuracy, accuracy, accuracy_vs_eps, attack_success_rate, predict,
+                         robust_accuracy)
 from .models import load_classifier, save_weights
 from .oft import apply_oft, merge_oft
 from .profiles import Profile, get_profile
 
 __all__ = [
     "ABSTAIN", "AttackResult", "Denoised", "GaussianNoise", "Profile", "Proportion", "RandomizedSmoothing",
-    "RobustAccuracy", "ZeroShotClassifier", "accuracy", "apply_oft", "attack_objective", "attack_success_rate",
+    "RobustAccuracy", "ZeroShotClassifier", "accuracy", "accuracy_vs_eps", "apply_oft", "attack_objective", "attack_success_rate",
     "build_text_head", "checks", "denoise", "eot_gradient", "finetune", "get_profile", "load_classifier",
     "load_dataset", "merge_oft", "pgd", "predict", "robust_accuracy", "save_weights",
 ]

@@ -1,6 +1,7 @@
 """Accuracy and attack success over many images, in batches, always with sample size and a 95% CI."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,24 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
     return RobustAccuracy(clean=Proportion(n_correct, len(y)),
                           robust=Proportion(n_correct - int(fooled.sum()), len(y)),
                           success=Proportion(int(fooled.sum()), n_correct))
+
+
+def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
+                    **kwargs) -> dict[float, Proportion]:
+    """Clean accuracy (key 0) and robust accuracy at each radius of ``eps_values``, one attack per radius.
+
+    Args:
+        model, x, y: as for ``robust_accuracy``.
+        eps_values: threat-model radii (each > 0), in [0, 1] pixel units.
+        **kwargs: go to ``robust_accuracy`` (batch size, votes, progress) and on to ``pgd``.
+
+    Returns:
+        ``{0: clean, eps: robust, ...}``, each a ``Proportion`` of ``len(y)`` images.
+    """
+    if not eps_values or any(eps <= 0 for eps in eps_values):
+        raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
+    results = {eps: robust_accuracy(model, x, y, eps=eps, **kwargs) for eps in eps_values}
+    return {0: next(iter(results.values())).clean, **{eps: result.robust for eps, result in results.items()}}
 
 
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
