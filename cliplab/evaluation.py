@@ -1,7 +1,7 @@
 """Accuracy and attack success over many images, in batches, always with sample size and a 95% CI."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +132,25 @@ def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_valu
         raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
     results = {eps: robust_accuracy(model, x, y, eps=eps, **kwargs) for eps in eps_values}
     return {0: next(iter(results.values())).clean, **{eps: result.robust for eps, result in results.items()}}
+
+
+def format_accuracy_table(rows: Mapping[str, Mapping[float, Proportion]]) -> str:
+    """A plain-text table of ``accuracy_vs_eps`` results: one row per model, one column per radius.
+
+    Each cell is ``value [low, high]`` in percent (95% Clopper-Pearson interval, rounded to whole
+    points); the header names each radius in units of 1/255 and the sample size(s).
+    """
+    radii = list(next(iter(rows.values())))
+    sizes = sorted({p.n for row in rows.values() for p in row.values()})
+    header = ["clean" if eps == 0 else f"{255 * eps:g}/255" for eps in radii]
+    cells = {name: [f"{100 * p.value:.0f} [{100 * p.ci95[0]:.0f}, {100 * p.ci95[1]:.0f}]" for p in row.values()]
+             for name, row in rows.items()}
+    width = max(len(c) for row in cells.values() for c in row)
+    name_width = max(len(name) for name in rows)
+    lines = [f"accuracy in % [95% CI], n={', '.join(map(str, sizes))} images",
+             f"{'':>{name_width}}  " + "  ".join(f"{h:>{width}}" for h in header)]
+    lines += [f"{name:<{name_width}}  " + "  ".join(f"{c:>{width}}" for c in row) for name, row in cells.items()]
+    return "\n".join(lines)
 
 
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,

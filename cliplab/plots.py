@@ -40,6 +40,42 @@ def plot_rates(ax: plt.Axes, x: Sequence[float], curves: Mapping[str, Sequence[P
     ax.legend()
 
 
+def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], *, window: int = 20
+                         ) -> plt.Figure:
+    """Loss and batch accuracies (clean, under the inner attack) of fine-tuning runs, smoothed over ``window``
+    steps; ``histories`` maps a run's name to its per-step history (``cliplab.finetune``)."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    titles = {"loss": "training loss", "clean": "batch accuracy, clean (%)",
+              "robust": "batch accuracy under the inner attack (%)"}
+    for name, history in histories.items():
+        steps = torch.tensor([float(h["step"]) for h in history])
+        for ax, key in zip(axes, titles):
+            values = torch.tensor([float(h[key]) for h in history]) * (1 if key == "loss" else 100)
+            width = min(window, len(values))  # a moving average: (steps - width + 1) points
+            ax.plot(steps[width - 1:], values.unfold(0, width, 1).mean(1), label=name)
+    for ax, title in zip(axes, titles.values()):
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportion]], *, xlabel: str,
+                  ylabel: str) -> None:
+    """One point per model at (clean, robust) accuracy, with 95% intervals as error bars on both axes."""
+    for label, (clean, robust) in points.items():
+        x, y = 100 * clean.value, 100 * robust.value
+        xerr = [[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]]
+        yerr = [[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{label} (n={clean.n})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
     """Draw one (3, H, W) image in [0, 1]."""
     ax.imshow(image.detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")

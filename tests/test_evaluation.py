@@ -132,6 +132,18 @@ def test_accuracy_vs_eps_matches_robust_accuracy_per_radius(shapes_clf, shapes_t
             cliplab.accuracy_vs_eps(shapes_clf, x[:4], y[:4], bad)
 
 
+def test_accuracy_table_has_every_cell_with_its_interval_and_n():
+    from cliplab.evaluation import format_accuracy_table
+
+    rows = {"original": {0: Proportion(99, 100), 4 / 255: Proportion(1, 100)},
+            "FARE": {0: Proportion(90, 100), 4 / 255: Proportion(40, 100)}}
+    lines = format_accuracy_table(rows).splitlines()
+    assert lines[0] == "accuracy in % [95% CI], n=100 images"
+    assert lines[1].split() == ["clean", "4/255"]
+    low, high = Proportion(40, 100).ci95
+    assert lines[3].split()[0] == "FARE" and f"40 [{100 * low:.0f}, {100 * high:.0f}]" in lines[3]
+
+
 def test_attack_success_rate_leaves_out_targets_equal_to_labels(shapes_clf, shapes_test, shapes_pred):
     x, y, _ = shapes_test
     x, y, pred = x[:24], y[:24], shapes_pred[:24]

@@ -1,0 +1,36 @@
+"""Shared figures: what is drawn matches the data (smoothing, error bars, sample sizes in legends)."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from cliplab import plots  # noqa: E402
+from cliplab.evaluation import Proportion  # noqa: E402
+
+
+def test_training_curves_are_moving_averages():
+    history = [{"step": s, "loss": float(s), "clean": 1.0, "robust": 0.5} for s in range(1, 11)]
+    fig = plots.plot_training_curves({"run": history}, window=4)
+    loss, clean, robust = (ax.get_lines()[0] for ax in fig.axes)
+    assert list(loss.get_xdata()) == [4, 5, 6, 7, 8, 9, 10]
+    assert list(loss.get_ydata()) == pytest.approx([2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5])
+    assert set(clean.get_ydata()) == {100.0} and set(robust.get_ydata()) == {50.0}
+    plt.close(fig)
+
+
+def test_short_history_is_averaged_over_what_there_is():
+    fig = plots.plot_training_curves({"run": [{"step": 1, "loss": 2.0, "clean": 0.0, "robust": 0.0}]})
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [2.0]
+    plt.close(fig)
+
+
+def test_tradeoff_points_carry_their_intervals_and_n():
+    fig, ax = plt.subplots()
+    plots.plot_tradeoff(ax, {"a": (Proportion(90, 100), Proportion(40, 100))}, xlabel="clean", ylabel="robust")
+    (line, _, (xbars, ybars)) = ax.containers[0].lines
+    assert list(line.get_xdata()) == [90.0] and list(line.get_ydata()) == [40.0]
+    low, high = Proportion(40, 100).ci95
+    assert ybars.get_segments()[0][:, 1] == pytest.approx([100 * low, 100 * high])
+    assert "n=100" in ax.get_legend().get_texts()[0].get_text()
+    plt.close(fig)
