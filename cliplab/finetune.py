@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_int, check_positive
@@ -158,7 +159,7 @@ def _loss(classifier, original, x, y, config, attack_seed):
     alpha = 2.5 * config.eps / config.attack_steps
     with torch.no_grad(), _autocast(x.device, config.bf16):
         target = original(classifier.preprocess(x)).float()  # f0(x), (B, D)
-    with eval_mode(classifier):
+    with eval_mode(classifier), parametrize.cached():  # OFT: each rotation is built once for the whole attack
         if config.method == "fare":
             distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
             with _autocast(x.device, config.bf16):
