@@ -108,9 +108,6 @@ def default_notebook_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .finetune import FinetuneConfig
-
-    ft_defaults = FinetuneConfig()
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("reproduce", help="execute the notebooks headless and collect their figures")
@@ -126,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--profile", choices=sorted(PROFILES), default="shapes")
     tune.add_argument("--method", default="fare", help="fare (unsupervised) or tecoa (supervised)")
     tune.add_argument("--adapter", default="full", help="full or oft")
-    tune.add_argument("--block-size", type=int, default=8, help="OFT block size")
-    tune.add_argument("--eps", type=_fraction, default=4 / 255, help="L-inf radius, e.g. 4/255 or 0.0157")
+    tune.add_argument("--block-size", type=int, help="OFT block size (default: the profile's first)")
+    tune.add_argument("--eps", type=_fraction, help="L-inf radius, e.g. 4/255 or 0.0157 (default: 4/255)")
     tune.add_argument("--steps", type=int, help="optimiser steps (default: the profile's)")
-    tune.add_argument("--lr", type=float, default=ft_defaults.lr, help="peak AdamW learning rate")
+    tune.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the profile's, per adapter)")
+    tune.add_argument("--clean-weight", type=float, help="weight of FARE's clean term (default: the profile's)")
     tune.add_argument("--save-every", type=int, default=50)
     tune.add_argument("--out", type=Path, required=True, help="directory for checkpoints and results")
     tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -183,9 +181,10 @@ def _finetune(args) -> int:
     from .profiles import get_profile
 
     profile = get_profile(args.profile, args.device)
-    config = ft.FinetuneConfig(method=args.method, adapter=args.adapter, block_size=args.block_size, eps=args.eps,
-                               steps=args.steps or profile.finetune_steps, lr=args.lr, save_every=args.save_every,
-                               seed=args.seed)
+    given = dict(eps=args.eps, steps=args.steps, lr=args.lr, clean_weight=args.clean_weight,
+                 save_every=args.save_every, seed=args.seed)
+    config = ft.study_config(profile, args.method, args.adapter, block_size=args.block_size,
+                             **{k: v for k, v in given.items() if v is not None})
     config.validate()
     if not args.resume and (args.out / "latest.json").exists():
         raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")

@@ -29,6 +29,7 @@ from ._train import adamw
 from .attacks import _autocast, eval_mode, pgd, pgd_maximize
 from .classifier import ZeroShotClassifier
 from .oft import apply_oft, merge_oft, oft_parameters
+from .profiles import Profile
 
 METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
 
@@ -66,6 +67,22 @@ class FinetuneConfig:
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         check_positive(self.clean_weight, "clean_weight", allow_zero=True)
         check_positive(self.grad_clip, "grad_clip")
+
+
+def study_config(profile: Profile, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,
+                 **overrides) -> FinetuneConfig:
+    """The study's fine-tuning settings on ``profile`` (notebooks 05-06, defaults of ``cliplab finetune``).
+
+    L-inf eps 4/255 with a PGD-10 inner attack, the profile's steps and learning rate, bf16 autocast on CUDA;
+    OFT runs take the profile's OFT learning rate and clean-term weight, and its first block size unless
+    ``block_size`` is given. ``overrides`` replace any other field.
+    """
+    settings = dict(method=method, adapter=adapter, eps=4 / 255, steps=profile.finetune_steps,
+                    lr=profile.finetune_lr, bf16=profile.device == "cuda")
+    if adapter == "oft":
+        settings.update(lr=profile.oft_lr, clean_weight=profile.oft_clean_weight,
+                        block_size=block_size or profile.oft_block_sizes[0])
+    return FinetuneConfig(**{**settings, **overrides})
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:

@@ -32,6 +32,10 @@ class Profile:
     n_certify: int  # test images certified per sigma
     finetune_images: int  # training images robust fine-tuning draws its batches from
     finetune_steps: int  # optimiser steps of robust fine-tuning
+    finetune_lr: float  # peak AdamW learning rate of full fine-tuning
+    oft_lr: float  # peak learning rate of orthogonal fine-tuning (its rotations start at the identity)
+    oft_clean_weight: float  # weight of FARE's clean term in OFT runs (keeps clean embeddings in place)
+    oft_block_sizes: tuple[int, ...]  # OFT block sizes compared in 06 (the first is the default)
     device: str  # "cuda" or "cpu"
 
     @property
@@ -45,13 +49,15 @@ PROFILES = {
                       eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star",
                       n_defence=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15,
                       smoothing_sigmas=(0.03, 0.06, 0.12, 0.25), certify_n0=64, certify_n=500, n_certify=100,
-                      finetune_images=10_000, finetune_steps=300,
+                      finetune_images=10_000, finetune_steps=1000, finetune_lr=5e-4,
+                      oft_lr=2e-3, oft_clean_weight=1.0, oft_block_sizes=(64, 16),
                       device="cpu"),
     "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20,
                         eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
                         n_defence=1000, eot_samples=20, eot_grid=(1, 2, 5, 10, 20, 40), votes=32,
                         smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=100, certify_n=10_000, n_certify=500,
-                        finetune_images=50_000, finetune_steps=2000,
+                        finetune_images=50_000, finetune_steps=2000, finetune_lr=1e-5,
+                        oft_lr=1e-4, oft_clean_weight=1.0, oft_block_sizes=(128, 32),
                         device="cuda"),
 }
 

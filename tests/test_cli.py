@@ -127,6 +127,8 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
             entry = metrics[when][kind]
             assert entry["n"] > 0 and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
     assert abs(metrics["eps"] - 2 / 255) < 1e-12
+    profile = __import__("cliplab").get_profile("shapes")
+    assert (metrics["config"]["block_size"], metrics["config"]["lr"]) == (8, profile.oft_lr)  # flag, profile
     cliplab_loaded = __import__("cliplab").load_classifier("shapes", pretrained=out / "final.safetensors",
                                                            device="cpu")
     assert cliplab_loaded.num_classes == 100

@@ -153,3 +153,14 @@ def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, t
         assert torch.equal(loaded.model.state_dict()[key], value), key
     with pytest.raises(ValueError, match="steps=2 there, 3 now"):
         ft.load_or_finetune(fresh(), "fare", tiny_config(steps=3), x, y, tmp_path)
+
+
+def test_study_config_takes_the_profile_budgets_per_adapter():
+    profile = cliplab.get_profile("shapes")
+    full = ft.study_config(profile, "fare", "full")
+    assert (full.steps, full.lr, full.eps, full.clean_weight) == (profile.finetune_steps, profile.finetune_lr, 4 / 255, 0)
+    oft = ft.study_config(profile, "fare", "oft")
+    assert (oft.lr, oft.clean_weight, oft.block_size) == (profile.oft_lr, profile.oft_clean_weight,
+                                                          profile.oft_block_sizes[0])
+    custom = ft.study_config(profile, "tecoa", "oft", block_size=4, lr=1e-2, steps=3)
+    assert (custom.method, custom.block_size, custom.lr, custom.steps) == ("tecoa", 4, 1e-2, 3)
