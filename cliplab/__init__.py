@@ -16,8 +16,8 @@ from .profiles import Profile, get_profile
 
 __all__ = [
     "ABSTAIN", "AttackResult", "Denoised", "GaussianNoise", "Profile", "Proportion", "RandomizedSmoothing",
-    "RobustAccuracy", "ZeroShotClassifier", "accuracy", "accuracy_vs_eps", "apply_oft", "attack_objective", "attack_success_rate",
-    "build_text_head", "checks", "denoise", "eot_gradient", "finetune", "get_profile", "load_classifier",
-    "load_dataset", "merge_oft", "pgd", "predict", "robust_accuracy", "save_weights",
+    "RobustAccuracy", "ZeroShotClassifier", "accuracy", "accuracy_vs_eps", "apply_oft", "attack_objective",
+    "attack_success_rate", "build_text_head", "checks", "denoise", "eot_gradient", "finetune", "get_profile",
+    "load_classifier", "load_dataset", "merge_oft", "pgd", "predict", "robust_accuracy", "save_weights",
 ]
 __version__ = "0.1.0"

@@ -252,9 +252,10 @@ def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator, 
 
 
 def _run_settings(config: FinetuneConfig | dict) -> dict:
-    """The settings that determine a run's weights (not how often it saves or whether it shows a bar)."""
+    """The settings that define a run: all but how often it saves, whether it shows a bar, and its precision
+    (bf16 changes rounding, not the method: a run cached on a CPU stays usable on a GPU)."""
     settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
-    return {k: v for k, v in settings.items() if k not in ("save_every", "progress")}
+    return {k: v for k, v in settings.items() if k not in ("save_every", "progress", "bf16")}
 
 
 def _check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:
