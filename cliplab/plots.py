@@ -73,7 +73,7 @@ def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes: points fill any corner
 
 
 def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
