@@ -50,7 +50,7 @@ PROFILES = {
                       n_defence=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15,
                       smoothing_sigmas=(0.03, 0.06, 0.12, 0.25), certify_n0=64, certify_n=500, n_certify=100,
                       finetune_images=10_000, finetune_steps=1000, finetune_lr=5e-4,
-                      oft_lr=2e-3, oft_clean_weight=1.0, oft_block_sizes=(64, 16),
+                      oft_lr=2e-3, oft_clean_weight=1.0, oft_block_sizes=(128, 16),
                       device="cpu"),
     "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20,
                         eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
