@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the profile's, per adapter)")
     tune.add_argument("--clean-weight", type=float, help="weight of FARE's clean term (default: the profile's)")
     tune.add_argument("--save-every", type=int, default=50)
+    tune.add_argument("--eval-every", type=int, default=0,
+                      help="clean and robust accuracy on the held-out test images every this many steps (0: never)")
     tune.add_argument("--out", type=Path, required=True, help="directory for checkpoints and results")
     tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     tune.add_argument("--seed", type=int, default=0)
@@ -182,7 +184,7 @@ def _finetune(args) -> int:
 
     profile = get_profile(args.profile, args.device)
     given = dict(eps=args.eps, steps=args.steps, lr=args.lr, clean_weight=args.clean_weight,
-                 save_every=args.save_every, seed=args.seed)
+                 save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
     config = ft.study_config(profile, args.method, args.adapter, block_size=args.block_size,
                              **{k: v for k, v in given.items() if v is not None})
     config.validate()
@@ -200,7 +202,7 @@ def _finetune(args) -> int:
         return {"clean": _as_dict(result.clean), "robust": _as_dict(result.robust)}
 
     metrics = {"config": {**vars(config)}, "eps": config.eps, "before": evaluate(classifier)}
-    ft.finetune(classifier, x, y, config, args.out, resume=args.resume)
+    ft.finetune(classifier, x, y, config, args.out, resume=args.resume, eval_data=(x_test, y_test))
     metrics["after"] = evaluate(classifier)
     ft.export_weights(classifier, args.out / "final.safetensors")
     with atomic_write(args.out / "metrics.json") as tmp:

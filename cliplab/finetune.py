@@ -28,6 +28,7 @@ from ._io import atomic_write
 from ._train import adamw
 from .attacks import _autocast, eval_mode, pgd, pgd_maximize
 from .classifier import ZeroShotClassifier
+from .evaluation import robust_accuracy
 from .oft import apply_oft, merge_oft, oft_parameters
 from .profiles import Profile
 
@@ -50,6 +51,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # maximum gradient norm
     bf16: bool = False  # bfloat16 autocast (GPU)
     save_every: int = 50  # checkpoint period in steps
+    eval_every: int = 0  # clean and robust accuracy on held-out images every this many steps (0: never)
     seed: int = 0  # seeds batch order and attack starts
     progress: bool = True  # tqdm bar with loss and running clean/robust accuracy
 
@@ -63,6 +65,7 @@ class FinetuneConfig:
         for name in ("attack_steps", "steps", "batch_size", "save_every"):
             check_int(getattr(self, name), name)
         check_int(self.warmup, "warmup", minimum=0)
+        check_int(self.eval_every, "eval_every", minimum=0)
         check_positive(self.lr, "lr")
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         check_positive(self.clean_weight, "clean_weight", allow_zero=True)
@@ -99,7 +102,8 @@ def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torc
 
 
 def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
-             out: str | os.PathLike, *, resume: bool = False) -> ZeroShotClassifier:
+             out: str | os.PathLike, *, resume: bool = False,
+             eval_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> ZeroShotClassifier:
     """Adversarially fine-tune ``classifier``'s image encoder in place on images ``x`` (labels ``y``
     are used by TeCoA only), checkpointing into ``out``.
 
@@ -109,11 +113,15 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
         config: the run's settings.
         out: directory for checkpoints (``checkpoint-<step>.safetensors`` + ``.state.pt``, ``latest.json``).
         resume: continue from ``out``'s last checkpoint (an error when there is none).
+        eval_data: held-out images and labels, evaluated every ``config.eval_every`` steps (PGD with the
+            inner attack's eps and steps, margin loss); the results join that step's history entry.
 
     Returns:
         The fine-tuned classifier (OFT rotations still unmerged; ``merge_oft`` folds them in).
     """
     config.validate()
+    if config.eval_every and eval_data is None:
+        raise ValueError("eval_every needs eval_data: pass held-out (images, labels), or set eval_every=0")
     out = Path(out)
     start = 0
     if resume:
@@ -137,6 +145,11 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
                                                  config, optimizer, trainable, attack_seed)
         schedule.step()
         history.append({"step": step + 1, "loss": loss, "clean": clean_hit, "robust": robust_hit})
+        if config.eval_every and (step + 1) % config.eval_every == 0:
+            history[-1].update(_evaluate(classifier, *eval_data, config))
+            if config.progress:
+                bar.write(f"step {step + 1}: held-out clean {history[-1]['eval_clean']:.1%}, robust "
+                          f"{history[-1]['eval_robust']:.1%} (n={history[-1]['eval_n']})")
         for key, value in (("clean", clean_hit), ("robust", robust_hit)):
             running[key] = 0.9 * running[key] + 0.1 * value if step > start else value
         bar.set_postfix(loss=f"{loss:.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
@@ -168,6 +181,13 @@ def train_step(classifier: ZeroShotClassifier, original: torch.nn.Module, x: tor
     torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
     optimizer.step()
     return loss.item(), clean_hit, robust_hit
+
+
+def _evaluate(classifier, x, y, config) -> dict:
+    """Held-out clean and robust accuracy, the attack seeded on its own so that training is unaffected."""
+    result = robust_accuracy(classifier, x, y, eps=config.eps, steps=config.attack_steps, loss="margin", seed=0,
+                             progress=False)
+    return {"eval_clean": result.clean.value, "eval_robust": result.robust.value, "eval_n": len(y)}
 
 
 def _loss(classifier, original, x, y, config, attack_seed):
@@ -252,10 +272,10 @@ def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator, 
 
 
 def _run_settings(config: FinetuneConfig | dict) -> dict:
-    """The settings that define a run: all but how often it saves, whether it shows a bar, and its precision
-    (bf16 changes rounding, not the method: a run cached on a CPU stays usable on a GPU)."""
+    """The settings that define a run: all but how often it saves or evaluates, whether it shows a bar, and its
+    precision (bf16 changes rounding, not the method: a run cached on a CPU stays usable on a GPU)."""
     settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
-    return {k: v for k, v in settings.items() if k not in ("save_every", "progress", "bf16")}
+    return {k: v for k, v in settings.items() if k not in ("save_every", "eval_every", "progress", "bf16")}
 
 
 def _check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:

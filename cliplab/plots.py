@@ -43,7 +43,8 @@ def plot_rates(ax: plt.Axes, x: Sequence[float], curves: Mapping[str, Sequence[P
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], *, window: int = 20
                          ) -> plt.Figure:
     """Loss and batch accuracies (clean, under the inner attack) of fine-tuning runs, smoothed over ``window``
-    steps; ``histories`` maps a run's name to its per-step history (``cliplab.finetune``)."""
+    steps, with the periodic held-out evaluations as points; ``histories`` maps a run's name to its per-step
+    history (``cliplab.finetune``)."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
     titles = {"loss": "training loss", "clean": "batch accuracy, clean (%)",
               "robust": "batch accuracy under the inner attack (%)"}
@@ -52,7 +53,11 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
         for ax, key in zip(axes, titles):
             values = torch.tensor([float(h[key]) for h in history]) * (1 if key == "loss" else 100)
             width = min(window, len(values))  # a moving average: (steps - width + 1) points
-            ax.plot(steps[width - 1:], values.unfold(0, width, 1).mean(1), label=name)
+            line, = ax.plot(steps[width - 1:], values.unfold(0, width, 1).mean(1), label=name)
+            evaluated = [h for h in history if f"eval_{key}" in h]  # periodic held-out evaluation, if any
+            if evaluated:
+                ax.plot([h["step"] for h in evaluated], [100 * h[f"eval_{key}"] for h in evaluated], "o",
+                        color=line.get_color(), label=f"{name}, held-out (n={evaluated[0]['eval_n']})")
     for ax, title in zip(axes, titles.values()):
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)

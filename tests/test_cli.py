@@ -119,8 +119,11 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
 
     out = tmp_path / "run"
     args = ["finetune", "--profile", "shapes", "--method", "tecoa", "--adapter", "oft", "--block-size", "8",
-            "--eps", "2/255", "--steps", "2", "--save-every", "1", "--out", str(out), "--device", "cpu"]
+            "--eps", "2/255", "--steps", "2", "--save-every", "1", "--eval-every", "2", "--out", str(out),
+            "--device", "cpu"]
     assert main(args) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert ["eval_robust" in h for h in history] == [False, True]
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
         for kind in ("clean", "robust"):
@@ -134,5 +137,5 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
     assert cliplab_loaded.num_classes == 100
     assert main(args) == 2  # a second run into the same directory needs --resume
     assert "--resume" in capsys.readouterr().err
-    assert main(args[:-4] + ["--out", str(tmp_path / "other"), "--lr", "0"]) == 2
+    assert main(args[:-4] + ["--out", str(tmp_path / "other"), "--lr", "0"]) == 2  # args[-4:]: --out, --device
     assert not (tmp_path / "other").exists()

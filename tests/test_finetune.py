@@ -33,11 +33,13 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method, adapter", [("fare", "full"), ("tecoa", "oft")])
-def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data, monkeypatch, method, adapter):
+@pytest.mark.parametrize("method, adapter, eval_every", [("fare", "full", 0), ("tecoa", "oft", 1)])
+def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data, monkeypatch, method, adapter,
+                                                                 eval_every):
     x, y = data
-    config = tiny_config(method=method, adapter=adapter)
-    reference = weights(ft.finetune(fresh(), x, y, config, tmp_path / "full"))
+    config = tiny_config(method=method, adapter=adapter, eval_every=eval_every)
+    held_out = (x[:16], y[:16])
+    reference = weights(ft.finetune(fresh(), x, y, config, tmp_path / "full", eval_data=held_out))
 
     real_step, calls = ft._loss, []
 
@@ -49,10 +51,10 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
 
     monkeypatch.setattr(ft, "_loss", dies_at_step_four)
     with pytest.raises(Killed):
-        ft.finetune(fresh(), x, y, config, tmp_path / "killed")
+        ft.finetune(fresh(), x, y, config, tmp_path / "killed", eval_data=held_out)
     monkeypatch.setattr(ft, "_loss", real_step)
     assert json.loads((tmp_path / "killed" / "latest.json").read_text()) == {"step": 2}
-    resumed = weights(ft.finetune(fresh(), x, y, config, tmp_path / "killed", resume=True))
+    resumed = weights(ft.finetune(fresh(), x, y, config, tmp_path / "killed", resume=True, eval_data=held_out))
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
@@ -104,7 +106,7 @@ def test_oft_trains_only_rotations_and_export_merges(data, tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"), (dict(steps=0), "steps"), (dict(eps=1.5), "eps"),
     (dict(eps=-0.1), "eps"), (dict(method="pgd"), "method"), (dict(adapter="lora"), "adapter"),
-    (dict(save_every=0), "save_every"),
+    (dict(save_every=0), "save_every"), (dict(eval_every=-1), "eval_every"),
 ])
 def test_bad_config_names_the_field(overrides, match, data, tmp_path):
     x, y = data
@@ -164,3 +166,15 @@ def test_study_config_takes_the_profile_budgets_per_adapter():
                                                           profile.oft_block_sizes[0])
     custom = ft.study_config(profile, "tecoa", "oft", block_size=4, lr=1e-2, steps=3)
     assert (custom.method, custom.block_size, custom.lr, custom.steps) == ("tecoa", 4, 1e-2, 3)
+
+
+def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):
+    x, y = data
+    ft.finetune(fresh(), x, y, tiny_config(eval_every=2), tmp_path / "run", eval_data=(x[:16], y[:16]))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    evaluated = [h["step"] for h in history if "eval_robust" in h]
+    assert evaluated == [2, 4] and all(h["eval_n"] == 16 for h in history if "eval_n" in h)
+    assert all(0 <= h["eval_robust"] <= h["eval_clean"] <= 1 for h in history if "eval_n" in h)
+    with pytest.raises(ValueError, match="eval_data"):
+        ft.finetune(fresh(), x, y, tiny_config(eval_every=2), tmp_path / "other")
+    assert not (tmp_path / "other").exists()

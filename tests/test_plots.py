@@ -34,3 +34,13 @@ def test_tradeoff_points_carry_their_intervals_and_n():
     assert ybars.get_segments()[0][:, 1] == pytest.approx([100 * low, 100 * high])
     assert "n=100" in ax.get_legend().get_texts()[0].get_text()
     plt.close(fig)
+
+
+def test_held_out_evaluations_are_drawn_as_points():
+    history = [{"step": s, "loss": 1.0, "clean": 1.0, "robust": 0.5} for s in range(1, 5)]
+    history[1].update(eval_clean=0.9, eval_robust=0.4, eval_n=16)
+    fig = plots.plot_training_curves({"run": history}, window=2)
+    points = fig.axes[2].get_lines()[1]
+    assert list(points.get_xdata()) == [2] and list(points.get_ydata()) == [40.0]
+    assert "n=16" in points.get_label() and len(fig.axes[0].get_lines()) == 1  # no held-out loss
+    plt.close(fig)
