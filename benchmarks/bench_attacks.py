@@ -238,13 +238,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads``, seed torch, and return the ``--device`` every benchmark runs on."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return torch.device(args.device)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the classifier, time the three methods, print the table."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = setup(args)
     clf = cliplab.load_classifier(MODEL, pretrained=None, device=device)
     x = torch.rand(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     y = torch.randint(clf.num_classes, (args.batch_size,), device=device)

@@ -59,7 +59,7 @@ import open_clip
 import torch
 
 import cliplab
-from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, naive_full_clip_logits, timed
+from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, naive_full_clip_logits, setup, timed
 from cliplab.defences import RandomizedSmoothing
 from cliplab.denoise import bilateral, bilateral_sweep
 
@@ -318,10 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Build the inputs (and the classifier), time the methods, print the tables."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = setup(args)
     print(describe(device, args), flush=True)
     if args.bench in ("denoise", "all"):
         x = torch.rand(args.sweep_images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)

@@ -43,7 +43,7 @@ import open_clip
 import torch
 
 import cliplab
-from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, timed
+from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, setup
 from cliplab import finetune as ft
 from cliplab.oft import apply_oft, merge_oft, oft_parameters
 
@@ -164,10 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Build the classifier, run the chosen benchmarks, print their tables."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = setup(args)
     base = cliplab.load_classifier(MODEL, pretrained=None, templates=("a photo of a {}.",), device=device)
     x = torch.rand(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
