@@ -205,17 +205,21 @@ def _loss(classifier, original, x, y, config, attack_seed):
         else:
             x_adv = pgd(classifier, x, y, eps=config.eps, alpha=alpha, steps=config.attack_steps,
                         seed=attack_seed, autocast=config.bf16).x_adv
+    features_clean = None  # f(x): part of the loss with FARE's clean term, else only for the statistics
     with _autocast(x.device, config.bf16):
         features_adv = classifier.image_features(x_adv)
         logits_adv = classifier.logits_from_features(features_adv)
         if config.method == "fare":
             loss = (features_adv - target).pow(2).sum(1).mean()
             if config.clean_weight:
-                loss = loss + config.clean_weight * (classifier.image_features(x) - target).pow(2).sum(1).mean()
+                features_clean = classifier.image_features(x)
+                loss = loss + config.clean_weight * (features_clean - target).pow(2).sum(1).mean()
         else:
             loss = F.cross_entropy(logits_adv, y)
     with torch.no_grad():
-        clean_hit = (classifier(x).argmax(1) == y).float().mean().item()
+        if features_clean is None:
+            features_clean = classifier.image_features(x)
+        clean_hit = (classifier.logits_from_features(features_clean).argmax(1) == y).float().mean().item()
     robust_hit = (logits_adv.argmax(1) == y).float().mean().item()
     return loss, clean_hit, robust_hit
 
