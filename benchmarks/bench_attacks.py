@@ -160,7 +160,7 @@ def bench_batched(clf, x, y, steps: int, bf16: bool, repeats: int) -> tuple[Timi
         The timings of cliplab and of torchattacks.
     """
     def ours(n_steps):
-        return lambda: cliplab.pgd(clf, x, y, eps=EPS, alpha=ALPHA, steps=n_steps, autocast=bf16)
+        return lambda: cliplab.pgd(clf, x, y, eps=EPS, alpha=ALPHA, steps=n_steps)
 
     def theirs(n_steps):
         attack = torchattacks.PGD(clf, eps=EPS, alpha=ALPHA, steps=n_steps, random_start=True)
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     """Build the classifier, time the three methods, print the table."""
     args = parse_args(argv)
     device = setup(args)
-    clf = cliplab.load_classifier(MODEL, pretrained=None, device=device)
+    # the classifier's precision: bf16 autocast with --bf16, else fp32 (also on CUDA, where bf16 is its default)
+    clf = cliplab.load_classifier(MODEL, pretrained=None, device=device, precision="bf16" if args.bf16 else "fp32")
     x = torch.rand(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     y = torch.randint(clf.num_classes, (args.batch_size,), device=device)
     print(describe(device, args), flush=True)

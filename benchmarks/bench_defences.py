@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.rand(args.sweep_images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
         print(format_denoise_table(bench_denoise(x, args.repeats)), flush=True)
     if args.bench in ("smoothing", "all"):
-        clf = cliplab.load_classifier(MODEL, pretrained=None, device=device)
+        clf = cliplab.load_classifier(MODEL, pretrained=None, device=device, precision="fp32")
         x = torch.rand(args.images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
         timings = bench_smoothing(clf, x, args)
         draws = {timings[0].method: (args.images, args.draws),

@@ -101,7 +101,7 @@ def trainer(base: cliplab.ZeroShotClassifier, config: ft.FinetuneConfig, naive: 
 
 def bench_step(base: cliplab.ZeroShotClassifier, x: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
     """Seconds of one fine-tuning step per method (fastest of ``args.repeats``, interleaved)."""
-    config = ft.FinetuneConfig(method="fare", eps=EPS, attack_steps=args.attack_steps, lr=1e-5, bf16=args.bf16)
+    config = ft.FinetuneConfig(method="fare", eps=EPS, attack_steps=args.attack_steps, lr=1e-5)
     steps = {
         "cliplab train_step, full" + (" (bf16 autocast)" if args.bf16 else ""): trainer(base, config),
         "naive step, full (baseline)": trainer(base, config, naive=True),
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     """Build the classifier, run the chosen benchmarks, print their tables."""
     args = parse_args(argv)
     device = setup(args)
-    base = cliplab.load_classifier(MODEL, pretrained=None, templates=("a photo of a {}.",), device=device)
+    base = cliplab.load_classifier(MODEL, pretrained=None, templates=("a photo of a {}.",), device=device,
+                                   precision="bf16" if args.bf16 else "fp32")
     x = torch.rand(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"torch {torch.__version__}, open_clip {open_clip.__version__}; {device.type} ({hardware}), "

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _torch
 from ._checks import check_choice, check_images, check_int, check_labels, check_positive
 
 NORMS = ("linf", "l2")
@@ -84,7 +85,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         eot_samples: Expectation over Transformation (Athalye et al. 2018): the gradient is the mean of
             the gradients of this many stochastic forward passes, run as one batch.
         seed: seeds the random start (None: the global generator).
-        autocast: run the model under bfloat16 autocast (GPU speed; gradients stay float32).
+        autocast: run the model under bfloat16 autocast (GPU speed; gradients stay float32). A
+            ``ZeroShotClassifier`` runs in its own ``precision`` (bf16 autocast on CUDA by default), and
+            one loaded with ``precision="fp32"`` stays fp32 whatever this flag says.
 
     Returns:
         AttackResult with the adversarial images, per-sample success and the objective history.
@@ -231,7 +234,7 @@ def _random_start(x, eps, norm, generator):
 def _eot_logits(model, x, eot_samples, autocast) -> torch.Tensor:
     """``eot_samples`` stochastic passes of ``model`` in one batch. (N, 3, H, W) -> (k, N, C)."""
     batch = x.repeat(eot_samples, 1, 1, 1) if eot_samples > 1 else x  # (k*N, 3, H, W)
-    with _autocast(x.device, autocast):
+    with _torch.autocast(x.device, autocast):
         logits = model(batch).float()
     return logits.view(eot_samples, len(x), -1)
 
@@ -261,12 +264,6 @@ def _objective_and_gradient(model, x, y, *, loss, targeted, eot_samples, autocas
         objective = objective.view(eot_samples, len(x)).mean(dim=0)  # (N,)
         grad = torch.autograd.grad(objective.sum(), x)[0] if gradient else None
     return objective.detach(), grad, logits.detach().mean(dim=0)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _succeeded(logits, y, targeted):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_images
+from ._checks import check_choice, check_images
+from ._torch import PRECISIONS, autocast, device_of
 
 
 @torch.no_grad()
@@ -48,6 +49,13 @@ class ZeroShotClassifier(nn.Module):
         class_names: readable class names.
         templates: prompt templates, format strings with one ``{}``.
         mean, std: normalisation of the model (``model.visual.image_mean``/``image_std`` by default).
+        precision: ``"auto"`` (bfloat16 autocast for the image encoder on CUDA, fp32 elsewhere), ``"bf16"``
+            (on any device) or ``"fp32"`` (always, even inside a caller's autocast). Logits and features
+            are returned in fp32 either way, so losses and statistics stay fp32. An attribute: set
+            ``classifier.precision`` to switch an existing classifier.
+
+    Every buffer (normalisation, text head) is created on the device of ``model``'s parameters and
+    follows the model through ``.to()``, so the classifier is wholly on one device.
 
     Shape:
         - Input: (N, 3, H, W), float in [0, 1], any resolution.
@@ -56,8 +64,9 @@ class ZeroShotClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
                  templates: Sequence[str], mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+                 std: Sequence[float] | None = None, precision: str = "auto"):
         super().__init__()
+        check_choice(precision, "precision", PRECISIONS)
         if not class_names:
             raise ValueError("class_names must be a non-empty sequence of strings")
         if not templates or any(t.count("{}") != 1 for t in templates):
@@ -65,14 +74,16 @@ class ZeroShotClassifier(nn.Module):
         self.model = model
         self.class_names = list(class_names)
         self.templates = list(templates)
+        self.precision = precision
         size = model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         mean = mean if mean is not None else getattr(model.visual, "image_mean", None)
         std = std if std is not None else getattr(model.visual, "image_std", None)
         if mean is None or std is None:
             raise ValueError("mean and std must be given when model.visual has no image_mean/image_std")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        device = device_of(model, torch.device("cpu"))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
         self.register_buffer("text_head", build_text_head(model, tokenizer, self.class_names, self.templates))
 
     @property
@@ -94,18 +105,27 @@ class ZeroShotClassifier(nn.Module):
             x = x[..., top:top + target_h, left:left + target_w]
         return (x - self.mean) / self.std
 
+    def autocast(self, device: torch.device | None = None):
+        """The autocast context of this classifier's ``precision`` on ``device`` (default: its own)."""
+        return autocast(device or self.mean.device, self.precision)
+
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw (unnormalised) image-encoder outputs, what FARE keeps close. (N,3,H,W) in [0,1] -> (N, D)."""
+        """Raw (unnormalised) image-encoder outputs, what FARE keeps close. (N,3,H,W) in [0,1] -> (N, D) fp32."""
         check_images(x, values=False)  # noisy inputs from defences may leave [0, 1]
-        return self.model.encode_image(self.preprocess(x)).float()
+        if x.device != self.mean.device:  # a clear error here, not a device mismatch deep inside a kernel
+            raise ValueError(f"x is on {x.device} but the classifier is on {self.mean.device}: move the images "
+                             f"with x.to({str(self.mean.device)!r}) (or the classifier with .to(x.device))")
+        with self.autocast(x.device):
+            return self.model.encode_image(self.preprocess(x)).float()
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings. (N,3,H,W) in [0,1] -> (N, D)."""
         return F.normalize(self.image_features(x), dim=-1)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Zero-shot logits of raw image features. (N, D) -> (N, C)."""
-        return self.model.logit_scale.exp().float() * F.normalize(features, dim=-1) @ self.text_head.T
+        """Zero-shot logits of raw image features, in fp32 even inside a caller's autocast. (N, D) -> (N, C)."""
+        with autocast(features.device, "fp32"):  # a tiny matmul; bf16 here would blur close logits
+            return self.model.logit_scale.exp().float() * F.normalize(features.float(), dim=-1) @ self.text_head.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits. (N,3,H,W) in [0,1] -> (N, C)."""

@@ -14,6 +14,7 @@ from scipy.stats import beta, binom, norm
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _torch
 from ._checks import check_images, check_int, check_positive
 
 ABSTAIN = -1
@@ -64,16 +65,23 @@ class RandomizedSmoothing(nn.Module):
             are batched together).
         num_noise: noise draws per image in ``forward``.
         progress: show tqdm bars in ``predict``/``certify``.
+        autocast: run the base classifier under bfloat16 autocast (for classifiers without a precision of
+            their own; a ``ZeroShotClassifier`` already runs in bf16 on CUDA).
     """
 
     def __init__(self, classifier: nn.Module, sigma: float, *, batch_size: int = 256, num_noise: int = 8,
-                 progress: bool = False):
+                 progress: bool = False, autocast: bool = False):
         super().__init__()
         check_positive(sigma, "sigma")
         check_int(batch_size, "batch_size")
         check_int(num_noise, "num_noise")
         self.classifier, self.sigma = classifier, sigma
-        self.batch_size, self.num_noise, self.progress = batch_size, num_noise, progress
+        self.batch_size, self.num_noise, self.progress, self.autocast = batch_size, num_noise, progress, autocast
+
+    def _classify(self, noisy: torch.Tensor) -> torch.Tensor:
+        """Base-classifier logits in fp32. (B, 3, H, W) -> (B, C)."""
+        with _torch.autocast(noisy.device, self.autocast):
+            return self.classifier(noisy).float()
 
     @property
     def num_classes(self) -> int:
@@ -83,7 +91,7 @@ class RandomizedSmoothing(nn.Module):
         """Soft smoothed classifier: log E[softmax(f(x + noise))]. (N, 3, H, W) -> (N, C) log-probabilities."""
         noisy = x.repeat(self.num_noise, 1, 1, 1)  # (k*N, 3, H, W)
         noisy = noisy + self.sigma * torch.randn_like(noisy)
-        probabilities = F.softmax(self.classifier(noisy).float(), dim=1).view(self.num_noise, len(x), -1)
+        probabilities = F.softmax(self._classify(noisy), dim=1).view(self.num_noise, len(x), -1)
         return probabilities.mean(dim=0).clamp_min(1e-12).log()
 
     @torch.no_grad()
@@ -91,10 +99,12 @@ class RandomizedSmoothing(nn.Module):
         """Class counts of the base classifier over ``n`` noise draws per image. (N,3,H,W) -> (N, C) int64.
 
         The N*n noisy images are processed in batches of ``batch_size`` that mix draws of several
-        images, so the cost is the same for many small images as for few large ones.
+        images, so the cost is the same for many small images as for few large ones. ``x`` is moved to the
+        classifier's device; the counts stay there.
         """
         check_images(x)
         check_int(n, "n")
+        x = x.to(_torch.device_of(self.classifier, x.device))
         generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
         counts = torch.zeros(len(x) * self.num_classes, dtype=torch.int64, device=x.device)  # flattened (N, C)
         total = len(x) * n
@@ -102,7 +112,7 @@ class RandomizedSmoothing(nn.Module):
             image = torch.arange(start, min(start + self.batch_size, total), device=x.device) // n  # (B,)
             noisy = x[image] + self.sigma * torch.randn(
                 (len(image), *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
-            prediction = self.classifier(noisy).argmax(dim=1)
+            prediction = self._classify(noisy).argmax(dim=1)
             counts.index_add_(0, image * self.num_classes + prediction, torch.ones_like(prediction))
         return counts.view(len(x), self.num_classes)
 

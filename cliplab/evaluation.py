@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checks import check_images, check_int, check_labels
-from .attacks import _autocast, _num_classes, eval_mode, pgd
+from . import _torch
+from .attacks import _num_classes, eval_mode, pgd
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,12 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     check_images(x)
     check_int(batch_size, "batch_size")
     check_int(votes, "votes")
-    device = _device_of(model, x)
+    device = _torch.device_of(model, x.device)
     out = []
     with torch.no_grad(), eval_mode(model):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
-            with _autocast(device, autocast):
+            with _torch.autocast(device, autocast):
                 logits = model(batch.repeat(votes, 1, 1, 1) if votes > 1 else batch)  # (votes*B, C)
             choices = logits.argmax(dim=1).view(votes, len(batch))
             counts = F.one_hot(choices, logits.shape[1]).sum(dim=0)  # (B, C)
@@ -182,7 +183,7 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     check_images(x)
     check_labels(y, len(x), _num_classes(model, x), "y")
     check_int(batch_size, "batch_size")
-    device = _device_of(model, x)
+    device = _torch.device_of(model, x.device)
     autocast = attack_kwargs.get("autocast", False)
     correct = predict(model, x, batch_size=batch_size, votes=votes, autocast=autocast) == y.cpu()
     success = torch.zeros(len(x), dtype=torch.bool)
@@ -195,8 +196,3 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
         prediction = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
         success[index] = prediction == labels.cpu() if targeted else prediction != labels.cpu()
     return correct, success
-
-
-def _device_of(model: nn.Module, x: torch.Tensor) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else x.device

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ._checks import check_choice, check_int, check_positive
 from ._io import atomic_write
 from ._train import adamw
-from .attacks import _autocast, eval_mode, pgd, pgd_maximize
+from .attacks import eval_mode, pgd, pgd_maximize
 from .classifier import ZeroShotClassifier
 from .evaluation import robust_accuracy
 from .oft import apply_oft, merge_oft, oft_parameters
@@ -49,7 +49,6 @@ class FinetuneConfig:
     weight_decay: float = 1e-4  # AdamW weight decay on matrices (not on 1-D parameters)
     warmup: int = 30  # linear warm-up steps before the cosine decay
     grad_clip: float = 1.0  # maximum gradient norm
-    bf16: bool = False  # bfloat16 autocast (GPU)
     save_every: int = 50  # checkpoint period in steps
     eval_every: int = 0  # clean and robust accuracy on held-out images every this many steps (0: never)
     seed: int = 0  # seeds batch order and attack starts
@@ -76,12 +75,13 @@ def study_config(profile: Profile, method: str = "fare", adapter: str = "full", 
                  **overrides) -> FinetuneConfig:
     """The study's fine-tuning settings on ``profile`` (notebooks 05-06, defaults of ``cliplab finetune``).
 
-    L-inf eps 4/255 with a PGD-10 inner attack, the profile's steps and learning rate, bf16 autocast on CUDA;
+    L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate;
     OFT runs take the profile's OFT learning rate and clean-term weight, and its first block size unless
-    ``block_size`` is given. ``overrides`` replace any other field.
+    ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's: bf16
+    autocast on CUDA unless it was loaded with ``precision="fp32"``.)
     """
-    settings = dict(method=method, adapter=adapter, eps=4 / 255, steps=profile.finetune_steps,
-                    lr=profile.finetune_lr, bf16=profile.device == "cuda")
+    settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=profile.finetune_attack_steps,
+                    steps=profile.finetune_steps, batch_size=profile.finetune_batch_size, lr=profile.finetune_lr)
     if adapter == "oft":
         settings.update(lr=profile.oft_lr, clean_weight=profile.oft_clean_weight,
                         block_size=block_size or profile.oft_block_sizes[0])
@@ -194,28 +194,27 @@ def _loss(classifier, original, x, y, config, attack_seed):
     """One training step's loss; also the batch's clean and adversarial zero-shot accuracy."""
     attack_generator = torch.Generator(x.device).manual_seed(attack_seed)
     alpha = 2.5 * config.eps / config.attack_steps
-    with torch.no_grad(), _autocast(x.device, config.bf16):
+    with torch.no_grad(), classifier.autocast(x.device):  # f0 in the classifier's precision
         target = original(classifier.preprocess(x)).float()  # f0(x), (B, D)
     with eval_mode(classifier), parametrize.cached():  # OFT: each rotation is built once for the whole attack
         if config.method == "fare":
             distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
-            with _autocast(x.device, config.bf16):
-                x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps,
-                                     generator=attack_generator)
+            x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps,
+                                 generator=attack_generator)
         else:
             x_adv = pgd(classifier, x, y, eps=config.eps, alpha=alpha, steps=config.attack_steps,
-                        seed=attack_seed, autocast=config.bf16).x_adv
+                        seed=attack_seed).x_adv
     features_clean = None  # f(x): part of the loss with FARE's clean term, else only for the statistics
-    with _autocast(x.device, config.bf16):
-        features_adv = classifier.image_features(x_adv)
-        logits_adv = classifier.logits_from_features(features_adv)
-        if config.method == "fare":
-            loss = (features_adv - target).pow(2).sum(1).mean()
-            if config.clean_weight:
-                features_clean = classifier.image_features(x)
-                loss = loss + config.clean_weight * (features_clean - target).pow(2).sum(1).mean()
-        else:
-            loss = F.cross_entropy(logits_adv, y)
+    # image_features runs in the classifier's precision (bf16 autocast on CUDA); the losses stay fp32
+    features_adv = classifier.image_features(x_adv)
+    logits_adv = classifier.logits_from_features(features_adv)
+    if config.method == "fare":
+        loss = (features_adv - target).pow(2).sum(1).mean()
+        if config.clean_weight:
+            features_clean = classifier.image_features(x)
+            loss = loss + config.clean_weight * (features_clean - target).pow(2).sum(1).mean()
+    else:
+        loss = F.cross_entropy(logits_adv, y)
     with torch.no_grad():
         if features_clean is None:
             features_clean = classifier.image_features(x)

@@ -6,6 +6,7 @@ message saying what to download and where to put it, instead of minutes of downl
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from . import data
+from ._checks import check_choice
 from ._io import atomic_write
+from ._torch import PRECISIONS
 from .classifier import ZeroShotClassifier
 from .shapes_clip import MODEL_NAME as SHAPES_MODEL, WEIGHTS as SHAPES_WEIGHTS
 
@@ -35,7 +38,7 @@ def register_model_configs() -> None:
 
 def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: Sequence[str] | None = None,
                     templates: Sequence[str] | None = None, device: str | torch.device | None = None,
-                    ) -> ZeroShotClassifier:
+                    precision: str = "auto") -> ZeroShotClassifier:
     """Build a zero-shot classifier.
 
     Args:
@@ -46,14 +49,50 @@ def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: S
         class_names: readable class names; default: the profile's data set (CIFAR-100 for model names).
         templates: prompt templates with one ``{}``; default: the data set's templates.
         device: where to put the model; default CUDA when available, else CPU.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``
+            (see ``ZeroShotClassifier``).
 
     Returns:
-        A ``ZeroShotClassifier`` in eval mode.
+        A ``ZeroShotClassifier`` in eval mode, every parameter and buffer on ``device``.
 
     Raises:
-        ValueError: unknown profile or model name, or an unknown pretrained tag.
+        ValueError: unknown profile or model name, an unknown pretrained tag, or a checkpoint file that is
+            truncated or holds another architecture.
         FileNotFoundError: weights neither on disk nor downloadable (fails within seconds).
     """
+    import open_clip
+
+    check_choice(precision, "precision", PRECISIONS)
+    model_name, pretrained, dataset = _resolve(name, pretrained)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _create_model(model_name, pretrained, device)
+    classifier = ZeroShotClassifier(
+        model, open_clip.get_tokenizer(model_name),
+        class_names if class_names is not None else data.class_names(dataset),
+        templates if templates is not None else data.templates(dataset),
+        precision=precision,
+    )
+    return classifier.eval()
+
+
+def check_weights(name: str = "shapes", *, pretrained=_DEFAULT) -> None:
+    """Fail fast, before any heavy work, when ``load_classifier(name, pretrained=...)`` could not load.
+
+    Resolves the weights exactly as ``load_classifier`` does (a tag from the cache, else a download if the
+    host answers; a local file) and loads them into the architecture built on the ``meta`` device, so a
+    missing, truncated or wrong-architecture file is reported in seconds, without building the text head.
+
+    Raises:
+        ValueError, FileNotFoundError: as ``load_classifier``.
+    """
+    model_name, pretrained, _ = _resolve(name, pretrained)
+    with warnings.catch_warnings():  # loading into meta tensors is a no-op copy, which torch warns about
+        warnings.simplefilter("ignore", UserWarning)
+        _create_model(model_name, pretrained, torch.device("meta"))
+
+
+def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str]:
+    """(open_clip model name, weights, data set of its class names) for a profile or model name."""
     import open_clip
 
     register_model_configs()
@@ -69,14 +108,7 @@ def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: S
     else:
         raise ValueError(f"name must be a profile ({', '.join(PROFILE_MODELS)}) or an open_clip model "
                          f"name (see open_clip.list_models()), got {name!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = _create_model(model_name, pretrained, device)
-    classifier = ZeroShotClassifier(
-        model, open_clip.get_tokenizer(model_name),
-        class_names if class_names is not None else data.class_names(dataset),
-        templates if templates is not None else data.templates(dataset),
-    )
-    return classifier.eval()
+    return model_name, pretrained, dataset
 
 
 def _create_model(model_name: str, pretrained: str | os.PathLike | None, device: torch.device) -> nn.Module:
@@ -99,7 +131,12 @@ def _create_model(model_name: str, pretrained: str | os.PathLike | None, device:
             ValueError(f"pretrained must be a tag of {model_name!r} "
                        f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none known'}), "
                        f"a checkpoint path or None, got {pretrained!r}")
-    return open_clip.create_model(model_name, pretrained=pretrained, device=device).float()
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, device=device).float()
+    except Exception as error:  # a truncated or foreign file: name it and say why, not a deep loader trace
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"pretrained checkpoint {pretrained} cannot be loaded into {model_name}: it is truncated, "
+                         f"corrupted or holds another architecture ({type(error).__name__}: {reason})") from error
 
 
 def _cached_weights(model_name: str, tag_name: str, tag: dict) -> str:

@@ -1,0 +1,94 @@
+"""Device placement and precision without a GPU: the `meta` device shows where every tensor of a loaded
+classifier lives, inputs on another device get a clear error (or are moved, where a function returns CPU
+results anyway), and the bf16 switch behaves as documented. The `cuda` tier (test_cuda.py) runs the same
+kernels on a GPU."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import cliplab
+from cliplab import RandomizedSmoothing
+
+
+def _devices(module: torch.nn.Module) -> set[str]:
+    return {t.device.type for t in [*module.parameters(), *module.buffers()]}
+
+
+@pytest.mark.parametrize("name", ["shapes", "ViT-B-32"])
+def test_loaded_classifier_is_wholly_on_the_device_asked_for(name):
+    """The defect that stopped the real study at its first forward pass on CUDA: the normalisation buffers
+    stayed on the CPU while the model went to the device."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = cliplab.load_classifier(name, pretrained=None, device="meta", templates=["a photo of a {}."],
+                                      **({"class_names": ["cat", "dog"]} if name != "shapes" else {}))
+    assert _devices(clf) == {"meta"}, {n: t.device for n, t in [*clf.named_parameters(), *clf.named_buffers()]}
+    logits = clf(torch.rand(2, 3, 32, 32, device="meta"))  # every op finds its operands on one device
+    assert logits.device.type == "meta" and logits.shape == (2, clf.num_classes)
+
+
+def test_buffers_follow_the_model_at_construction(random_shapes_clf):
+    import open_clip
+
+    from cliplab.shapes_clip import MODEL_NAME
+
+    model = copy.deepcopy(random_shapes_clf.model).to("meta")
+    clf = cliplab.ZeroShotClassifier(model, open_clip.get_tokenizer(MODEL_NAME), ["a", "b"], ["{}"])
+    assert _devices(clf) == {"meta"}
+
+
+def test_images_on_another_device_get_a_clear_error(random_shapes_clf):
+    with pytest.raises(ValueError, match=r"^x is on meta but the classifier is on cpu: move the images"):
+        random_shapes_clf(torch.rand(2, 3, 32, 32, device="meta"))
+
+
+def test_smoothing_moves_images_to_its_classifier(random_shapes_clf, batch):
+    """predict/certify return CPU tensors whatever the devices, so they take images from anywhere."""
+    x, _ = batch
+    smoothed = RandomizedSmoothing(random_shapes_clf, sigma=0.1)
+    meta_clf = RandomizedSmoothing(copy.deepcopy(random_shapes_clf).to("meta"), sigma=0.1)
+    with pytest.raises(NotImplementedError):  # meta tensors have no values to vote with: it got that far
+        meta_clf.predict(x[:2], n=4)
+    assert smoothed.predict(x[:2], n=4, seed=0).device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------ precision
+def test_precision_switch(random_shapes_clf, batch):
+    x, _ = batch
+    clf = copy.deepcopy(random_shapes_clf)
+    with torch.no_grad():
+        fp32 = clf(x)
+        clf.precision = "bf16"
+        bf16 = clf(x)
+        clf.precision = "fp32"
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # "fp32" holds even inside a caller's autocast
+            forced = clf(x)
+        clf.precision = "auto"  # on the CPU: fp32
+        auto = clf(x)
+    assert bf16.dtype == fp32.dtype == torch.float32, "logits stay fp32 for losses and statistics"
+    assert not torch.equal(bf16, fp32), "bf16 autocast must change the encoder's arithmetic"
+    torch.testing.assert_close(bf16, fp32, atol=0.5, rtol=0.05)
+    assert torch.equal(forced, fp32) and torch.equal(auto, fp32)
+    with pytest.raises(ValueError, match=r"^precision must be one of"):
+        cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp16")
+
+
+def test_bf16_and_fp32_robust_accuracy_agree_within_their_intervals(shapes_clf, shapes_test):
+    """The study's bf16 default on CUDA measures what fp32 measures: the same attack on the trained shapes
+    CLIP, once in each precision (bf16 autocast runs on the CPU too)."""
+    x, y, _ = shapes_test
+    results = {}
+    for precision in ("fp32", "bf16"):
+        clf = copy.deepcopy(shapes_clf)
+        clf.precision = precision
+        results[precision] = cliplab.robust_accuracy(clf, x[:200], y[:200], eps=2 / 255, steps=10, loss="margin",
+                                                     seed=0, progress=False)
+    for kind in ("clean", "robust"):
+        fp32, bf16 = getattr(results["fp32"], kind), getattr(results["bf16"], kind)
+        assert fp32.ci95[0] <= bf16.value <= fp32.ci95[1] and bf16.ci95[0] <= fp32.value <= bf16.ci95[1], \
+            f"{kind}: fp32 {fp32}, bf16 {bf16}"
+    assert results["fp32"].robust.value < results["fp32"].clean.value - 0.1, "the attack must bite to compare"
