@@ -5,12 +5,12 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .profiles import PROFILES
+from .profiles import PROFILES, Profile, get_profile, profile_environment
 
 
 @dataclass
@@ -84,19 +84,35 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
     return NotebookRun(path.stem, time.perf_counter() - start, error)
 
 
-def reproduce(profile: str = "shapes", only: list[str] | None = None, device: str | None = None,
-              notebooks: Path | None = None, results: Path = Path("results"),
-              update: bool = False) -> list[NotebookRun]:
+def reproduce(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
+              results: Path = Path("results"), update: bool = False) -> list[NotebookRun]:
     """Execute the study's notebooks headless for ``profile``; executed copies and PNG figures go to
-    ``results/<profile>/`` (figures under ``figures/<notebook>/``). ``update`` writes the executed
-    notebooks back in place instead (how the committed outputs are made)."""
-    notebooks = notebooks or default_notebook_dir()
-    env = {"CLIPLAB_PROFILE": profile, "MPLBACKEND": "Agg", **({"CLIPLAB_DEVICE": device} if device else {})}
+    ``results_dir(results, profile)`` (figures under ``figures/<notebook>/``). ``update`` writes the executed
+    notebooks back in place instead (how the committed outputs are made).
+
+    Everything that can fail fast does, before the first notebook starts: unknown notebooks, a smoke run
+    asked to update the repository, weights or data that cannot be loaded. A smoke run writes nothing
+    into the repository: its fine-tuned encoders go to its results directory too.
+    """
+    if update and profile.smoke:
+        raise ValueError("--update writes the executed notebooks into the repository, which a --smoke run must "
+                         "never do: drop --update (a smoke run's notebooks go to its results directory)")
+    paths = find_notebooks(notebooks or default_notebook_dir(), only)
+    profile.check_inputs()
+    out = results_dir(results, profile)
+    if profile.smoke and profile.checkpoints is None:
+        profile = replace(profile, checkpoints=str((out / "checkpoints").resolve()))
+    env = {**profile_environment(profile), "MPLBACKEND": "Agg"}
     runs = []
-    for path in find_notebooks(notebooks, only):
-        env["CLIPLAB_FIGURES"] = str((results / profile / "figures" / path.stem).resolve())
-        runs.append(execute_notebook(path, notebooks if update else results / profile, env))
+    for path in paths:
+        env["CLIPLAB_FIGURES"] = str((out / "figures" / path.stem).resolve())
+        runs.append(execute_notebook(path, path.parent if update else out, env))
     return runs
+
+
+def results_dir(results: Path, profile: Profile) -> Path:
+    """``results/<profile>``, or ``results/<profile>-smoke`` for a smoke run (never mixed with real results)."""
+    return results / (f"{profile.name}-smoke" if profile.smoke else profile.name)
 
 
 def default_notebook_dir() -> Path:
@@ -111,16 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("reproduce", help="execute the notebooks headless and collect their figures")
-    run.add_argument("--profile", choices=sorted(PROFILES), default="shapes")
+    _add_profile_arguments(run)
+    run.add_argument("--smoke", action="store_true",
+                     help="shrink every budget to seconds: runs every cell of every notebook, measures nothing "
+                          "(results go to RESULTS/<profile>-smoke, nothing is written into the repository)")
     run.add_argument("--only", type=lambda s: [p.strip() for p in s.split(",") if p.strip()],
                      help="comma-separated notebook numbers, e.g. 01,02")
-    run.add_argument("--device", choices=("cpu", "cuda"))
     run.add_argument("--notebooks", type=Path, help="directory of the notebooks (default: ./notebooks)")
     run.add_argument("--results", type=Path, default=Path("results"))
     run.add_argument("--update", action="store_true",
                      help="write the executed notebooks back into --notebooks (to commit their outputs)")
     tune = commands.add_parser("finetune", help="adversarially fine-tune the image encoder (FARE or TeCoA)")
-    tune.add_argument("--profile", choices=sorted(PROFILES), default="shapes")
+    _add_profile_arguments(tune)
     tune.add_argument("--method", default="fare", help="fare (unsupervised) or tecoa (supervised)")
     tune.add_argument("--adapter", default="full", help="full or oft")
     tune.add_argument("--block-size", type=int, help="OFT block size (default: the profile's first)")
@@ -134,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--out", type=Path, required=True, help="directory for checkpoints and results")
     tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--device", choices=("cpu", "cuda"))
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
     train.add_argument("--out", type=Path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--steps", type=int, default=None)
@@ -142,24 +159,44 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "train-shapes-clip":
         return _train_shapes_clip(args.out, args.steps)
-    if args.command == "finetune":
-        try:
-            return _finetune(args)
-        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-            print(f"cliplab finetune: {error}", file=sys.stderr)
-            return 2
     try:
-        runs = reproduce(args.profile, args.only, args.device, args.notebooks, args.results, args.update)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"cliplab reproduce: {error}", file=sys.stderr)
+        if args.command == "finetune":
+            return _finetune(args, _profile(args))
+        profile = _profile(args, smoke=args.smoke)
+        runs = reproduce(profile, args.only, args.notebooks, args.results, args.update)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        print(f"cliplab {args.command}: {error}", file=sys.stderr)
         return 2
-    print(f"\nprofile {args.profile}: results in {args.results / args.profile}")
+    out = results_dir(args.results, profile)
+    print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
     for run_ in runs:
-        figures = args.results / args.profile / "figures" / run_.name
+        figures = out / "figures" / run_.name
         count = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a profile and what it loads, shared by ``reproduce`` and ``finetune``."""
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="shapes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: the profile's (CUDA for cifar100)")
+    parser.add_argument("--pretrained", metavar="PATH_OR_TAG",
+                        help="model weights: a local checkpoint (.safetensors/.pt/.bin) or an open_clip tag "
+                             "(default: the profile's own; cifar100: OpenAI's, from the Hugging Face cache)")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="directory holding cifar-100-python/ (default: $CLIPLAB_DATA or ~/.cache/cliplab/data)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="run in float32 on CUDA too (default there: bfloat16 autocast)")
+
+
+def _profile(args, smoke: bool = False) -> Profile:
+    """The profile the command line names, with local paths made absolute (notebooks run elsewhere)."""
+    weights = args.pretrained
+    if weights and (os.sep in weights or Path(weights).suffix or Path(weights).exists()):  # a file, not a tag
+        weights = str(Path(weights).expanduser().resolve())
+    return get_profile(args.profile, args.device, precision="fp32" if args.fp32 else None, weights=weights,
+                       data_root=args.data.expanduser().resolve() if args.data else None, smoke=smoke)
 
 
 def _fraction(text: str) -> float:
@@ -171,18 +208,14 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 4/255, got {text!r}")
 
 
-def _finetune(args) -> int:
+def _finetune(args, profile: Profile) -> int:
     """``cliplab finetune``: evaluate, fine-tune with checkpoints, evaluate, write final weights and metrics."""
     import json
 
     from . import finetune as ft
     from ._io import atomic_write
-    from .data import load_dataset
     from .evaluation import robust_accuracy
-    from .models import load_classifier
-    from .profiles import get_profile
 
-    profile = get_profile(args.profile, args.device)
     given = dict(eps=args.eps, steps=args.steps, lr=args.lr, clean_weight=args.clean_weight,
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
     config = ft.study_config(profile, args.method, args.adapter, block_size=args.block_size,
@@ -190,15 +223,14 @@ def _finetune(args) -> int:
     config.validate()
     if not args.resume and (args.out / "latest.json").exists():
         raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-    classifier = load_classifier(profile.name, device=profile.device)
-    x, y, _ = load_dataset(profile.name, split="train", n=profile.finetune_images)
-    x_test, y_test, _ = load_dataset(profile.name, split="test", n=profile.n_defence)
-    device = profile.device
-    x, y, x_test, y_test = x.to(device), y.to(device), x_test.to(device), y_test.to(device)
+    profile.check_inputs()
+    classifier = profile.load_classifier()
+    x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
+    x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)
 
     def evaluate(model):
-        result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps, restarts=2,
-                                 loss="margin", seed=0, progress=False)
+        result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps,
+                                 restarts=profile.restarts, loss="margin", seed=0, progress=False)
         return {"clean": _as_dict(result.clean), "robust": _as_dict(result.robust)}
 
     metrics = {"config": {**vars(config)}, "eps": config.eps, "before": evaluate(classifier)}

@@ -186,16 +186,56 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 def _load_cifar100(split: str, n: int | None, root) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from torchvision.datasets import CIFAR100
 
-    root = data_root(root)
-    folder = root / CIFAR100.base_folder
-    if not all((folder / part).is_file() for part in ("train", "test", "meta")):
-        ensure_reachable(CIFAR_URL, what=f"CIFAR-100 (expected in {folder})",
-                         how=f"download {CIFAR_URL} on a machine with internet, unpack it into {root}, "
-                             "and pass root= or set CLIPLAB_DATA to that directory")
-    dataset = CIFAR100(str(root), train=split == "train", download=True)
+    root, train = data_root(root), split == "train"
+    dataset = _verified_cifar100(root, train) if _cifar100_present(root) else \
+        CIFAR100(str(root), train=train, download=True)  # reachable: _cifar100_present checked
     x = torch.from_numpy(dataset.data[:n]).permute(0, 3, 1, 2).float().div(255)  # (N, 3, 32, 32)
     y = torch.as_tensor(dataset.targets[:n], dtype=torch.int64)
     return x.contiguous(), y, [name.replace("_", " ") for name in dataset.classes]
+
+
+def check_dataset(name: str, root: str | os.PathLike | None = None) -> None:
+    """Fail fast, before any heavy work, when ``load_dataset(name, root=root)`` could not load.
+
+    For CIFAR-100: the three files of ``cifar-100-python/`` must be there and pass torchvision's checksums
+    (else the download must be possible); Shapes-100 is generated and always available.
+
+    Raises:
+        FileNotFoundError: files missing and no download possible (names the missing files).
+        ValueError: files present but truncated or not the original ones.
+    """
+    check_choice(name, "name", DATASETS)
+    if name == "cifar100":
+        root = data_root(root)
+        if _cifar100_present(root):
+            _verified_cifar100(root, train=False)
+
+
+def _cifar100_present(root: Path) -> bool:
+    """Whether ``root`` holds all of CIFAR-100; when some files are missing and no download is possible,
+    a FileNotFoundError names them (within seconds)."""
+    from torchvision.datasets import CIFAR100
+
+    folder = root / CIFAR100.base_folder
+    missing = [part for part in ("train", "test", "meta") if not (folder / part).is_file()]
+    if missing:
+        ensure_reachable(CIFAR_URL, what=f"CIFAR-100 (missing {', '.join(missing)} in {folder})",
+                         how=f"download {CIFAR_URL} on a machine with internet, unpack it into {root} "
+                             "(it creates cifar-100-python/), and pass that directory as root=, --data or "
+                             "CLIPLAB_DATA")
+    return not missing
+
+
+def _verified_cifar100(root: Path, train: bool):
+    """torchvision's CIFAR100 over local files, which it verifies against the published checksums."""
+    from torchvision.datasets import CIFAR100
+
+    try:
+        return CIFAR100(str(root), train=train, download=False)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        raise ValueError(f"CIFAR-100 in {root / CIFAR100.base_folder} failed torchvision's checksum: its files are "
+                         f"truncated or not the original ones. Delete them and download again ({CIFAR_URL}), "
+                         f"or point root= / --data at a good copy") from error
 
 
 def is_offline() -> bool:

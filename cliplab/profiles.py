@@ -1,17 +1,21 @@
 """The two profiles: one code path, different model, data and budgets.
 
-Notebooks call ``get_profile()``, which reads ``CLIPLAB_PROFILE`` (set by ``cliplab reproduce``), so the
-same notebook runs the offline toy study or the real one.
+Notebooks call ``get_profile()``, which reads the settings ``cliplab reproduce`` passes to their kernels as
+environment variables (``profile_environment`` writes them), so the same notebook runs the offline toy study,
+the real one, or a smoke run of either. ``profile.load_classifier()`` and ``profile.load_dataset()`` load what
+the profile names (weights, data directory, device, precision).
 """
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from ._checks import check_choice
+from ._torch import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class Profile:
     n_eval: int  # test images behind every reported accuracy or success rate
     batch_size: int  # images per attack batch
     attack_steps: int  # PGD steps for the sweeps
+    restarts: int  # PGD restarts of the robust-accuracy evaluations (05, 06)
     eps_grid: tuple[float, ...]  # L-inf radii of the sweeps, in units of 1/255
     target_class: str  # the class the targeted attack of notebook 01 aims for
     n_defence: int  # test images behind the defence sweeps (02-04), where EOT multiplies the cost
@@ -32,46 +37,131 @@ class Profile:
     n_certify: int  # test images certified per sigma
     finetune_images: int  # training images robust fine-tuning draws its batches from
     finetune_steps: int  # optimiser steps of robust fine-tuning
+    finetune_batch_size: int  # images per fine-tuning step
+    finetune_attack_steps: int  # PGD steps of fine-tuning's inner attack
     finetune_lr: float  # peak AdamW learning rate of full fine-tuning
     oft_lr: float  # peak learning rate of orthogonal fine-tuning (its rotations start at the identity)
     oft_clean_weight: float  # weight of FARE's clean term in OFT runs (keeps clean embeddings in place)
     oft_block_sizes: tuple[int, ...]  # OFT block sizes compared in 06 (the first is the default)
     device: str  # "cuda" or "cpu"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32" forces fp32 everywhere
+    weights: str | None = None  # checkpoint path or open_clip tag; None: the profile's own (shipped / OpenAI)
+    data_root: str | None = None  # directory holding cifar-100-python/; None: load_dataset's default
+    checkpoints: str | None = None  # cache of 05/06's fine-tuned encoders; None: checkpoints/<name> (notebooks/)
+    smoke: bool = False  # budgets shrunk to seconds (SMOKE_BUDGETS): runs every code path, measures nothing
+    single_template: bool = False  # one prompt per class instead of the ensemble (a smoke run's text head)
 
     @property
     def eps_values(self) -> list[float]:
         """``eps_grid`` in [0, 1] pixel units."""
         return [e / 255 for e in self.eps_grid]
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where notebooks 05 and 06 cache their fine-tuned encoders."""
+        return Path(self.checkpoints) if self.checkpoints else Path("checkpoints") / self.name
+
+    def load_classifier(self):
+        """The profile's zero-shot classifier: its weights, on its device, in its precision."""
+        from . import data
+        from .models import load_classifier
+
+        weights = {} if self.weights is None else {"pretrained": self.weights}
+        templates = data.templates(self.name, single=self.single_template)
+        return load_classifier(self.name, device=self.device, precision=self.precision, templates=templates,
+                               **weights)
+
+    def load_dataset(self, split: str = "test", n: int | None = None):
+        """``(x, y, class_names)`` of the profile's data set, the tensors on the profile's device."""
+        from .data import load_dataset
+
+        x, y, class_names = load_dataset(self.name, split=split, n=n, root=self.data_root)
+        return x.to(self.device), y.to(self.device), class_names
+
+    def check_inputs(self) -> None:
+        """Fail within seconds, naming the file, when the weights or data this profile names cannot be loaded."""
+        from .data import check_dataset
+        from .models import check_weights
+
+        check_weights(self.name, **({} if self.weights is None else {"pretrained": self.weights}))
+        check_dataset(self.name, self.data_root)
+
 
 PROFILES = {
-    "shapes": Profile(name="shapes", n_eval=500, batch_size=250, attack_steps=10,
+    "shapes": Profile(name="shapes", n_eval=500, batch_size=250, attack_steps=10, restarts=2,
                       eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star",
                       n_defence=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15,
                       smoothing_sigmas=(0.03, 0.06, 0.12, 0.25), certify_n0=64, certify_n=500, n_certify=100,
-                      finetune_images=10_000, finetune_steps=1000, finetune_lr=5e-4,
+                      finetune_images=10_000, finetune_steps=1000, finetune_batch_size=64,
+                      finetune_attack_steps=10, finetune_lr=5e-4,
                       oft_lr=2e-3, oft_clean_weight=1.0, oft_block_sizes=(128, 16),
                       device="cpu"),
-    "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20,
+    # Sized to run in about 25 minutes on one H100 (README, "What the real study costs"): 500 images for the
+    # defence sweeps (95% CI about +-4 points), 1,000 draws per certificate (radii up to 2.5 sigma), one epoch
+    # of fine-tuning (400 steps of 128 images).
+    "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20, restarts=2,
                         eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
-                        n_defence=1000, eot_samples=20, eot_grid=(1, 2, 5, 10, 20, 40), votes=32,
-                        smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=100, certify_n=10_000, n_certify=500,
-                        finetune_images=50_000, finetune_steps=2000, finetune_lr=1e-5,
+                        n_defence=500, eot_samples=20, eot_grid=(1, 2, 5, 10, 20), votes=32,
+                        smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=100, certify_n=1_000, n_certify=500,
+                        finetune_images=50_000, finetune_steps=400, finetune_batch_size=128,
+                        finetune_attack_steps=10, finetune_lr=1e-5,
                         oft_lr=1e-4, oft_clean_weight=1.0, oft_block_sizes=(128, 32),
                         device="cuda"),
 }
 
+# A smoke run: every budget shrunk so that all six notebooks run every cell and code path in minutes on a
+# CPU, even with ViT-B/32. Its numbers mean nothing; it proves that the study runs.
+SMOKE_BUDGETS = dict(n_eval=4, batch_size=4, attack_steps=1, restarts=1, eps_grid=(1, 8), n_defence=2,
+                     eot_samples=2, eot_grid=(1, 2), votes=2, certify_n0=2, certify_n=8, n_certify=2,
+                     finetune_images=8, finetune_steps=2, finetune_batch_size=2, finetune_attack_steps=1,
+                     single_template=True)
 
-def get_profile(name: str | None = None, device: str | None = None) -> Profile:
-    """The profile ``name``, else ``$CLIPLAB_PROFILE``, else ``shapes``.
+# get_profile's settings and the environment variables that carry them into a notebook's kernel
+ENVIRONMENT = {"device": "CLIPLAB_DEVICE", "precision": "CLIPLAB_PRECISION", "weights": "CLIPLAB_PRETRAINED",
+               "data_root": "CLIPLAB_DATA", "checkpoints": "CLIPLAB_CHECKPOINTS", "smoke": "CLIPLAB_SMOKE"}
 
-    The device is ``device``, else ``$CLIPLAB_DEVICE``, else the profile's when available, else CPU.
+
+def get_profile(name: str | None = None, device: str | None = None, *, precision: str | None = None,
+                weights: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
+                checkpoints: str | os.PathLike | None = None, smoke: bool | None = None) -> Profile:
+    """The profile ``name``, else ``$CLIPLAB_PROFILE``, else ``shapes``, with its settings.
+
+    Each setting is the argument, else its environment variable (``ENVIRONMENT``), else the profile's
+    default. The device falls back to the CPU, with a warning, when CUDA is asked for and absent.
+
+    Args:
+        name: ``"shapes"`` or ``"cifar100"``.
+        device: ``"cuda"`` or ``"cpu"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA) or ``"fp32"``.
+        weights: a checkpoint file or an open_clip tag instead of the profile's weights.
+        data_root: the directory holding ``cifar-100-python/``.
+        checkpoints: where 05 and 06 cache their fine-tuned encoders.
+        smoke: shrink every budget to seconds (``SMOKE_BUDGETS``).
     """
     name = name or os.environ.get("CLIPLAB_PROFILE") or "shapes"
     check_choice(name, "profile", PROFILES)
-    device = device or os.environ.get("CLIPLAB_DEVICE") or PROFILES[name].device
-    check_choice(device, "device", ("cpu", "cuda"))
-    if device == "cuda" and not torch.cuda.is_available():
+    given = dict(device=device, precision=precision, weights=weights, data_root=data_root,
+                 checkpoints=checkpoints, smoke=smoke)
+    settings = {}
+    for key, value in given.items():
+        value = value if value is not None else os.environ.get(ENVIRONMENT[key]) or None
+        if value is not None:
+            settings[key] = str(value) if key != "smoke" else str(value).lower() in ("1", "true", "yes")
+    profile = replace(PROFILES[name], **settings)
+    check_choice(profile.device, "device", ("cpu", "cuda"))
+    check_choice(profile.precision, "precision", PRECISIONS)
+    if profile.device == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"profile {name!r} wants a CUDA GPU and none is available: running on the CPU, slowly")
-        device = "cpu"
-    return replace(PROFILES[name], device=device)
+        profile = replace(profile, device="cpu")
+    return replace(profile, **SMOKE_BUDGETS) if profile.smoke else profile
+
+
+def profile_environment(profile: Profile) -> dict[str, str]:
+    """The environment variables that make ``get_profile()`` in another process return ``profile``."""
+    environment = {"CLIPLAB_PROFILE": profile.name}
+    for key, variable in ENVIRONMENT.items():
+        value = getattr(profile, key)
+        if value is not None and value is not False:
+            environment[variable] = "1" if value is True else str(value)
+    return environment
+

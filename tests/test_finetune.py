@@ -161,6 +161,7 @@ def test_study_config_takes_the_profile_budgets_per_adapter():
     profile = cliplab.get_profile("shapes")
     full = ft.study_config(profile, "fare", "full")
     assert (full.steps, full.lr, full.eps, full.clean_weight) == (profile.finetune_steps, profile.finetune_lr, 4 / 255, 0)
+    assert (full.batch_size, full.attack_steps) == (profile.finetune_batch_size, profile.finetune_attack_steps)
     oft = ft.study_config(profile, "fare", "oft")
     assert (oft.lr, oft.clean_weight, oft.block_size) == (profile.oft_lr, profile.oft_clean_weight,
                                                           profile.oft_block_sizes[0])

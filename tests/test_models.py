@@ -152,3 +152,63 @@ def test_profiles(monkeypatch):
     assert shapes.eps_values == [e / 255 for e in shapes.eps_grid]
     with pytest.raises(ValueError, match=r"^device must be one of"):
         cliplab.get_profile("shapes", device="tpu")
+
+
+def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_path):
+    """What `cliplab reproduce` sets in a notebook's kernel is what get_profile() there returns."""
+    from cliplab.profiles import ENVIRONMENT, profile_environment
+
+    for variable in [*ENVIRONMENT.values(), "CLIPLAB_PROFILE"]:
+        monkeypatch.delenv(variable, raising=False)
+    profile = cliplab.get_profile("cifar100", device="cpu", precision="fp32", weights=tmp_path / "w.safetensors",
+                                  data_root=tmp_path, checkpoints=tmp_path / "ckpt", smoke=True)
+    for variable, value in profile_environment(profile).items():
+        monkeypatch.setenv(variable, value)
+    assert cliplab.get_profile() == profile
+    assert profile.weights == str(tmp_path / "w.safetensors") and profile.checkpoint_dir == tmp_path / "ckpt"
+
+
+def test_smoke_shrinks_every_budget_of_either_profile():
+    from cliplab.profiles import SMOKE_BUDGETS
+
+    for name in ("shapes", "cifar100"):
+        full, smoke = cliplab.get_profile(name, device="cpu"), cliplab.get_profile(name, device="cpu", smoke=True)
+        assert smoke.smoke and not full.smoke and smoke.name == name
+        for field, value in SMOKE_BUDGETS.items():
+            assert getattr(smoke, field) == value
+            if isinstance(value, int) and not isinstance(value, bool):
+                assert value <= getattr(full, field), field
+        assert 8 in smoke.eps_grid, "notebook 01 reports the success rate at 8/255"
+
+
+def test_profile_loads_what_it_names(tmp_path, monkeypatch):
+    for variable in ("CLIPLAB_PRETRAINED", "CLIPLAB_PRECISION"):
+        monkeypatch.delenv(variable, raising=False)
+    torch.manual_seed(0)
+    path = tmp_path / "shapes.safetensors"
+    cliplab.save_weights(cliplab.load_classifier("shapes", pretrained=None, device="cpu"), path)
+    profile = cliplab.get_profile("shapes", device="cpu", weights=path, precision="fp32", smoke=True)
+    classifier = profile.load_classifier()
+    reference = cliplab.load_classifier("shapes", pretrained=path, device="cpu", templates=["a photo of a {}."])
+    x, y, names = profile.load_dataset("test", n=4)
+    assert classifier.precision == "fp32" and classifier.templates == ["a photo of a {}."]
+    with torch.no_grad():
+        assert torch.equal(classifier(x), reference(x))
+    assert x.shape == (4, 3, 32, 32) and len(names) == 100
+    with pytest.raises(ValueError, match=r"^precision must be one of"):
+        cliplab.get_profile("shapes", precision="fp16")
+
+
+def test_check_weights_is_fast_and_names_the_problem(tmp_path):
+    from cliplab.models import check_weights
+    from cliplab.shapes_clip import WEIGHTS
+
+    check_weights("shapes")  # the shipped checkpoint
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="another architecture"):
+        check_weights("ViT-B-32", pretrained=WEIGHTS)
+    truncated = tmp_path / "half.safetensors"
+    truncated.write_bytes(WEIGHTS.read_bytes()[: WEIGHTS.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"half\.safetensors.*truncated"):
+        check_weights("shapes", pretrained=truncated)
+    assert time.perf_counter() - start < 30

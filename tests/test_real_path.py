@@ -1,0 +1,160 @@
+"""The real study's path, proven offline: `cliplab reproduce --profile cifar100 --smoke` executes every cell of
+all six notebooks with OpenAI CLIP's architecture (ViT-B-32, randomly initialised and saved to a local file,
+loaded through --pretrained PATH) on a CIFAR-100 stand-in in torchvision's on-disk format (read by
+torchvision's CIFAR100 through --data DIR); bad weights or data fail within seconds, before any notebook runs."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+import torch
+
+import cliplab
+from cliplab import cli
+from standins import accept_checksums, kernel_startup, relabel, write_cifar100
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """Local ViT-B-32 weights and a CIFAR-100 stand-in whose test labels are the stand-in model's own
+    predictions (of the smoke profile's classifier), so that the attacks have correctly classified images
+    to work on, as with real weights."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("standin")
+    torch.manual_seed(0)
+    weights = root / "ViT-B-32-random.safetensors"
+    cliplab.save_weights(open_clip.create_model("ViT-B-32"), weights, dtype=torch.float16)
+    write_cifar100(root / "data", {"train": torch.randint(100, (32,)).tolist(), "test": [0] * 16})
+    with pytest.MonkeyPatch.context() as patch:
+        accept_checksums(patch, relabel(root / "data", "test", [0] * 16))
+        profile = cliplab.get_profile("cifar100", device="cpu", smoke=True, weights=weights, data_root=root / "data")
+        x, _, _ = profile.load_dataset("test")
+        labels = cliplab.predict(profile.load_classifier(), x)
+    md5 = relabel(root / "data", "test", labels.tolist())
+    return SimpleNamespace(weights=weights, data=root / "data", md5=md5,
+                           ipython=kernel_startup(root / "ipython", md5))
+
+
+@pytest.fixture()
+def offline(standin, monkeypatch):
+    """The stand-in's checksums accepted here and in notebook kernels; no download may be attempted."""
+    accept_checksums(monkeypatch, standin.md5)
+    monkeypatch.setenv("IPYTHONDIR", str(standin.ipython))
+    monkeypatch.setenv("CLIPLAB_OFFLINE", "1")
+    for variable in ("CLIPLAB_PROFILE", "CLIPLAB_DEVICE", "CLIPLAB_PRETRAINED", "CLIPLAB_DATA", "CLIPLAB_SMOKE",
+                     "CLIPLAB_PRECISION", "CLIPLAB_CHECKPOINTS", "CLIPLAB_FIGURES"):
+        monkeypatch.delenv(variable, raising=False)
+    return standin
+
+
+def _reproduce(*args: str, results: Path) -> int:
+    return cli.main(["reproduce", "--notebooks", str(NOTEBOOKS), "--results", str(results), *args])
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*") if p.is_file()}
+
+
+def test_smoke_run_executes_every_cell_of_the_cifar100_study(offline, tmp_path, capsys):
+    before = _snapshot(NOTEBOOKS)
+    code = _reproduce("--profile", "cifar100", "--smoke", "--device", "cpu", "--pretrained", str(offline.weights),
+                      "--data", str(offline.data), results=tmp_path)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    out = tmp_path / "cifar100-smoke"
+    executed = sorted(out.glob("*.ipynb"))
+    assert [p.name for p in executed] == sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    for path in executed:
+        notebook = nbformat.read(path, as_version=4)
+        code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert all(cell.execution_count for cell in code_cells), f"{path.name}: a cell did not run"
+        errors = [o for cell in code_cells for o in cell.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+        assert list((out / "figures" / path.stem).glob("*.png")), f"{path.name} saved no figure"
+    profile_print = "".join(o.get("text", "") for o in nbformat.read(executed[0], as_version=4).cells[1].outputs)
+    assert "name='cifar100'" in profile_print and "smoke=True" in profile_print
+    assert str(offline.weights) in profile_print, "the notebooks must load the --pretrained weights"
+    # 05 and 06 cached their encoders in the results directory, and the repository is untouched
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.safetensors")) == [
+        "fare-full.safetensors", "fare-oft128-cw2.safetensors", "fare-oft128-cw3.safetensors",
+        "fare-oft128.safetensors", "fare-oft32.safetensors", "tecoa-full.safetensors"]
+    assert _snapshot(NOTEBOOKS) == before, "a smoke run wrote into the repository"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _fails_fast(capsys, results: Path, *args: str) -> str:
+    start = time.perf_counter()
+    code = _reproduce("--profile", "cifar100", "--smoke", "--device", "cpu", *args, results=results)
+    elapsed = time.perf_counter() - start
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert elapsed < 30, f"took {elapsed:.0f} s to fail"
+    assert not results.exists(), "nothing may be written when the inputs are bad"
+    return error
+
+
+def test_missing_weights_file(offline, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "ViT-B-32.safetensors"
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(missing), "--data", str(offline.data))
+    assert str(missing) in error and "not found" in error
+
+
+def test_truncated_weights_file(offline, tmp_path, capsys):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(offline.weights.read_bytes()[:1_000_000])
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(truncated), "--data", str(offline.data))
+    assert str(truncated) in error and "truncated" in error
+
+
+def test_weights_of_another_architecture(offline, tmp_path, capsys):
+    from cliplab.shapes_clip import WEIGHTS
+
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(WEIGHTS), "--data", str(offline.data))
+    assert str(WEIGHTS) in error and "ViT-B-32" in error and "architecture" in error
+
+
+def test_empty_data_directory(offline, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(offline.weights), "--data", str(empty))
+    assert "missing train, test, meta" in error and str(empty) in error
+
+
+def test_partial_data_directory(offline, tmp_path, capsys):
+    partial = tmp_path / "partial" / "cifar-100-python"
+    partial.mkdir(parents=True)
+    (partial / "meta").write_bytes((offline.data / "cifar-100-python" / "meta").read_bytes())
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(offline.weights),
+                        "--data", str(partial.parent))
+    assert "missing train, test in" in error
+
+
+def test_data_failing_the_checksum(offline, tmp_path, capsys, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", "0" * 32]])  # not the file's checksum
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(offline.weights),
+                        "--data", str(offline.data))
+    assert "checksum" in error and str(offline.data) in error
+
+
+def test_smoke_never_updates_the_repository(offline, tmp_path, capsys):
+    before = _snapshot(NOTEBOOKS)
+    error = _fails_fast(capsys, tmp_path / "results", "--pretrained", str(offline.weights),
+                        "--data", str(offline.data), "--update")
+    assert "--update" in error and "--smoke" in error
+    assert _snapshot(NOTEBOOKS) == before
+
+
+def test_smoke_run_of_the_shapes_profile(offline, tmp_path, capsys):
+    """--smoke is the same code on either profile."""
+    assert _reproduce("--profile", "shapes", "--smoke", "--only", "01", results=tmp_path) == 0, capsys.readouterr()
+    assert (tmp_path / "shapes-smoke" / "01_attacks.ipynb").is_file()
+    assert not (tmp_path / "shapes").exists()
