@@ -1,7 +1,7 @@
 """Shared fixtures: models and data are built once per session, every test starts from a fixed seed.
 
 Everything runs on the CPU (the data contract makes device a property of the inputs, so nothing here
-depends on a GPU). The trained `shapes` CLIP is loaded from its shipped checkpoint; when that file is
+depends on a GPU), except the `cuda` tier (test_cuda.py), which runs where a GPU is present. The trained `shapes` CLIP is loaded from its shipped checkpoint; when that file is
 missing the tests that need it error with load_classifier's own FileNotFoundError.
 """
 from __future__ import annotations
@@ -19,6 +19,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # compete with other processes make every forward pass 5-10x slower (measured: 0.4 s -> 3 s for a
 # forward+backward of 200 Shapes images).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the `cuda` tier where there is no GPU, unless CLIPLAB_TEST_DEVICE points it at another device."""
+    if torch.cuda.is_available() or os.environ.get("CLIPLAB_TEST_DEVICE", "cuda") != "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (CLIPLAB_TEST_DEVICE=cpu runs the cuda tier on the CPU)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
