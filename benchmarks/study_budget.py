@@ -1,0 +1,157 @@
+"""What the study costs at a profile's budgets: passes of the image encoder per notebook, and the time they imply.
+
+A cost model, not a timing: for each notebook it counts the forward passes (F) and the forward + input-backward
+passes (B) of the image encoder that its cells run at the profile's budgets, and the fine-tuning steps, then turns
+them into time with throughputs measured on one NVIDIA H200 (torch 2.11, 2026-11-26; random-init ViT-B/32 at
+224x224, 100 classes x 18 templates):
+
+- PGD-10 over 10,000 images: 13.7 s under bf16 autocast, 50.0 s in fp32. That is 100,000 B + 10,000 F; with
+  F = B / 2 (an input-only backward costs what the forward does) it gives the rates of B and F below.
+- One FARE step (batch 128, PGD-10 inner attack): 0.28 s bf16 (0.86 s fp32); FARE with OFT: 0.41 s bf16 (its
+  fp32 time was not measured: scaled from full fine-tuning's by the bf16 ratio).
+
+An H100 SXM has the H200's compute (same GH100 chip, less and slower memory), so the bf16 column is the estimate
+for one H100 too. Attacks run on the correctly classified images only: the model assumes CLIP ViT-B/32's
+zero-shot CIFAR-100 accuracy of 65% (Radford et al. 2021) everywhere, and no early stopping (an upper bound).
+
+Usage:
+    python benchmarks/study_budget.py                 # the cifar100 profile, as a markdown table
+    python benchmarks/study_budget.py --profile shapes
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import cliplab
+
+B_PER_S = {"bf16": 105_000 / 13.7, "fp32": 105_000 / 50.0}  # forward + input-backward passes per second
+STEP_S = {"bf16": {"full": 0.28, "oft": 0.41}, "fp32": {"full": 0.86, "oft": 0.86 * 0.41 / 0.28}}
+ACCURACY = 0.65  # zero-shot CIFAR-100 accuracy of CLIP ViT-B/32 (Radford et al. 2021, prompt ensemble)
+
+
+@dataclass
+class Cost:
+    forward: float = 0.0  # F: forward passes of one image at 224x224
+    backward: float = 0.0  # B: forward + input-backward passes of one image
+    finetune: dict = None  # adapter -> optimiser steps, scaled to batch 128 and a 10-step inner attack
+
+    def __post_init__(self):
+        self.finetune = self.finetune or {}
+
+    def predict(self, n, votes=1):
+        self.forward += n * votes
+
+    def attack(self, n, steps, eot=1, restarts=1):
+        """PGD: ``steps`` gradient steps and one final evaluation per restart, each over ``eot`` draws."""
+        self.backward += n * restarts * steps * eot
+        self.forward += n * restarts * eot
+
+    def masking_report(self, n, steps, eot=1, votes=1, transfer=True):
+        """checks.gradient_masking_report: a gradient, attacks at eps/2, eps, 2 eps and 1, a 4x-steps attack with
+        2 restarts, a transfer attack; each scored with ``votes``."""
+        self.backward += n * eot
+        for _ in range(4):
+            self.attack(n, steps, eot)
+        self.attack(n, 4 * steps, eot, restarts=2)
+        if transfer:
+            self.attack(n, steps)
+        self.predict(n, votes * (6 if transfer else 5))
+
+    def seconds(self, precision):
+        passes = self.backward + self.forward / 2
+        steps = sum(count * STEP_S[precision][adapter] for adapter, count in self.finetune.items())
+        return passes / B_PER_S[precision] + steps
+
+
+def notebook_costs(p: cliplab.Profile) -> dict[str, Cost]:
+    costs = {name: Cost() for name in ("01_attacks", "02_eot", "03_randomized_smoothing", "04_denoising",
+                                       "05_adversarial_finetune", "06_orthogonal_finetune")}
+    right = lambda n: ACCURACY * n  # noqa: E731 - the images an evaluation attacks
+
+    c = costs["01_attacks"]
+    c.predict(p.n_eval, 2)  # accuracy, then the probabilities of the example
+    c.attack(1, 4 * p.attack_steps)
+    c.attack(p.batch_size, p.attack_steps, restarts=2)  # the two loss-curve runs
+    for _ in range(2 * len(p.eps_grid)):  # untargeted and targeted success at every eps
+        c.predict(p.n_eval)
+        c.attack(right(p.n_eval), p.attack_steps)
+        c.predict(right(p.n_eval))
+
+    c, n, v = costs["02_eot"], p.n_defence, p.votes
+    c.predict(n, 1 + 2 * v)
+    runs = [k for k in p.eot_grid for _ in range(2)] + [1, 1] + [k for k in (1, p.eot_samples) for _ in range(4)]
+    for k in runs:  # EOT sweep (2 modes), transfer (2 modes, on the undefended model), Gaussian noise at 4 eps
+        c.predict(n, v)
+        c.attack(right(n), p.attack_steps, eot=k)
+        c.predict(right(n), v)
+
+    c, noise = costs["03_randomized_smoothing"], 8  # RandomizedSmoothing(num_noise=8) in every soft forward
+    c.predict(n)
+    for _ in p.smoothing_sigmas:
+        c.predict(n, 2 * p.certify_n0)  # smoothed accuracy, clean and attacked
+        c.attack(n, p.attack_steps, eot=(p.eot_samples // noise + 1) * noise)
+        c.predict(p.n_certify, p.certify_n0 + p.certify_n)  # certify
+    c.masking_report(min(40, n), p.attack_steps, eot=2 * 4, votes=p.votes * 4)
+
+    c, n = costs["04_denoising"], p.n_eval
+    c.attack(n, p.attack_steps)
+    c.predict(n, 2 + 2 * 15)  # undefended, then 15 bilateral sigmas on adversarial and clean images
+    for _ in range(5):  # adaptive attacks through 5 of the sigmas
+        c.attack(n, p.attack_steps)
+        c.predict(n)
+    c.attack(p.n_defence, p.attack_steps, eot=p.eot_samples)  # random sigma, EOT
+    c.predict(p.n_defence, 2 * p.votes)
+    for _ in range(16):  # colour x spatial sigma grid
+        c.predict(p.n_defence)
+        c.attack(right(p.n_defence), p.attack_steps)
+        c.predict(right(p.n_defence))
+    c.masking_report(p.n_defence, p.attack_steps)
+
+    scale = p.finetune_batch_size / 128 * (p.finetune_attack_steps + 2) / 12  # a step's cost vs the measured one
+    for name, runs, models in (("05_adversarial_finetune", {"full": 2}, 3), ("06_orthogonal_finetune",
+                                                                          {"oft": 4}, 6)):
+        c = costs[name]
+        c.finetune = {adapter: count * p.finetune_steps * scale for adapter, count in runs.items()}
+        for _ in range(models * 3):  # accuracy_vs_eps at 1, 2, 4 / 255
+            c.predict(p.n_eval)
+            c.attack(right(p.n_eval), p.attack_steps, restarts=p.restarts)
+            c.predict(right(p.n_eval))
+    costs["05_adversarial_finetune"].masking_report(100, p.attack_steps)
+    return costs
+
+
+def format_table(costs: dict[str, Cost]) -> str:
+    lines = ["| notebook | forward passes | fwd + input-bwd passes | fine-tuning steps (batch 128) | bf16, one H100 | fp32 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, c in [*costs.items(), ("**total**", _total(costs.values()))]:
+        steps = sum(c.finetune.values())
+        lines.append(f"| {name} | {c.forward / 1e6:.2f} M | {c.backward / 1e6:.2f} M | {steps:,.0f} | "
+                     f"{_minutes(c.seconds('bf16'))} | {_minutes(c.seconds('fp32'))} |")
+    return "\n".join(lines)
+
+
+def _total(costs) -> Cost:
+    total = Cost()
+    for c in costs:
+        total.forward += c.forward
+        total.backward += c.backward
+        for adapter, steps in c.finetune.items():
+            total.finetune[adapter] = total.finetune.get(adapter, 0) + steps
+    return total
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cifar100", choices=sorted(cliplab.profiles.PROFILES))
+    args = parser.parse_args(argv)
+    profile = cliplab.profiles.PROFILES[args.profile]
+    print(format_table(notebook_costs(profile)))
+
+
+if __name__ == "__main__":
+    main()
