@@ -17,6 +17,14 @@ def device_of(model: nn.Module, default: torch.device) -> torch.device:
     return tensor.device if tensor is not None else default
 
 
+def check_device(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
+    """``x`` must be on ``model``'s device: a clear error at the boundary, not a device mismatch deep inside."""
+    device = device_of(model, x.device)
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {device}: move it with "
+                         f"{name}.to({str(device)!r}) (or the model with .to({name}.device))")
+
+
 def autocast(device: torch.device, precision: str | bool):
     """The autocast context of ``precision`` on ``device``.
 

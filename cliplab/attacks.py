@@ -93,6 +93,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         AttackResult with the adversarial images, per-sample success and the objective history.
     """
     check_images(x)
+    _torch.check_device(model, x)
     check_positive(eps, "eps", allow_zero=True)
     if eps > 1 and norm == "linf":
         raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
@@ -249,6 +250,7 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: st
     Shape: x (N, 3, H, W), y (N,) -> (N, 3, H, W).
     """
     check_images(x)
+    _torch.check_device(model, x)
     check_int(eot_samples, "eot_samples")
     check_choice(loss, "loss", LOSSES)
     return _objective_and_gradient(model, x, y, loss=loss, targeted=targeted, eot_samples=eot_samples,

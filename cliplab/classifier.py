@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_choice, check_images
-from ._torch import PRECISIONS, autocast, device_of
+from ._torch import PRECISIONS, autocast, check_device, device_of
 
 
 @torch.no_grad()
@@ -112,9 +112,7 @@ class ZeroShotClassifier(nn.Module):
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) image-encoder outputs, what FARE keeps close. (N,3,H,W) in [0,1] -> (N, D) fp32."""
         check_images(x, values=False)  # noisy inputs from defences may leave [0, 1]
-        if x.device != self.mean.device:  # a clear error here, not a device mismatch deep inside a kernel
-            raise ValueError(f"x is on {x.device} but the classifier is on {self.mean.device}: move the images "
-                             f"with x.to({str(self.mean.device)!r}) (or the classifier with .to(x.device))")
+        check_device(self, x)
         with self.autocast(x.device):
             return self.model.encode_image(self.preprocess(x)).float()
 

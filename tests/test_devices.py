@@ -41,9 +41,14 @@ def test_buffers_follow_the_model_at_construction(random_shapes_clf):
     assert _devices(clf) == {"meta"}
 
 
-def test_images_on_another_device_get_a_clear_error(random_shapes_clf):
-    with pytest.raises(ValueError, match=r"^x is on meta but the classifier is on cpu: move the images"):
+def test_images_on_another_device_get_a_clear_error(random_shapes_clf, toy_model, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"^x is on meta but the model is on cpu: move it with x.to\('cpu'\)"):
         random_shapes_clf(torch.rand(2, 3, 32, 32, device="meta"))
+    elsewhere = copy.deepcopy(toy_model).to("meta")  # any model, not only cliplab's classifier
+    for attack in (lambda: cliplab.pgd(elsewhere, x, y, eps=0.01), lambda: cliplab.eot_gradient(elsewhere, x, y)):
+        with pytest.raises(ValueError, match=r"^x is on cpu but the model is on meta"):
+            attack()
 
 
 def test_smoothing_moves_images_to_its_classifier(random_shapes_clf, batch):
