@@ -63,9 +63,9 @@ def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: S
     import open_clip
 
     check_choice(precision, "precision", PRECISIONS)
-    model_name, pretrained, dataset = _resolve(name, pretrained)
+    model_name, pretrained, dataset, options = _resolve(name, pretrained)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = _create_model(model_name, pretrained, device)
+    model = _create_model(model_name, pretrained, device, options)
     classifier = ZeroShotClassifier(
         model, open_clip.get_tokenizer(model_name),
         class_names if class_names is not None else data.class_names(dataset),
@@ -85,22 +85,25 @@ def check_weights(name: str = "shapes", *, pretrained=_DEFAULT) -> None:
     Raises:
         ValueError, FileNotFoundError: as ``load_classifier``.
     """
-    model_name, pretrained, _ = _resolve(name, pretrained)
+    model_name, pretrained, _, options = _resolve(name, pretrained)
     with warnings.catch_warnings():  # loading into meta tensors is a no-op copy, which torch warns about
         warnings.simplefilter("ignore", UserWarning)
-        _create_model(model_name, pretrained, torch.device("meta"))
+        _create_model(model_name, pretrained, torch.device("meta"), options)
 
 
-def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str]:
-    """(open_clip model name, weights, data set of its class names) for a profile or model name."""
+def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str, dict]:
+    """(open_clip model name, weights, data set of its class names, create_model options) for a profile or
+    model name. A profile's architecture is that of its own weights, whatever is loaded into it: OpenAI's
+    CLIP uses QuickGELU, so the cifar100 profile builds it for a local copy of those weights, or none, too."""
     import open_clip
 
     register_model_configs()
     if name in PROFILE_MODELS:
         model_name, default_weights, dataset = PROFILE_MODELS[name]
         pretrained = default_weights if pretrained is _DEFAULT else pretrained
+        options = _tag_options(model_name, default_weights)
     elif name in open_clip.list_models():
-        model_name, dataset = name, "cifar100"
+        model_name, dataset, options = name, "cifar100", {}
         if pretrained is _DEFAULT:
             raise ValueError(f"pretrained must be given for model {name!r}: a tag "
                              f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}), "
@@ -108,23 +111,29 @@ def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str]
     else:
         raise ValueError(f"name must be a profile ({', '.join(PROFILE_MODELS)}) or an open_clip model "
                          f"name (see open_clip.list_models()), got {name!r}")
-    return model_name, pretrained, dataset
+    return model_name, pretrained, dataset, options
 
 
-def _create_model(model_name: str, pretrained: str | os.PathLike | None, device: torch.device) -> nn.Module:
+def _tag_options(model_name: str, tag_name: str) -> dict:
+    """The create_model options a pretrained tag implies (activation, normalisation); none for a file."""
+    import open_clip
+
+    tag = open_clip.get_pretrained_cfg(model_name, tag_name)
+    preprocess = {k: tag[k] for k in ("mean", "std") if k in tag}
+    return {"force_quick_gelu": tag.get("quick_gelu", False), "force_preprocess_cfg": preprocess or None}
+
+
+def _create_model(model_name: str, pretrained: str | os.PathLike | None, device: torch.device,
+                  options: dict) -> nn.Module:
     import open_clip
 
     if pretrained is None:
-        return open_clip.create_model(model_name, device=device)
+        return open_clip.create_model(model_name, device=device, **options)
     pretrained = str(pretrained)
     tag = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if tag:
-        path = _cached_weights(model_name, pretrained, tag)
-        # open_clip would reconfigure from the tag; with a file we must pass what the tag implies
-        preprocess = {k: tag[k] for k in ("mean", "std") if k in tag}
-        return open_clip.create_model(model_name, pretrained=path, device=device,
-                                      force_quick_gelu=tag.get("quick_gelu", False),
-                                      force_preprocess_cfg=preprocess or None)
+    if tag:  # open_clip would reconfigure from the tag; with the file we pass what the tag implies
+        return open_clip.create_model(model_name, pretrained=_cached_weights(model_name, pretrained, tag),
+                                      device=device, **_tag_options(model_name, pretrained))
     if not Path(pretrained).is_file():
         looks_like_path = os.sep in pretrained or Path(pretrained).suffix
         raise FileNotFoundError(f"pretrained checkpoint file not found: {pretrained}") if looks_like_path else \
@@ -132,7 +141,7 @@ def _create_model(model_name: str, pretrained: str | os.PathLike | None, device:
                        f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none known'}), "
                        f"a checkpoint path or None, got {pretrained!r}")
     try:
-        return open_clip.create_model(model_name, pretrained=pretrained, device=device).float()
+        return open_clip.create_model(model_name, pretrained=pretrained, device=device, **options).float()
     except Exception as error:  # a truncated or foreign file: name it and say why, not a deep loader trace
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ValueError(f"pretrained checkpoint {pretrained} cannot be loaded into {model_name}: it is truncated, "

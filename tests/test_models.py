@@ -212,3 +212,28 @@ def test_check_weights_is_fast_and_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"half\.safetensors.*truncated"):
         check_weights("shapes", pretrained=truncated)
     assert time.perf_counter() - start < 30
+
+
+def test_cifar100_profile_builds_openai_clip_for_local_weights_too(tmp_path):
+    """OpenAI's CLIP uses QuickGELU: a local copy of its weights (or none) must get that activation and OpenAI's
+    normalisation, as the 'openai' tag would; a bare model name keeps open_clip's own config."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    from cliplab.data import CIFAR100_CLASSES
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit.safetensors"
+    cliplab.save_weights(open_clip.create_model("ViT-B-32"), path, dtype=torch.float16)
+    names = dict(class_names=list(CIFAR100_CLASSES[:3]), templates=["a photo of a {}."], device="cpu")
+    profile = cliplab.load_classifier("cifar100", pretrained=path, **names)
+    bare = cliplab.load_classifier("ViT-B-32", pretrained=path, **names)
+    activation = lambda clf: type(clf.model.visual.transformer.resblocks[0].mlp.gelu)  # noqa: E731
+    assert activation(profile) is QuickGELU and activation(bare) is not QuickGELU
+    openai = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    torch.testing.assert_close(profile.mean.flatten(), torch.tensor(openai["mean"]))
+    torch.testing.assert_close(profile.std.flatten(), torch.tensor(openai["std"]))
+    reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=str(path))  # open_clip's own QuickGELU config
+    x = render_shapes(2, seed=0)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(profile.image_features(x), reference.encode_image(profile.preprocess(x)).float())
