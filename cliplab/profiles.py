@@ -61,15 +61,19 @@ class Profile:
         """Where notebooks 05 and 06 cache their fine-tuned encoders."""
         return Path(self.checkpoints) if self.checkpoints else Path("checkpoints") / self.name
 
+    @property
+    def _pretrained(self) -> dict:
+        """``pretrained=`` for load_classifier/check_weights: none when the profile keeps its own weights."""
+        return {} if self.weights is None else {"pretrained": self.weights}
+
     def load_classifier(self):
         """The profile's zero-shot classifier: its weights, on its device, in its precision."""
         from . import data
         from .models import load_classifier
 
-        weights = {} if self.weights is None else {"pretrained": self.weights}
         templates = data.templates(self.name, single=self.single_template)
         return load_classifier(self.name, device=self.device, precision=self.precision, templates=templates,
-                               **weights)
+                               **self._pretrained)
 
     def load_dataset(self, split: str = "test", n: int | None = None):
         """``(x, y, class_names)`` of the profile's data set, the tensors on the profile's device."""
@@ -83,7 +87,7 @@ class Profile:
         from .data import check_dataset
         from .models import check_weights
 
-        check_weights(self.name, **({} if self.weights is None else {"pretrained": self.weights}))
+        check_weights(self.name, **self._pretrained)
         check_dataset(self.name, self.data_root)
 
 
