@@ -102,7 +102,8 @@ def reproduce(profile: Profile, only: list[str] | None = None, notebooks: Path |
     out = results_dir(results, profile)
     if profile.smoke and profile.checkpoints is None:
         profile = replace(profile, checkpoints=str((out / "checkpoints").resolve()))
-    env = {**profile_environment(profile), "MPLBACKEND": "Agg"}
+    # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
+    env = {**profile_environment(profile), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     runs = []
     for path in paths:
         env["CLIPLAB_FIGURES"] = str((out / "figures" / path.stem).resolve())

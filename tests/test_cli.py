@@ -57,6 +57,7 @@ def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     ok = nbformat.read(shapes / "01_ok.ipynb", as_version=4)
     printed_path = "".join(o.get("text", "") for o in ok.cells[1].outputs)
     assert printed_path.strip().endswith("demo.png")
+    assert any("image/png" in o.get("data", {}) for o in ok.cells[1].outputs), "figures must be embedded inline"
     fail = nbformat.read(shapes / "02_fail.ipynb", as_version=4)
     errors = [o for cell in fail.cells for o in cell.get("outputs", []) if o.output_type == "error"]
     assert len(errors) == 1 and errors[0].ename == "ValueError" and errors[0].evalue == "boom"
