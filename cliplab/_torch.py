@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -45,3 +46,48 @@ def autocast(device: torch.device, precision: str | bool):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cast_cache(device: torch.device):
+    """One autocast weight-cast cache for the whole block.
+
+    Autocast casts each fp32 weight to bf16 when an op uses it, and keeps the copy only until the outermost
+    autocast region exits; every forward pass of a classifier opens its own region, so an attack of k steps
+    would re-cast every weight k times. Wrapping the attack in this context keeps one outer region open, with
+    the caller's autocast state unchanged, so the nested regions share one copy of each weight. (Autocast
+    caches the casts of leaf tensors that require grad, i.e. trainable weights; weights must not change inside
+    the block.)
+    """
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.get_autocast_dtype(device.type),
+                          enabled=torch.is_autocast_enabled(device.type))
+
+
+class PatchEmbedding(nn.Conv2d):
+    """A convolution whose stride equals its kernel, without padding (a ViT's patch embedding), run as one matmul
+    over the non-overlapping patches: the same linear map, but a plain GEMM, forward and backward, where cuDNN's
+    kernels for this shape ran at 3% of the GPU's bf16 peak (8.4 ms a call for 1,024 ViT-B/32 images on an H200,
+    17% of a PGD step) and the CPU's convolution backward was slow too.
+
+    ``PatchEmbedding.replacing(conv)`` builds one sharing ``conv``'s parameters (same state-dict keys)."""
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> "PatchEmbedding":
+        embedding = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=False,
+                        device="meta")
+        embedding.weight, embedding.bias = conv.weight, conv.bias
+        return embedding.train(conv.training)
+
+    @staticmethod
+    def applies_to(module: nn.Module) -> bool:
+        return (type(module) is nn.Conv2d and module.stride == module.kernel_size and module.groups == 1
+                and module.padding == (0, 0) and module.dilation == (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, channels, height, width = x.shape
+        (kh, kw), (gh, gw) = self.kernel_size, (height // self.kernel_size[0], width // self.kernel_size[1])
+        x = x[..., :gh * kh, :gw * kw]  # a strided convolution ignores the remainder
+        patches = x.reshape(n, channels, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
+        out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # (N, gh*gw, C_out)
+        return out.transpose(1, 2).unflatten(2, (gh, gw))  # (N, C_out, gh, gw), a view: no copy

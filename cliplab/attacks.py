@@ -110,7 +110,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
 
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
     history = []
-    with eval_mode(model):
+    with eval_mode(model), _torch.cast_cache(x.device):
         if y is None:  # leave the model's own prediction
             with torch.no_grad():
                 y = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
@@ -172,16 +172,17 @@ class _Strongest:
         self.logits = None
 
     def update(self, index, x_adv, objective, logits, success) -> None:
-        """Offer candidates for the samples ``index``; keep those that are stronger."""
+        """Offer candidates for the samples ``index``; keep those that are stronger.
+
+        Selects with ``torch.where`` rather than boolean indexing, which would wait for the GPU at every step."""
         if self.logits is None:
             self.logits = torch.zeros(len(self.x), logits.shape[1], device=logits.device)
-        better = (success & ~self.success[index]) | (
-            (success == self.success[index]) & (objective > self.objective[index]))
-        index = index[better]
-        self.x[index] = x_adv[better]
-        self.objective[index] = objective[better]
-        self.logits[index] = logits[better]
-        self.success[index] = success[better]
+        held = self.success[index]
+        better = (success & ~held) | ((success == held) & (objective > self.objective[index]))
+        self.x[index] = torch.where(better.view(-1, 1, 1, 1), x_adv, self.x[index])
+        self.objective[index] = torch.where(better, objective, self.objective[index])
+        self.logits[index] = torch.where(better[:, None], logits, self.logits[index])
+        self.success[index] = held | success
 
 
 def _pgd_run(model, x, y, best: _Strongest, *, eps, alpha, steps, targeted, random_start, norm, loss,

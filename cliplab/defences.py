@@ -108,13 +108,19 @@ class RandomizedSmoothing(nn.Module):
         generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
         counts = torch.zeros(len(x) * self.num_classes, dtype=torch.int64, device=x.device)  # flattened (N, C)
         total = len(x) * n
+        with _torch.cast_cache(x.device):
+            self._count(x, n, counts, generator)
+        return counts.view(len(x), self.num_classes)
+
+    def _count(self, x, n, counts, generator) -> None:
+        """Add the predictions on the N*n noisy images to ``counts``, flattened (N*C,), batch by batch."""
+        total = len(x) * n
         for start in tqdm(range(0, total, self.batch_size), disable=not self.progress, desc="noise samples"):
             image = torch.arange(start, min(start + self.batch_size, total), device=x.device) // n  # (B,)
             noisy = x[image] + self.sigma * torch.randn(
                 (len(image), *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
             prediction = self._classify(noisy).argmax(dim=1)
             counts.index_add_(0, image * self.num_classes + prediction, torch.ones_like(prediction))
-        return counts.view(len(x), self.num_classes)
 
     def predict(self, x: torch.Tensor, n: int, alpha: float = 0.001, *, seed: int | None = None) -> torch.Tensor:
         """Cohen et al.'s PREDICT: the top class, or -1 (abstain) when a two-sided binomial test cannot

@@ -72,7 +72,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     check_int(votes, "votes")
     device = _torch.device_of(model, x.device)
     out = []
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), _torch.cast_cache(device):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
             with _torch.autocast(device, autocast):

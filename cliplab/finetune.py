@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from . import _torch
 from ._checks import check_choice, check_int, check_positive
 from ._io import atomic_write
 from ._train import adamw
@@ -175,12 +176,14 @@ def train_step(classifier: ZeroShotClassifier, original: torch.nn.Module, x: tor
     Returns:
         The loss, and the batch's clean and adversarial zero-shot accuracy.
     """
-    loss, clean_hit, robust_hit = _loss(classifier, original, x, y, config, attack_seed)
+    with _torch.cast_cache(x.device):  # the inner attack's passes share one bf16 copy of each trained weight
+        loss, clean_hit, robust_hit = _loss(classifier, original, x, y, config, attack_seed)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
     optimizer.step()
-    return loss.item(), clean_hit, robust_hit
+    loss, clean_hit, robust_hit = torch.stack([loss.detach(), clean_hit, robust_hit]).tolist()  # one host sync
+    return loss, clean_hit, robust_hit
 
 
 def _evaluate(classifier, x, y, config) -> dict:
@@ -191,7 +194,7 @@ def _evaluate(classifier, x, y, config) -> dict:
 
 
 def _loss(classifier, original, x, y, config, attack_seed):
-    """One training step's loss; also the batch's clean and adversarial zero-shot accuracy."""
+    """One training step's loss; also the batch's clean and adversarial zero-shot accuracy (0-d tensors)."""
     attack_generator = torch.Generator(x.device).manual_seed(attack_seed)
     alpha = 2.5 * config.eps / config.attack_steps
     with torch.no_grad(), classifier.autocast(x.device):  # f0 in the classifier's precision
@@ -218,8 +221,8 @@ def _loss(classifier, original, x, y, config, attack_seed):
     with torch.no_grad():
         if features_clean is None:
             features_clean = classifier.image_features(x)
-        clean_hit = (classifier.logits_from_features(features_clean).argmax(1) == y).float().mean().item()
-    robust_hit = (logits_adv.argmax(1) == y).float().mean().item()
+        clean_hit = (classifier.logits_from_features(features_clean).argmax(1) == y).float().mean()
+    robust_hit = (logits_adv.argmax(1) == y).float().mean()
     return loss, clean_hit, robust_hit
 
 

@@ -95,6 +95,25 @@ def test_preprocess_matches_open_clip_transform_at_other_resolutions(vit, size):
     assert errors.mean() < 0.35
 
 
+@pytest.mark.parametrize("size", [(32, 32), (48, 40), (40, 48), (300, 260)])
+def test_preprocess_equals_torch_resize_kernel(vit, size):
+    """The resize runs as two matmuls (cheaper backward); it must equal torch's antialiased bicubic kernel,
+    clamp and centre crop to float rounding, up- and downsampling, including the gradient."""
+    clf = vit[0]
+    x = torch.rand(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    short = 224
+    new = (short, int(short * size[1] / size[0])) if size[0] <= size[1] else (int(short * size[0] / size[1]), short)
+    top, left = int(round((new[0] - short) / 2)), int(round((new[1] - short) / 2))
+    reference = F.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    reference = (reference[..., top:top + short, left:left + short] - clf.mean.double()) / clf.std.double()
+    ours = clf.preprocess(x)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    weights = torch.randn_like(ours)
+    grad_ours, = torch.autograd.grad((ours * weights).sum(), x)
+    grad_reference, = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=0, atol=1e-10)
+
+
 def test_embeddings_are_unit_vectors(vit, random_shapes_clf):
     x = render_shapes(3, seed=0)[0]
     for clf in (vit[0], random_shapes_clf):

@@ -4,6 +4,7 @@ loaded through --pretrained PATH) on a CIFAR-100 stand-in in torchvision's on-di
 torchvision's CIFAR100 through --data DIR); bad weights or data fail within seconds, before any notebook runs."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,8 +64,18 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_smoke_run_executes_every_cell_of_the_cifar100_study(offline, tmp_path, capsys):
+    _check_smoke_run(offline, tmp_path, capsys, "cpu")
+
+
+@pytest.mark.cuda
+def test_smoke_run_on_the_gpu(offline, tmp_path, capsys):
+    """The same run on CUDA (bf16 autocast, the study's default there)."""
+    _check_smoke_run(offline, tmp_path, capsys, os.environ.get("CLIPLAB_TEST_DEVICE", "cuda"))
+
+
+def _check_smoke_run(offline, tmp_path: Path, capsys, device: str) -> None:
     before = _snapshot(NOTEBOOKS)
-    code = _reproduce("--profile", "cifar100", "--smoke", "--device", "cpu", "--pretrained", str(offline.weights),
+    code = _reproduce("--profile", "cifar100", "--smoke", "--device", device, "--pretrained", str(offline.weights),
                       "--data", str(offline.data), results=tmp_path)
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -79,7 +90,7 @@ def test_smoke_run_executes_every_cell_of_the_cifar100_study(offline, tmp_path, 
         assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
         assert list((out / "figures" / path.stem).glob("*.png")), f"{path.name} saved no figure"
     profile_print = "".join(o.get("text", "") for o in nbformat.read(executed[0], as_version=4).cells[1].outputs)
-    assert "name='cifar100'" in profile_print and "smoke=True" in profile_print
+    assert "name='cifar100'" in profile_print and "smoke=True" in profile_print and f"device='{device}'" in profile_print
     assert str(offline.weights) in profile_print, "the notebooks must load the --pretrained weights"
     # 05 and 06 cached their encoders in the results directory, and the repository is untouched
     assert sorted(p.name for p in (out / "checkpoints").glob("*.safetensors")) == [

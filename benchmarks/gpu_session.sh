@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine is for, in one call (device time is scarce): the GPU benchmarks with their
+# profiles, the `cuda` test tier and the cifar100 smoke run on CUDA. Results land in $OUT (or ./gpu-out).
+#
+# The machine has torch but not cliplab's other dependencies: carry them as wheels in .whl/ (see RESULTS.md,
+# "GPU sessions") and run from the repository root:   bash benchmarks/gpu_session.sh [bench_gpu.py options]
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+if ! python3 -c "import open_clip, kornia, torchattacks, nbclient, nbval" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 CLIPLAB_OFFLINE=1 MPLBACKEND=Agg
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
+  date -u; } | tee "$OUT/device.txt"
+
+(cd benchmarks && timeout "${BENCH_TIMEOUT:-300}" python3 bench_gpu.py --profile "$OUT/profiles" --sync-check "$@") \
+    2>&1 | tee "$OUT/bench_gpu.txt"
+timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    | tee "$OUT/pytest_cuda.txt" | tail -15
+timeout "${SMOKE_TIMEOUT:-400}" python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_real_path.py 2>&1 \
+    | tee "$OUT/pytest_smoke.txt" | tail -15
