@@ -2,8 +2,13 @@
 # Everything a lent GPU machine is for, in one call (device time is scarce): the GPU benchmarks with their
 # profiles, the `cuda` test tier and the cifar100 smoke run on CUDA. Results land in $OUT (or ./gpu-out).
 #
-# The machine has torch but not cliplab's other dependencies: carry them as wheels in .whl/ (see RESULTS.md,
-# "GPU sessions") and run from the repository root:   bash benchmarks/gpu_session.sh [bench_gpu.py options]
+# The machine has torch, torchvision, scipy, matplotlib and pytest but not the rest: carry it as Python 3.12 wheels
+# in .whl/ (ignored by git), e.g. every package of `pip freeze` that the machine lacks (open_clip_torch, ftfy,
+# wcwidth, kornia, kornia_rs, torchattacks, and the notebook stack: nbclient, nbformat, ipykernel, ipython,
+# jupyter_client, ipywidgets, nbval and their dependencies), fetched with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION ...
+# Then, from the repository root:   bash benchmarks/gpu_session.sh [bench_gpu.py options]
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)

@@ -2,12 +2,13 @@
 
 A cost model, not a timing: for each notebook it counts the forward passes (F) and the forward + input-backward
 passes (B) of the image encoder that its cells run at the profile's budgets, and the fine-tuning steps, then turns
-them into time with throughputs measured on one NVIDIA H200 (torch 2.11, 2026-11-26; random-init ViT-B/32 at
-224x224, 100 classes x 18 templates):
+them into time with throughputs measured by ``bench_gpu.py`` on one NVIDIA H200 (torch 2.11, 2026-11-27;
+random-init ViT-B/32 at 224x224, 100 classes x 18 templates; benchmarks/RESULTS.md):
 
-- PGD-10 over 10,000 images: 13.7 s under bf16 autocast, 50.0 s in fp32. That is 100,000 B + 10,000 F; with
-  F = B / 2 (an input-only backward costs what the forward does) it gives the rates of B and F below.
-- One FARE step (batch 128, PGD-10 inner attack): 0.28 s bf16 (0.86 s fp32); FARE with OFT: 0.41 s bf16 (its
+- PGD-10 over 10,000 images: 9.17 s under bf16 autocast; fp32 9.59 s over 2,048 images, i.e. 46.8 s per 10,000.
+  That is 100,000 B + 10,000 F; with F = B / 2 (an input-only backward costs what the forward does) it gives the
+  rates of B and F below.
+- One FARE step (batch 128, PGD-10 inner attack): 0.224 s bf16 (0.807 s fp32); FARE with OFT: 0.497 s bf16 (its
   fp32 time was not measured: scaled from full fine-tuning's by the bf16 ratio).
 
 An H100 SXM has the H200's compute (same GH100 chip, less and slower memory), so the bf16 column is the estimate
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 
 import cliplab
 
-B_PER_S = {"bf16": 105_000 / 13.7, "fp32": 105_000 / 50.0}  # forward + input-backward passes per second
-STEP_S = {"bf16": {"full": 0.28, "oft": 0.41}, "fp32": {"full": 0.86, "oft": 0.86 * 0.41 / 0.28}}
+B_PER_S = {"bf16": 105_000 / 9.17, "fp32": 105_000 / (9.585 * 10_000 / 2_048)}  # forward + input-backward passes per second
+STEP_S = {"bf16": {"full": 0.224, "oft": 0.497}, "fp32": {"full": 0.807, "oft": 0.807 * 0.497 / 0.224}}
 ACCURACY = 0.65  # zero-shot CIFAR-100 accuracy of CLIP ViT-B/32 (Radford et al. 2021, prompt ensemble)
 
 

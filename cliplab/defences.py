@@ -107,7 +107,6 @@ class RandomizedSmoothing(nn.Module):
         x = x.to(_torch.device_of(self.classifier, x.device))
         generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
         counts = torch.zeros(len(x) * self.num_classes, dtype=torch.int64, device=x.device)  # flattened (N, C)
-        total = len(x) * n
         with _torch.cast_cache(x.device):
             self._count(x, n, counts, generator)
         return counts.view(len(x), self.num_classes)

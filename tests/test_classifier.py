@@ -114,6 +114,30 @@ def test_preprocess_equals_torch_resize_kernel(vit, size):
     torch.testing.assert_close(grad_ours, grad_reference, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel, size", [(32, (224, 224)), (8, (32, 32)), (16, (50, 37))])
+def test_patch_embedding_is_the_convolution(kernel, size):
+    """The classifier swaps a ViT's stride=kernel convolution for a matmul: same outputs and input gradients,
+    same parameters (shared, so the state dict and optimisers see no change)."""
+    from cliplab._torch import PatchEmbedding
+
+    conv = torch.nn.Conv2d(3, 16, kernel, stride=kernel, bias=False).double()
+    embedding = PatchEmbedding.replacing(conv)
+    assert PatchEmbedding.applies_to(conv) and embedding.weight is conv.weight
+    assert not PatchEmbedding.applies_to(torch.nn.Conv2d(3, 16, 3, stride=1))
+    x = torch.rand(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(embedding(x), conv(x), rtol=0, atol=1e-12)
+    weights = torch.randn_like(conv(x))
+    torch.testing.assert_close(torch.autograd.grad((embedding(x) * weights).sum(), x)[0],
+                               torch.autograd.grad((conv(x) * weights).sum(), x)[0], rtol=0, atol=1e-12)
+
+
+def test_vit_patch_embedding_is_swapped(vit):
+    from cliplab._torch import PatchEmbedding
+
+    assert type(vit[0].model.visual.conv1) is PatchEmbedding
+    assert "model.visual.conv1.weight" in vit[0].state_dict()
+
+
 def test_embeddings_are_unit_vectors(vit, random_shapes_clf):
     x = render_shapes(3, seed=0)[0]
     for clf in (vit[0], random_shapes_clf):
