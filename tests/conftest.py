@@ -19,6 +19,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # compete with other processes make every forward pass 5-10x slower (measured: 0.4 s -> 3 s for a
 # forward+backward of 200 Shapes images).
 torch.set_num_threads(1)
+# The same for the notebook kernels that nbval and `cliplab reproduce` start (they inherit this environment): the
+# suite runs on two workers, and a kernel with one torch thread per core beside another busy process thrashes
+# (a notebook measured 30x slower under load). torch reads these when a kernel imports it.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
 
 def pytest_collection_modifyitems(config, items):
