@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import cliplab
-from bench_attacks import IMAGE_SIZE, MODEL, cpu_name, synchronize
+from bench_attacks import IMAGE_SIZE, MODEL, cpu_name, synchronize, timed
 from cliplab import finetune as ft
 
 EPS, STEPS = 4 / 255, 10
@@ -63,14 +61,6 @@ def peak(device: torch.device, precision: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peaks[precision] for key, peaks in PEAKS.items() if key in name), None)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 class FlopCount(TorchDispatchMode):
