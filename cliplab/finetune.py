@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .oft import apply_oft, merge_oft, oft_parameters
 from .profiles import Profile
 
 METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
+_CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
 
 
 @dataclass
@@ -242,8 +244,8 @@ def _save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, gene
         Path(tmp).write_text(json.dumps(history))
     with atomic_write(out / "latest.json") as tmp:
         Path(tmp).write_text(json.dumps({"step": step}))
-    for old in out.glob("checkpoint-*"):
-        if not old.name.startswith(f"checkpoint-{step}."):
+    for old in out.glob("checkpoint-*"):  # only this trainer's own files: a user's checkpoint-best.pt stays
+        if _CHECKPOINT_FILE.fullmatch(old.name) and not old.name.startswith(f"checkpoint-{step}."):
             old.unlink()
 
 

@@ -65,6 +65,20 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 
+def test_checkpoint_clean_up_deletes_only_its_own_files(tmp_path, data):
+    """Old checkpoints are dropped as training goes on, but nothing else that happens to start with checkpoint-."""
+    x, y = data
+    run = tmp_path / "run"
+    run.mkdir()
+    theirs = {"checkpoint-best.pt": b"a user's model", "checkpoint-3.safetensors.bak": b"a backup"}
+    for name, content in theirs.items():
+        (run / name).write_bytes(content)
+    ft.finetune(fresh(), x, y, tiny_config(), run)
+    assert sorted(p.name for p in run.iterdir()) == sorted([
+        *theirs, "checkpoint-4.safetensors", "checkpoint-4.state.pt", "history.json", "latest.json"])
+    assert all((run / name).read_bytes() == content for name, content in theirs.items())
+
+
 def adversarial_distance(classifier, target, x, eps):
     """Mean ||f(x_adv) - f0(x)||^2 under a fixed-seed FARE attack: what FARE minimises."""
     from cliplab.attacks import pgd_maximize
