@@ -35,6 +35,21 @@ def check_images(x: torch.Tensor, name: str = "x", *, values: bool = True) -> No
         )
 
 
+def check_nonempty(x: torch.Tensor, name: str = "x") -> None:
+    """A batch must hold at least one image: an empty one has no accuracy and breaks reshapes deep inside."""
+    if len(x) == 0:
+        raise ValueError(f"{name} must hold at least one image (N >= 1), got shape {tuple(x.shape)}")
+
+
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """None, or an int that torch's generators take: 0 <= seed < 2**64."""
+    if seed is None:
+        return
+    check_int(seed, name, minimum=0)
+    if seed >= 2**64:
+        raise ValueError(f"{name} must be below 2**64, got {seed}")
+
+
 def check_labels(y: torch.Tensor, n: int, num_classes: int, name: str = "y") -> None:
     """Labels must be an int64-compatible vector of length ``n`` with values in [0, num_classes)."""
     if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

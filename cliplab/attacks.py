@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _torch
-from ._checks import check_choice, check_images, check_int, check_labels, check_positive
+from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
@@ -93,7 +93,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         AttackResult with the adversarial images, per-sample success and the objective history.
     """
     check_images(x)
+    check_nonempty(x)
     _torch.check_device(model, x)
+    check_seed(seed)
     check_positive(eps, "eps", allow_zero=True)
     if eps > 1 and norm == "linf":
         raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
@@ -251,9 +253,11 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: st
     Shape: x (N, 3, H, W), y (N,) -> (N, 3, H, W).
     """
     check_images(x)
+    check_nonempty(x)
     _torch.check_device(model, x)
     check_int(eot_samples, "eot_samples")
     check_choice(loss, "loss", LOSSES)
+    check_labels(y, len(x), _num_classes(model, x), "y")
     return _objective_and_gradient(model, x, y, loss=loss, targeted=targeted, eot_samples=eot_samples,
                                    autocast=autocast, gradient=True)[1]
 

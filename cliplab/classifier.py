@@ -75,7 +75,8 @@ class ZeroShotClassifier(nn.Module):
     follows the model through ``.to()``, so the classifier is wholly on one device.
 
     Shape:
-        - Input: (N, 3, H, W), float in [0, 1], any resolution.
+        - Input: (N, 3, H, W), float in [0, 1], any resolution, any float dtype (computed in the model's,
+          float32 unless the classifier was converted).
         - Output: (N, num_classes) logits.
     """
 
@@ -137,6 +138,7 @@ class ZeroShotClassifier(nn.Module):
         """Raw (unnormalised) image-encoder outputs, what FARE keeps close. (N,3,H,W) in [0,1] -> (N, D) fp32."""
         check_images(x, values=False)  # noisy inputs from defences may leave [0, 1]
         check_device(self, x)
+        x = x.to(self.mean.dtype)  # float16 or float64 images run in the model's dtype; gradients flow back
         with self.autocast(x.device):
             return self.model.encode_image(self.preprocess(x)).float()
 

@@ -25,6 +25,8 @@ def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
     notebooks = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
     if not notebooks:
         raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) found in {directory}")
+    if only is not None and not only:
+        raise ValueError("--only names no notebook: give comma-separated prefixes such as 01,04")
     if only:
         unknown = set(only) - {nb.name[:2] for nb in notebooks}
         if unknown:
@@ -150,17 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--save-every", type=int, default=50)
     tune.add_argument("--eval-every", type=int, default=0,
                       help="clean and robust accuracy on the held-out test images every this many steps (0: never)")
-    tune.add_argument("--out", type=Path, required=True, help="directory for checkpoints and results")
+    tune.add_argument("--out", type=_path, required=True, help="directory for checkpoints and results")
     tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     tune.add_argument("--seed", type=int, default=0)
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
-    train.add_argument("--out", type=Path, required=True, help="where to write the .safetensors weights")
+    train.add_argument("--out", type=_path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
 
-    if args.command == "train-shapes-clip":
-        return _train_shapes_clip(args.out, args.steps)
     try:
+        if args.command == "train-shapes-clip":
+            return _train_shapes_clip(args.out, args.steps)
         if args.command == "finetune":
             return _finetune(args, _profile(args))
         profile = _profile(args, smoke=args.smoke)
@@ -222,6 +224,8 @@ def _finetune(args, profile: Profile) -> int:
     config = ft.study_config(profile, args.method, args.adapter, block_size=args.block_size,
                              **{k: v for k, v in given.items() if v is not None})
     config.validate()
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out must be a directory, but {args.out} is a file")
     if not args.resume and (args.out / "latest.json").exists():
         raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
     profile.check_inputs()
@@ -250,6 +254,13 @@ def _finetune(args, profile: Profile) -> int:
 def _as_dict(proportion) -> dict:
     low, high = proportion.ci95
     return {"value": proportion.value, "n": proportion.n, "ci95": [low, high], "text": str(proportion)}
+
+
+def _path(text: str) -> Path:
+    """An argparse type: a non-empty path (an empty one would silently mean the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return Path(text)
 
 
 def _train_shapes_clip(out: Path, steps: int | None) -> int:

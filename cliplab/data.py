@@ -81,7 +81,9 @@ def load_dataset(name: str, split: str = "test", n: int | None = None, root: str
         check_int(n, "n")
     if name == "shapes":
         size = SHAPES_TRAIN_SIZE if split == "train" else SHAPES_TEST_SIZE
-        x, y = render_shapes(min(n or size, size), seed=SPLIT_SEEDS[split])
+        if n is not None and n > size:
+            raise ValueError(f"n must be at most {size}, the size of the shapes {split} split, got {n}")
+        x, y = render_shapes(n or size, seed=SPLIT_SEEDS[split])
         return x, y, list(SHAPES100_CLASSES)
     return _load_cifar100(split, n, root)
 
@@ -189,6 +191,8 @@ def _load_cifar100(split: str, n: int | None, root) -> tuple[torch.Tensor, torch
     root, train = data_root(root), split == "train"
     dataset = _verified_cifar100(root, train) if _cifar100_present(root) else \
         CIFAR100(str(root), train=train, download=True)  # reachable: _cifar100_present checked
+    if n is not None and n > len(dataset.data):
+        raise ValueError(f"n must be at most {len(dataset.data)}, the size of the cifar100 {split} split, got {n}")
     x = torch.from_numpy(dataset.data[:n]).permute(0, 3, 1, 2).float().div(255)  # (N, 3, 32, 32)
     y = torch.as_tensor(dataset.targets[:n], dtype=torch.int64)
     return x.contiguous(), y, [name.replace("_", " ") for name in dataset.classes]

@@ -10,7 +10,7 @@ from scipy.stats import beta
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_images, check_int, check_labels
+from ._checks import check_images, check_int, check_labels, check_nonempty, check_positive
 from . import _torch
 from .attacks import _num_classes, eval_mode, pgd
 
@@ -85,6 +85,8 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> Proportion:
     """Top-1 accuracy with its sample size. Keyword arguments go to ``predict``."""
+    check_images(x)
+    check_nonempty(x)
     prediction = predict(model, x, **kwargs)
     check_labels(y, len(x), _num_classes(model, x), "y")
     return Proportion(int((prediction == y.cpu()).sum()), len(y))
@@ -181,8 +183,14 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     Returns per-image boolean vectors (on the CPU): correct when clean, and attack succeeded.
     """
     check_images(x)
+    check_nonempty(x)
     check_labels(y, len(x), _num_classes(model, x), "y")
     check_int(batch_size, "batch_size")
+    # the attack's own checks run only if some image is classified correctly: its numbers are checked here too
+    check_positive(eps, "eps", allow_zero=True)
+    for name in ("steps", "restarts", "eot_samples"):
+        if name in attack_kwargs:
+            check_int(attack_kwargs[name], name)
     device = _torch.device_of(model, x.device)
     autocast = attack_kwargs.get("autocast", False)
     correct = predict(model, x, batch_size=batch_size, votes=votes, autocast=autocast) == y.cpu()

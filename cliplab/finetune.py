@@ -87,7 +87,7 @@ def study_config(profile: Profile, method: str = "fare", adapter: str = "full", 
                     steps=profile.finetune_steps, batch_size=profile.finetune_batch_size, lr=profile.finetune_lr)
     if adapter == "oft":
         settings.update(lr=profile.oft_lr, clean_weight=profile.oft_clean_weight,
-                        block_size=block_size or profile.oft_block_sizes[0])
+                        block_size=profile.oft_block_sizes[0] if block_size is None else block_size)
     return FinetuneConfig(**{**settings, **overrides})
 
 

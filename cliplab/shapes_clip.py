@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._checks import check_int
 from ._train import adamw
 from .data import SHAPES100_CLASSES, SHAPES100_TEMPLATES, load_dataset
 
@@ -56,6 +57,9 @@ def train_shapes_clip(config: ShapesCLIPConfig = ShapesCLIPConfig()):
         The trained open_clip model (on the CPU, in eval mode).
     """
     import open_clip
+
+    for name in ("steps", "batch_size"):
+        check_int(getattr(config, name), name)  # 0 steps would save an untrained model
 
     from .models import register_model_configs
 

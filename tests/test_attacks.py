@@ -272,6 +272,8 @@ def test_bad_images_are_rejected(random_shapes_clf, batch, mutate, error, match)
     (dict(eps=1 / 255, eot_samples=0), ValueError, r"^eot_samples must be >= 1"),
     (dict(eps=1 / 255, norm="l1"), ValueError, r"^norm must be one of"),
     (dict(eps=1 / 255, loss="hinge"), ValueError, r"^loss must be one of"),
+    (dict(eps=1 / 255, seed=2**64), ValueError, r"^seed must be below 2\*\*64"),
+    (dict(eps=1 / 255, seed=-1), ValueError, r"^seed must be >= 0"),
 ])
 def test_bad_attack_arguments_are_rejected(random_shapes_clf, batch, kwargs, error, match):
     x, y = batch
@@ -288,6 +290,20 @@ def test_arguments_checked_before_the_model_runs_with_y_none(toy_model, batch, k
     x, _ = batch
     with pytest.raises(error, match=match):
         pgd(toy_model, x, None, **kwargs)
+
+
+def test_empty_batch_is_rejected(random_shapes_clf, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"^x must hold at least one image \(N >= 1\)"):
+        pgd(random_shapes_clf, x[:0], y[:0], eps=1 / 255)
+    with pytest.raises(ValueError, match=r"^x must hold at least one image"):
+        cliplab.eot_gradient(random_shapes_clf, x[:0], y[:0])
+
+
+def test_eot_gradient_checks_labels_like_pgd(random_shapes_clf, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"^y must hold class indices in \[0, 99\]"):
+        cliplab.eot_gradient(random_shapes_clf, x, y + 100)
 
 
 def test_bad_labels_are_rejected(random_shapes_clf, batch):

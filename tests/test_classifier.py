@@ -223,6 +223,19 @@ def test_forward_rejects_malformed_images(random_shapes_clf):
         random_shapes_clf(torch.rand(3, 32, 32))
 
 
+def test_any_float_dtype_runs_in_the_model_dtype(random_shapes_clf):
+    """float16 and float64 images are accepted and computed in float32 (the model's dtype); the gradient
+    comes back in the input's dtype."""
+    x = render_shapes(4, seed=1)[0]
+    with torch.no_grad():
+        reference = random_shapes_clf(x)
+        torch.testing.assert_close(random_shapes_clf(x.double()), reference)
+        torch.testing.assert_close(random_shapes_clf(x.half()), reference, atol=0.05, rtol=0)  # half's rounding
+    x64 = x.double().requires_grad_(True)
+    random_shapes_clf(x64).sum().backward()
+    assert x64.grad.dtype == torch.float64
+
+
 # ------------------------------------------------------------------------------ trained `shapes` CLIP
 def test_shapes_zero_shot_accuracy(shapes_clf, shapes_test, shapes_pred):
     _, y, names = shapes_test

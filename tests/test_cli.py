@@ -91,6 +91,36 @@ def test_reproduce_unknown_notebook(notebooks, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.ipynb")), "nothing may run when --only names a missing notebook"
 
 
+def test_reproduce_only_naming_nothing(notebooks, tmp_path, capsys):
+    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path), "--only", ","])
+    assert code == 2 and "--only names no notebook" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ipynb"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--out", ""], "--out: must be a path"),
+    (["train-shapes-clip", "--out", ""], "--out: must be a path"),
+])
+def test_empty_out_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_shapes_clip_refuses_zero_steps(tmp_path, capsys):
+    for steps in ("0", "-1"):
+        assert cli.main(["train-shapes-clip", "--out", str(tmp_path / "w.safetensors"), "--steps", steps]) == 2
+        assert "steps must be >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "no untrained model may be saved"
+
+
+def test_finetune_out_that_is_a_file(tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("a user's file")
+    assert cli.main(["finetune", "--out", str(file)]) == 2
+    assert "--out must be a directory" in capsys.readouterr().err and file.read_text() == "a user's file"
+
+
 def test_reproduce_missing_notebook_directory(tmp_path, capsys):
     """A mistyped --notebooks directory is a usage error, not a successful run of nothing."""
     missing = tmp_path / "no_such_dir"

@@ -164,6 +164,7 @@ def test_cifar_conversion(fake_cifar, split):
     (dict(name="shapes", n=0), ValueError, r"^n must be >= 1"),
     (dict(name="shapes", n=-5), ValueError, r"^n must be >= 1"),
     (dict(name="shapes", n=2.5), TypeError, r"^n must be an int"),
+    (dict(name="shapes", n=20_000), ValueError, r"^n must be at most 10000, the size of the shapes test split"),
     (dict(name="cifar100", split="validation"), ValueError, r"^split must be one of"),
 ])
 def test_bad_arguments(kwargs, error, match):

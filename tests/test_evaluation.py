@@ -95,6 +95,20 @@ def test_predict_empty_and_bad_inputs():
         cliplab.accuracy(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"^y must have shape \(2,\)"):
         cliplab.accuracy(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1, 2]))
+    for evaluate in (cliplab.accuracy, lambda *a: cliplab.robust_accuracy(*a, eps=1 / 255)):
+        with pytest.raises(ValueError, match=r"^x must hold at least one image"):  # not "nan% (n=0)"
+            evaluate(model, torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(eps=-1 / 255), r"^eps must be >= 0"),
+                                           (dict(eps=1 / 255, steps=0), r"^steps must be >= 1")])
+def test_attack_arguments_checked_even_when_nothing_is_attacked(kwargs, match):
+    """No image classified correctly means no attack runs: its arguments must still be validated."""
+    model = Fixed()
+    x = torch.rand(4, 3, 8, 8)
+    wrong = (cliplab.predict(model, x) + 1) % 4
+    with pytest.raises(ValueError, match=match):
+        cliplab.robust_accuracy(model, x, wrong, progress=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------- robust / success rate

@@ -181,6 +181,8 @@ def test_study_config_takes_the_profile_budgets_per_adapter():
                                                           profile.oft_block_sizes[0])
     custom = ft.study_config(profile, "tecoa", "oft", block_size=4, lr=1e-2, steps=3)
     assert (custom.method, custom.block_size, custom.lr, custom.steps) == ("tecoa", 4, 1e-2, 3)
+    with pytest.raises(ValueError, match=r"^block_size must be >= 1"):  # not silently the profile's 128
+        ft.study_config(profile, "fare", "oft", block_size=0).validate()
 
 
 def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):
