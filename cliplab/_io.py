@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic file writes: write to a temporary file beside the target, flush it to disk, then rename over it."""
 from __future__ import annotations
 
 import contextlib
@@ -7,12 +7,18 @@ import tempfile
 from pathlib import Path
 
 
+TEMPORARY_GLOB = ".*.tmp"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike):
     """Yield a temporary path to write to; on success it replaces ``path`` in one rename.
 
     The rename is atomic on POSIX file systems, so readers see either the old file or the complete
-    new one, never a partial write; on error the temporary file is removed and ``path`` is untouched.
+    new one, never a partial write; on error the temporary file is removed and ``path`` is untouched. The file is
+    fsynced before the rename and the directory after it, so that after a power loss a file that names another
+    (``latest.json`` naming a checkpoint) never points at an empty one. Temporary files are named
+    ``.<name>.*.tmp`` (``TEMPORARY_GLOB``), so that what a killed process left can be found and removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,8 +30,19 @@ def atomic_write(path: str | os.PathLike):
         yield tmp
         # mkstemp creates 0600, and some writers (safetensors) replace the file: set what open() would give
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

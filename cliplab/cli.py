@@ -224,10 +224,7 @@ def _finetune(args, profile: Profile) -> int:
     config = ft.study_config(profile, args.method, args.adapter, block_size=args.block_size,
                              **{k: v for k, v in given.items() if v is not None})
     config.validate()
-    if args.out.exists() and not args.out.is_dir():
-        raise FileExistsError(f"--out must be a directory, but {args.out} is a file")
-    if not args.resume and (args.out / "latest.json").exists():
-        raise FileExistsError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+    ft.check_out(args.out, config, args.resume)  # before the model, the data and the "before" evaluation
     profile.check_inputs()
     classifier = profile.load_classifier()
     x, y, _ = profile.load_dataset("train", n=profile.finetune_images)

@@ -11,7 +11,9 @@ last checkpoint and ends with exactly the weights of an uninterrupted run with t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import fnmatch
 import json
 import os
 import re
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import _torch
 from ._checks import check_choice, check_int, check_positive
-from ._io import atomic_write
+from ._io import TEMPORARY_GLOB, atomic_write
 from ._train import adamw
 from .attacks import eval_mode, pgd, pgd_maximize
 from .classifier import ZeroShotClassifier
@@ -36,6 +38,7 @@ from .profiles import Profile
 
 METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
 _CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
+_LOCK = ".lock"
 
 
 @dataclass
@@ -126,17 +129,30 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
     if config.eval_every and eval_data is None:
         raise ValueError("eval_every needs eval_data: pass held-out (images, labels), or set eval_every=0")
     out = Path(out)
-    start = 0
-    if resume:
-        step_file = _latest(out)  # before touching the model: a bad directory changes nothing
+    with run_lock(out):  # one run per directory, for the whole run
+        # everything is checked before the model is touched: a bad directory leaves the classifier as it was
+        check_out(out, config, resume)
+        checkpoint = _read_checkpoint(out) if resume else None
+        _remove_temporary_files(out)  # what a killed run left half-written
+        _train(classifier, x, y, config, out, checkpoint, eval_data)
+    return classifier
+
+
+def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
+    """The training loop of ``finetune``, from ``checkpoint`` (weights and state) or from the start (None)."""
     original = copy.deepcopy(classifier.model.visual).eval().requires_grad_(False)  # f0, frozen
     trainable = prepare(classifier, config)
     optimizer, schedule = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                 warmup=config.warmup, total=config.steps)
     generator = torch.Generator().manual_seed(config.seed)  # batch order and attack starts
-    history: list[dict] = []  # per step: loss and the batch's clean / adversarial accuracy
-    if resume:
-        start, history = _load_checkpoint(step_file, classifier, optimizer, schedule, generator, config)
+    start, history = 0, []  # history, per step: loss and the batch's clean / adversarial accuracy
+    if checkpoint is not None:
+        weights, state = checkpoint
+        classifier.model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        start, history = state["step"], state["history"]
     device = x.device
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
                desc=f"{config.method}-{config.adapter}")
@@ -158,7 +174,6 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
         bar.set_postfix(loss=f"{loss:.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             _save_checkpoint(out, step + 1, classifier, optimizer, schedule, generator, config, history)
-    return classifier
 
 
 def train_step(classifier: ZeroShotClassifier, original: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -264,19 +279,84 @@ def _latest(out: Path) -> Path:
     return weights
 
 
-def _load_checkpoint(weights: Path, classifier, optimizer, schedule, generator, config) -> tuple[int, list[dict]]:
+def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
+    """What ``finetune`` checks of ``out`` before it touches the model, cheap enough to run before any model or
+    data is loaded (the CLI does): a directory; when resuming, a complete run trained with ``config``'s settings
+    whose state file loads; otherwise no other run and no files of the user's in it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out must be a directory, but {out} is a file")
+    if not resume:
+        _check_fresh(out)
+        return
+    state_file = _latest(out).with_suffix(".state.pt")
+    try:  # weights_only: a state file holding pickled objects is refused, not executed; mmap: no tensor is read
+        stored = torch.load(state_file, weights_only=True, mmap=True)["config"]
+    except Exception as error:  # a truncated, foreign or malicious file: say which, not a deep trace
+        raise ValueError(f"cannot resume: {state_file} is corrupted or not a cliplab checkpoint ({error})") from error
+    _check_same_run(stored, config, f"cannot resume from {out}")
+
+
+def _read_checkpoint(out: Path) -> tuple[dict, dict]:
+    """The weights and optimiser/scheduler/RNG state of ``out``'s last checkpoint (checked by ``check_out``)."""
     from safetensors.torch import load_file
 
+    weights = _latest(out)
     try:
-        classifier.model.load_state_dict(load_file(weights))
-        state = torch.load(weights.with_suffix(".state.pt"), weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which, not a deep safetensors trace
-        raise ValueError(f"cannot resume: checkpoint {weights} is corrupted or incompatible ({error})") from error
-    _check_same_run(state["config"], config, f"cannot resume from {weights.parent}")
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    generator.set_state(state["generator"])
-    return state["step"], state["history"]
+        tensors = load_file(weights)
+    except Exception as error:
+        raise ValueError(f"cannot resume: {weights} is corrupted or not a cliplab checkpoint ({error})") from error
+    return tensors, torch.load(weights.with_suffix(".state.pt"), weights_only=True)
+
+
+def _check_fresh(out: Path) -> None:
+    """A new run goes into a new, empty or half-started directory; never over another run or a user's files."""
+    if (out / "latest.json").exists():
+        raise FileExistsError(f"{out} already holds a run: resume it (resume=True, --resume) or choose another out")
+    foreign = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name)) if out.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"{out} holds files that are not a cliplab run ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}): choose an empty or new directory")
+
+
+def _is_run_file(name: str) -> bool:
+    """Files a run writes: its checkpoints, history, pointer, lock and temporary files."""
+    return (bool(_CHECKPOINT_FILE.fullmatch(name)) or name in ("latest.json", "history.json", _LOCK)
+            or fnmatch.fnmatch(name, TEMPORARY_GLOB))
+
+
+def _remove_temporary_files(out: Path) -> None:
+    for tmp in out.glob(TEMPORARY_GLOB):
+        tmp.unlink(missing_ok=True)
+
+
+class RunLocked(FileExistsError):
+    """Another process is training into the same directory (a run that exists, in progress)."""
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
+    second run into the same directory fails at once, naming the holder. The kernel drops the lock when the
+    holder exits, killed or not."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out must be a directory, but {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLocked(f"{out} is in use by another fine-tuning run (pid {holder}): wait for it to end, "
+                            f"or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _run_settings(config: FinetuneConfig | dict) -> dict:

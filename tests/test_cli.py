@@ -118,7 +118,25 @@ def test_finetune_out_that_is_a_file(tmp_path, capsys):
     file = tmp_path / "taken"
     file.write_text("a user's file")
     assert cli.main(["finetune", "--out", str(file)]) == 2
-    assert "--out must be a directory" in capsys.readouterr().err and file.read_text() == "a user's file"
+    assert "out must be a directory" in capsys.readouterr().err and file.read_text() == "a user's file"
+
+
+def test_finetune_resume_problems_are_found_before_anything_is_loaded(tmp_path, capsys, monkeypatch):
+    """A bad --resume directory fails before the model, the data and the "before" evaluation (minutes on
+    cifar100): the profile's loaders must never be called."""
+    from cliplab.profiles import Profile
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the resume directory was checked")
+
+    monkeypatch.setattr(Profile, "load_classifier", never)
+    monkeypatch.setattr(Profile, "load_dataset", never)
+    assert cli.main(["finetune", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert cli.main(["finetune", "--out", str(tmp_path / "other")]) == 2
+    assert "not a cliplab run" in capsys.readouterr().err
 
 
 def test_reproduce_missing_notebook_directory(tmp_path, capsys):

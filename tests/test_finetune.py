@@ -1,5 +1,6 @@
 """Robust fine-tuning: FARE/TeCoA steps learn, a killed run resumes to bit-identical weights, bad input fails."""
 import json
+import os
 
 import pytest
 import torch
@@ -59,24 +60,119 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
-        "checkpoint-4.safetensors", "checkpoint-4.state.pt", "history.json", "latest.json"]
+        ".lock", "checkpoint-4.safetensors", "checkpoint-4.state.pt", "history.json", "latest.json"]
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert history == json.loads((tmp_path / "full" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 
 def test_checkpoint_clean_up_deletes_only_its_own_files(tmp_path, data):
-    """Old checkpoints are dropped as training goes on, but nothing else that happens to start with checkpoint-."""
+    """Old checkpoints are dropped as training goes on, but nothing else in the run's directory that happens to
+    start with checkpoint- (here a user's files, put beside a run that is then resumed)."""
     x, y = data
     run = tmp_path / "run"
-    run.mkdir()
+    config = tiny_config()
+    killed = _killed_at_step(3, lambda: ft.finetune(fresh(), x, y, config, run))
+    assert killed and json.loads((run / "latest.json").read_text()) == {"step": 2}
     theirs = {"checkpoint-best.pt": b"a user's model", "checkpoint-3.safetensors.bak": b"a backup"}
     for name, content in theirs.items():
         (run / name).write_bytes(content)
-    ft.finetune(fresh(), x, y, tiny_config(), run)
+    ft.finetune(fresh(), x, y, config, run, resume=True)
     assert sorted(p.name for p in run.iterdir()) == sorted([
-        *theirs, "checkpoint-4.safetensors", "checkpoint-4.state.pt", "history.json", "latest.json"])
+        *theirs, ".lock", "checkpoint-4.safetensors", "checkpoint-4.state.pt", "history.json", "latest.json"])
     assert all((run / name).read_bytes() == content for name, content in theirs.items())
+
+
+def _killed_at_step(step, run) -> bool:
+    """Run ``run()`` with the step function raising at training step ``step``; True if it was killed."""
+    real_loss, calls = ft._loss, []
+
+    def dies(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise Killed
+        return real_loss(*args)
+
+    ft._loss = dies
+    try:
+        run()
+    except Killed:
+        return True
+    finally:
+        ft._loss = real_loss
+    return False
+
+
+def test_a_new_run_refuses_a_directory_of_other_files_or_another_run(tmp_path, data):
+    x, y = data
+    (tmp_path / "notes.txt").write_text("mine")
+    classifier = fresh()
+    before = weights(classifier)
+    with pytest.raises(FileExistsError, match=r"not a cliplab run \(notes\.txt\)"):
+        ft.finetune(classifier, x, y, tiny_config(), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path / "run")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        ft.finetune(classifier, x, y, tiny_config(steps=2), tmp_path / "run")
+    after = weights(classifier)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a refused run must not touch the model"
+
+
+def test_a_second_run_into_the_same_directory_fails_at_once_naming_the_holder(tmp_path, data):
+    x, y = data
+    with ft.run_lock(tmp_path / "run"):  # as a running training job holds it
+        with pytest.raises(ft.RunLocked, match=rf"in use by another fine-tuning run \(pid {os.getpid()}\)"):
+            ft.finetune(fresh(), x, y, tiny_config(), tmp_path / "run")
+    ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path / "run")  # free again once the holder is done
+
+
+def test_a_second_process_is_locked_out(tmp_path):
+    """The lock is the kernel's (flock): another process sees it, and it goes with the holder's death."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from cliplab import finetune as ft\n"
+            "try:\n    ft.run_lock(Path(sys.argv[1])).__enter__()\nexcept ft.RunLocked as e:\n"
+            "    print(e); sys.exit(3)\n")
+    with ft.run_lock(tmp_path):
+        locked = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert locked.returncode == 3 and f"pid {os.getpid()}" in locked.stdout
+    free = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert free.returncode == 0, free.stdout + free.stderr
+
+
+def test_temporary_files_of_a_killed_run_are_removed_on_resume(tmp_path, data):
+    x, y = data
+    config = tiny_config()
+    assert _killed_at_step(3, lambda: ft.finetune(fresh(), x, y, config, tmp_path))
+    leftover = tmp_path / ".checkpoint-3.safetensors.abc123.tmp"  # as atomic_write leaves it when killed -9
+    leftover.write_bytes(b"half a checkpoint")
+    ft.finetune(fresh(), x, y, config, tmp_path, resume=True)
+    assert not leftover.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_resume_leaves_the_classifier_untouched(tmp_path, data):
+    x, y = data
+    ft.finetune(fresh(), x, y, tiny_config(steps=2, adapter="oft"), tmp_path)
+    (tmp_path / "checkpoint-2.safetensors").write_bytes(b"truncated")
+    classifier = fresh()
+    before = weights(classifier)
+    with pytest.raises(ValueError, match=r"checkpoint-2\.safetensors is corrupted"):
+        ft.finetune(classifier, x, y, tiny_config(steps=2, adapter="oft"), tmp_path, resume=True)
+    assert weights(classifier).keys() == before.keys(), "no OFT modules may have been added"
+    assert all(torch.equal(before[k], v) for k, v in weights(classifier).items())
+
+
+def test_state_files_are_named_when_corrupt_and_pickles_are_refused(tmp_path, data):
+    x, y = data
+    ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path)
+    state = tmp_path / "checkpoint-2.state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint-2\.state\.pt is corrupted"):
+        ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path, resume=True)
+    torch.save({"config": Killed()}, state)  # an arbitrary pickled object: never unpickled
+    with pytest.raises(ValueError, match=r"checkpoint-2\.state\.pt is corrupted or not a cliplab checkpoint"):
+        ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path, resume=True)
 
 
 def adversarial_distance(classifier, target, x, eps):
@@ -137,11 +233,11 @@ def test_resume_without_checkpoint_or_from_a_corrupted_one_fails_clearly(data, t
     (tmp_path / "checkpoint-2.safetensors").write_bytes(b"not a safetensors file")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(ValueError, match="corrupted"):
-        ft.finetune(fresh(), x, y, tiny_config(steps=4), tmp_path, resume=True)
+        ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path, resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     (tmp_path / "latest.json").write_text("{oops")
     with pytest.raises(ValueError, match="corrupted"):
-        ft.finetune(fresh(), x, y, tiny_config(steps=4), tmp_path, resume=True)
+        ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path, resume=True)
 
 
 def test_resume_with_other_settings_is_refused(data, tmp_path):
