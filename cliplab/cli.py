@@ -52,10 +52,48 @@ def clean_notebook(notebook) -> None:
         cell.metadata.pop("execution", None)
 
 
+def _client_class():
+    """nbclient's ``NotebookClient`` whose shell channel is polled in slices of a second.
+
+    After a cell that opens widgets (04's ``interact``), the execute reply can sit in the shell socket unseen until
+    the pending ``get_msg`` times out (jupyter/nbclient#312); with the cell timeout of an hour that stalled a run
+    for the hour (seen here: CI 89 minutes instead of 28; the GPU smoke run stuck on that cell). A fresh poll
+    every second finds the waiting reply."""
+    from nbclient import NotebookClient
+
+    class SlicedPollClient(NotebookClient):
+        async def async_start_new_kernel_client(self):
+            client = await super().async_start_new_kernel_client()
+            _poll_in_slices(client.shell_channel)
+            return client
+
+    return SlicedPollClient
+
+
+def _poll_in_slices(channel, slice_s: float = 1.0) -> None:
+    """Make ``channel.get_msg(timeout)`` wait in ``slice_s`` polls up to the same overall timeout."""
+    from queue import Empty
+
+    from jupyter_core.utils import ensure_async
+
+    get_msg = channel.get_msg
+
+    async def sliced(timeout: float | None = None, **kwargs):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = slice_s if deadline is None else min(slice_s, max(0.0, deadline - time.monotonic()))
+            try:
+                return await ensure_async(get_msg(timeout=left, **kwargs))
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = sliced
+
+
 def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: int = 3600) -> NotebookRun:
     """Execute ``path`` in a fresh kernel with ``env`` set; write the cleaned executed copy to ``out_dir``."""
     import nbformat
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
     from ._io import atomic_write
@@ -70,7 +108,7 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
         if execute_reply and execute_reply.get("content", {}).get("status") == "error":
             failed_cell.setdefault("index", cell_index + 1)  # 1-based, markdown cells counted
 
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    client = _client_class()(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}},
                             on_cell_executed=on_cell_executed)
     start, error = time.perf_counter(), None

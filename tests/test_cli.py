@@ -139,6 +139,31 @@ def test_finetune_resume_problems_are_found_before_anything_is_loaded(tmp_path, 
     assert "not a cliplab run" in capsys.readouterr().err
 
 
+def test_shell_replies_are_polled_in_slices():
+    """A reply that a long get_msg would only see at its timeout (jupyter/nbclient#312) is found by the next
+    one-second poll; with nothing to receive, the overall timeout still holds."""
+    import asyncio
+    from queue import Empty
+    from types import SimpleNamespace
+
+    calls = []
+
+    def get_msg(timeout=None):
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise Empty
+        return {"reply": len(calls)}
+
+    channel = SimpleNamespace(get_msg=get_msg)
+    cli._poll_in_slices(channel, slice_s=0.01)
+    assert asyncio.run(channel.get_msg(timeout=3600)) == {"reply": 3}
+    assert all(timeout <= 0.01 for timeout in calls)
+    empty = SimpleNamespace(get_msg=lambda timeout=None: (_ for _ in ()).throw(Empty()))
+    cli._poll_in_slices(empty, slice_s=0.01)
+    with pytest.raises(Empty):
+        asyncio.run(empty.get_msg(timeout=0.05))
+
+
 def test_reproduce_missing_notebook_directory(tmp_path, capsys):
     """A mistyped --notebooks directory is a usage error, not a successful run of nothing."""
     missing = tmp_path / "no_such_dir"
