@@ -284,8 +284,7 @@ def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> N
     data is loaded (the CLI does): a directory; when resuming, a complete run trained with ``config``'s settings
     whose state file loads; otherwise no other run and no files of the user's in it."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out must be a directory, but {out} is a file")
+    _check_directory(out)
     if not resume:
         _check_fresh(out)
         return
@@ -307,6 +306,11 @@ def _read_checkpoint(out: Path) -> tuple[dict, dict]:
     except Exception as error:
         raise ValueError(f"cannot resume: {weights} is corrupted or not a cliplab checkpoint ({error})") from error
     return tensors, torch.load(weights.with_suffix(".state.pt"), weights_only=True)
+
+
+def _check_directory(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out must be a directory, but {out} is a file")
 
 
 def _check_fresh(out: Path) -> None:
@@ -341,8 +345,7 @@ def run_lock(out: Path):
     holder exits, killed or not."""
     import fcntl
 
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out must be a directory, but {out} is a file")
+    _check_directory(out)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -35,25 +35,14 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("method, adapter, eval_every", [("fare", "full", 0), ("tecoa", "oft", 1)])
-def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data, monkeypatch, method, adapter,
-                                                                 eval_every):
+def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data, method, adapter, eval_every):
     x, y = data
     config = tiny_config(method=method, adapter=adapter, eval_every=eval_every)
     held_out = (x[:16], y[:16])
     reference = weights(ft.finetune(fresh(), x, y, config, tmp_path / "full", eval_data=held_out))
 
-    real_step, calls = ft._loss, []
-
-    def dies_at_step_four(*args):
-        calls.append(1)
-        if len(calls) == 4:  # after the checkpoint of step 2 and one more optimiser step
-            raise Killed
-        return real_step(*args)
-
-    monkeypatch.setattr(ft, "_loss", dies_at_step_four)
-    with pytest.raises(Killed):
-        ft.finetune(fresh(), x, y, config, tmp_path / "killed", eval_data=held_out)
-    monkeypatch.setattr(ft, "_loss", real_step)
+    # killed after the checkpoint of step 2 and one more optimiser step
+    assert _killed_at_step(4, lambda: ft.finetune(fresh(), x, y, config, tmp_path / "killed", eval_data=held_out))
     assert json.loads((tmp_path / "killed" / "latest.json").read_text()) == {"step": 2}
     resumed = weights(ft.finetune(fresh(), x, y, config, tmp_path / "killed", resume=True, eval_data=held_out))
     assert resumed.keys() == reference.keys()
