@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 
 import torch
 
@@ -75,6 +76,15 @@ def check_int(value: int, name: str, *, minimum: int = 1) -> None:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_directory(path: Path, name: str) -> None:
+    """``path`` is a directory, or can be made one: its nearest existing ancestor must be a directory."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise FileExistsError(f"{name} must be a directory, but {existing} is a file")
+            return
 
 
 def check_choice(value: str, name: str, choices) -> None:

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from . import _torch
-from ._checks import check_choice, check_int, check_positive
+from ._checks import check_choice, check_directory, check_int, check_positive
 from ._io import TEMPORARY_GLOB, atomic_write
 from ._train import adamw
 from .attacks import eval_mode, pgd, pgd_maximize
@@ -86,6 +86,8 @@ def study_config(profile: Profile, method: str = "fare", adapter: str = "full", 
     ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's: bf16
     autocast on CUDA unless it was loaded with ``precision="fp32"``.)
     """
+    if block_size is not None and adapter != "oft":
+        raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
     settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=profile.finetune_attack_steps,
                     steps=profile.finetune_steps, batch_size=profile.finetune_batch_size, lr=profile.finetune_lr)
     if adapter == "oft":
@@ -284,7 +286,7 @@ def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> N
     data is loaded (the CLI does): a directory; when resuming, a complete run trained with ``config``'s settings
     whose state file loads; otherwise no other run and no files of the user's in it."""
     out = Path(out)
-    _check_directory(out)
+    check_directory(out, "out")
     if not resume:
         _check_fresh(out)
         return
@@ -306,11 +308,6 @@ def _read_checkpoint(out: Path) -> tuple[dict, dict]:
     except Exception as error:
         raise ValueError(f"cannot resume: {weights} is corrupted or not a cliplab checkpoint ({error})") from error
     return tensors, torch.load(weights.with_suffix(".state.pt"), weights_only=True)
-
-
-def _check_directory(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out must be a directory, but {out} is a file")
 
 
 def _check_fresh(out: Path) -> None:
@@ -345,7 +342,7 @@ def run_lock(out: Path):
     holder exits, killed or not."""
     import fcntl
 
-    _check_directory(out)
+    check_directory(out, "out")
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:

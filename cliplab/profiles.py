@@ -142,22 +142,37 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
         checkpoints: where 05 and 06 cache their fine-tuned encoders.
         smoke: shrink every budget to seconds (``SMOKE_BUDGETS``).
     """
-    name = name or os.environ.get("CLIPLAB_PROFILE") or "shapes"
-    check_choice(name, "profile", PROFILES)
+    # a bad setting is named as the user gave it: the argument, or the environment variable it came from
+    label = {key: key for key in ENVIRONMENT} | {"name": "profile"}
+    if name is None and os.environ.get("CLIPLAB_PROFILE"):
+        name, label["name"] = os.environ["CLIPLAB_PROFILE"], "$CLIPLAB_PROFILE"
+    name = name or "shapes"
+    check_choice(name, label["name"], PROFILES)
     given = dict(device=device, precision=precision, weights=weights, data_root=data_root,
                  checkpoints=checkpoints, smoke=smoke)
     settings = {}
     for key, value in given.items():
-        value = value if value is not None else os.environ.get(ENVIRONMENT[key]) or None
+        if value is None and os.environ.get(ENVIRONMENT[key]):
+            value, label[key] = os.environ[ENVIRONMENT[key]], f"${ENVIRONMENT[key]}"
         if value is not None:
-            settings[key] = str(value) if key != "smoke" else str(value).lower() in ("1", "true", "yes")
+            settings[key] = str(value) if key != "smoke" else _flag(value, label[key])
     profile = replace(PROFILES[name], **settings)
-    check_choice(profile.device, "device", ("cpu", "cuda"))
-    check_choice(profile.precision, "precision", PRECISIONS)
+    check_choice(profile.device, label["device"], ("cpu", "cuda"))
+    check_choice(profile.precision, label["precision"], PRECISIONS)
     if profile.device == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"profile {name!r} wants a CUDA GPU and none is available: running on the CPU, slowly")
         profile = replace(profile, device="cpu")
     return replace(profile, **SMOKE_BUDGETS) if profile.smoke else profile
+
+
+def _flag(value, name: str) -> bool:
+    """A bool, or its spelling in an environment variable (1/true/yes, 0/false/no)."""
+    if isinstance(value, bool):
+        return value
+    spelling = str(value).strip().lower()
+    if spelling not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"{name} must be one of 1/true/yes or 0/false/no, got {value!r}")
+    return spelling in ("1", "true", "yes")
 
 
 def profile_environment(profile: Profile) -> dict[str, str]:

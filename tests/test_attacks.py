@@ -348,7 +348,7 @@ def test_targeted_success_grows_with_eps(shapes_clf, attacked):
 
 
 def test_not_weaker_than_torchattacks(shapes_clf, attacked):
-    import torchattacks  # a test dependency (pyproject [test]): missing it is an error, not a skip
+    import torchattacks  # installed by the README's test command: missing it is an error, not a skip
 
     x, y = attacked
     eps, alpha, steps = EPS_COMPARE, 0.25 * EPS_COMPARE, 10

@@ -15,6 +15,7 @@ OK_CELLS = [
     "import os\nimport matplotlib.pyplot as plt\nimport cliplab.plots as P",
     "assert os.environ['CLIPLAB_PROFILE'] == 'shapes', os.environ.get('CLIPLAB_PROFILE')\n"
     "fig = plt.figure()\nplt.plot([0, 1], [1, 0])\nprint(P.save_figure(fig, 'demo'))",
+    "import torch\nprint('threads', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])",
 ]
 FAIL_CELLS = ["x = 1", "raise ValueError('boom')", "never = True"]
 
@@ -75,12 +76,73 @@ def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     assert "CLIPLAB_PROFILE" not in os.environ
 
 
-def test_reproduce_only(notebooks, tmp_path, capsys):
+def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
+    """--only runs the named notebooks; --threads sets each kernel's torch threads (the test session's
+    environment says 1), which wait passively, and the run says how many it used."""
     out = tmp_path / "results"
-    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out), "--only", "01"])
+    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out), "--only", "01",
+                     "--threads", "2"])
+    printed = capsys.readouterr().out
     assert code == 0
     assert [p.name for p in (out / "shapes").glob("*.ipynb")] == ["01_ok.ipynb"]
-    assert "02_fail" not in capsys.readouterr().out
+    assert "02_fail" not in printed and "2 torch threads per notebook kernel" in printed
+    executed = nbformat.read(out / "shapes" / "01_ok.ipynb", as_version=4)
+    assert executed.cells[-1].outputs[0]["text"] == "threads 2 PASSIVE\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "--threads", "0"], "threads must be >= 1, got 0"),
+    (["reproduce", "--results", "{file}"], "results must be a directory, but {file} is a file"),
+    (["finetune", "--out", "{tmp}/run", "--eps", "-1/255"], "--eps: must be in [0, 1]"),
+    (["finetune", "--out", "{tmp}/run", "--eps", "2"], "--eps: must be in [0, 1]"),
+    (["finetune", "--out", "{tmp}/run", "--block-size", "0"], "block_size applies to adapter='oft' only"),
+    (["finetune", "--out", "{tmp}/run", "--adapter", "oft", "--block-size", "0"], "block_size must be >= 1"),
+])
+def test_bad_arguments_fail_before_anything_runs(argv, message, notebooks, tmp_path, capsys, monkeypatch):
+    """Each is refused with a message naming the argument, before a notebook, a model or data is touched."""
+    from cliplab.profiles import Profile
+
+    def never(*args, **kwargs):
+        raise AssertionError("started work before the arguments were checked")
+
+    monkeypatch.setattr(Profile, "load_classifier", never)
+    monkeypatch.setattr(Profile, "check_inputs", never)
+    monkeypatch.setattr(cli, "execute_notebook", never)
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    argv = [arg.format(file=file, tmp=tmp_path) for arg in argv]
+    if argv[0] == "reproduce":
+        argv += ["--notebooks", str(notebooks)]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    assert code == 2
+    assert message.format(file=file) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("variable, value", [("CLIPLAB_PROFILE", "nope"), ("CLIPLAB_DEVICE", "gpu"),
+                                             ("CLIPLAB_PRECISION", "half")])
+def test_profile_environment_is_validated_by_the_cli(variable, value, notebooks, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    assert cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
+    assert f"${variable} must be" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_cli_default_profile_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CLIPLAB_PROFILE", "cifar100")
+    monkeypatch.setenv("CLIPLAB_DEVICE", "cpu")
+    parser_args = type("Args", (), dict(profile=None, device=None, fp32=False, pretrained=None, data=None))
+    assert cli._profile(parser_args).name == "cifar100"
+
+
+def test_a_missing_notebooks_extra_is_named(notebooks, tmp_path, capsys, monkeypatch):
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else find_spec(name))
+    assert cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "ipywidgets" in error and "pip install 'cliplab[notebooks]'" in error
 
 
 def test_reproduce_unknown_notebook(notebooks, tmp_path, capsys):

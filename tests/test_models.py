@@ -166,6 +166,9 @@ def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_pa
         monkeypatch.setenv(variable, value)
     assert cliplab.get_profile() == profile
     assert profile.weights == str(tmp_path / "w.safetensors") and profile.checkpoint_dir == tmp_path / "ckpt"
+    monkeypatch.setenv("CLIPLAB_SMOKE", "maybe")  # a misspelt flag is an error, not silently False
+    with pytest.raises(ValueError, match=r"^\$CLIPLAB_SMOKE must be one of 1/true/yes or 0/false/no, got 'maybe'"):
+        cliplab.get_profile()
 
 
 def test_smoke_shrinks_every_budget_of_either_profile():
