@@ -139,17 +139,24 @@ def check_notebook_extra() -> None:
 
 
 def default_threads() -> int:
-    """The torch threads of each notebook kernel: every core this process may use (one kernel runs at a time)."""
+    """The torch threads of each notebook kernel: ``$OMP_NUM_THREADS`` where the user set it, else every core this
+    process may use (one kernel runs at a time)."""
+    given = os.environ.get("OMP_NUM_THREADS")
+    if given:
+        if not given.strip().isdigit() or int(given) < 1:
+            raise ValueError(f"$OMP_NUM_THREADS must be a whole number >= 1, got {given!r}")
+        return int(given)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def thread_environment(threads: int) -> dict[str, str]:
     """The environment that gives a kernel ``threads`` torch threads which yield their cores when idle.
 
-    OpenMP's threads spin at every barrier by default; beside other work on the same cores that spinning
-    steals the time the other threads need (measured on 2 cores beside one busy process: a PGD workload 2.5x
-    slower with 2 threads than quiet, 1.0x with passive waiting; quiet, passive costs nothing measurable).
-    A policy the user set is kept."""
+    OpenMP's threads spin at every barrier by default, and beside other work on the same cores the spinning
+    steals the time the working threads need. ``benchmarks/bench_threads.py`` on 2 cores: beside one busy process
+    a PGD workload took 2.4x its quiet time with the default wait and 1.3x waiting passively; quiet, passive
+    waiting cost 0-20% (noisy). A shared machine is the case that hurt (a main job of 81 minutes), so passive is
+    the default; a policy the user set (``OMP_WAIT_POLICY=ACTIVE`` on a dedicated machine) is kept."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--update", action="store_true",
                      help="write the executed notebooks back into --notebooks (to commit their outputs)")
     run.add_argument("--threads", type=int, default=None,
-                     help=f"torch threads of each notebook kernel (default: the usable cores, here {default_threads()})")
+                     help="torch threads of each notebook kernel (default: $OMP_NUM_THREADS, else the usable cores)")
     tune = commands.add_parser("finetune", help="adversarially fine-tune the image encoder (FARE or TeCoA)")
     _add_profile_arguments(tune)
     tune.add_argument("--method", default="fare", help="fare (unsupervised) or tecoa (supervised)")

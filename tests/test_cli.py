@@ -275,3 +275,15 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
     assert "--resume" in capsys.readouterr().err
     assert main(args[:-4] + ["--out", str(tmp_path / "other"), "--lr", "0"]) == 2  # args[-4:]: --out, --device
     assert not (tmp_path / "other").exists()
+
+
+def test_default_threads_follow_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    with pytest.raises(ValueError, match=r"^\$OMP_NUM_THREADS must be a whole number >= 1, got 'lots'"):
+        cli.default_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli.default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's policy is kept
+    assert cli.thread_environment(2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
