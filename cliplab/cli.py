@@ -325,6 +325,7 @@ def _finetune(args, profile: Profile) -> int:
     from . import finetune as ft
     from ._io import atomic_write
     from .evaluation import robust_accuracy
+    from .oft import check_block_size
 
     given = dict(eps=args.eps, steps=args.steps, lr=args.lr, clean_weight=args.clean_weight,
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
@@ -332,7 +333,9 @@ def _finetune(args, profile: Profile) -> int:
                              **{k: v for k, v in given.items() if v is not None})
     config.validate()
     ft.check_out(args.out, config, args.resume)  # before the model, the data and the "before" evaluation
-    profile.check_inputs()
+    architecture = profile.check_inputs()
+    if config.adapter == "oft":
+        check_block_size(architecture.visual, config.block_size)
     classifier = profile.load_classifier()
     x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
     x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)

@@ -75,12 +75,15 @@ def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: S
     return classifier.eval()
 
 
-def check_weights(name: str = "shapes", *, pretrained=_DEFAULT) -> None:
+def check_weights(name: str = "shapes", *, pretrained=_DEFAULT) -> torch.nn.Module:
     """Fail fast, before any heavy work, when ``load_classifier(name, pretrained=...)`` could not load.
 
     Resolves the weights exactly as ``load_classifier`` does (a tag from the cache, else a download if the
     host answers; a local file) and loads them into the architecture built on the ``meta`` device, so a
     missing, truncated or wrong-architecture file is reported in seconds, without building the text head.
+
+    Returns:
+        The open_clip model on the ``meta`` device: its shapes, no memory, for checks that need them.
 
     Raises:
         ValueError, FileNotFoundError: as ``load_classifier``.
@@ -88,7 +91,7 @@ def check_weights(name: str = "shapes", *, pretrained=_DEFAULT) -> None:
     model_name, pretrained, _, options = _resolve(name, pretrained)
     with warnings.catch_warnings():  # loading into meta tensors is a no-op copy, which torch warns about
         warnings.simplefilter("ignore", UserWarning)
-        _create_model(model_name, pretrained, torch.device("meta"), options)
+        return _create_model(model_name, pretrained, torch.device("meta"), options)
 
 
 def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str, dict]:

@@ -57,6 +57,21 @@ def _default_targets(module: nn.Module) -> Iterable[tuple[nn.Module, str]]:
             yield sub, "weight"
 
 
+def check_block_size(module: nn.Module, block_size: int,
+                     targets: Callable[[str, nn.Module], bool] | None = None) -> list[tuple[nn.Module, str]]:
+    """Raise unless ``block_size`` divides the width of every weight ``apply_oft`` would adapt; return those
+    (submodule, attribute) pairs. Works on a model on the ``meta`` device, so a run can be checked before loading."""
+    check_int(block_size, "block_size")
+    names = {sub: name for name, sub in module.named_modules()}
+    chosen = [(sub, attr) for sub, attr in _default_targets(module) if targets is None or targets(names[sub], sub)]
+    for sub, attr in chosen:
+        width = getattr(sub, attr).shape[1]
+        if width % block_size:
+            raise ValueError(f"block_size must divide the width of every adapted weight: {block_size} does "
+                             f"not divide {width} ({names[sub] or 'module'}.{attr})")
+    return chosen
+
+
 def apply_oft(module: nn.Module, *, block_size: int,
               targets: Callable[[str, nn.Module], bool] | None = None) -> list[str]:
     """Adapt every linear weight of ``module`` in place with OFT; freeze everything else in it.
@@ -73,15 +88,8 @@ def apply_oft(module: nn.Module, *, block_size: int,
     Raises:
         ValueError: ``block_size`` does not divide the width of an adapted weight.
     """
-    check_int(block_size, "block_size")
     names = {sub: name for name, sub in module.named_modules()}
-    chosen = [(sub, attr) for sub, attr in _default_targets(module)
-              if targets is None or targets(names[sub], sub)]
-    for sub, attr in chosen:  # validate every width before changing anything
-        width = getattr(sub, attr).shape[1]
-        if width % block_size:
-            raise ValueError(f"block_size must divide the width of every adapted weight: {block_size} does "
-                             f"not divide {width} ({names[sub] or 'module'}.{attr})")
+    chosen = check_block_size(module, block_size, targets)  # every width, before changing anything
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     for sub, attr in chosen:

@@ -82,13 +82,15 @@ class Profile:
         x, y, class_names = load_dataset(self.name, split=split, n=n, root=self.data_root)
         return x.to(self.device), y.to(self.device), class_names
 
-    def check_inputs(self) -> None:
-        """Fail within seconds, naming the file, when the weights or data this profile names cannot be loaded."""
+    def check_inputs(self):
+        """Fail within seconds, naming the file, when the weights or data this profile names cannot be loaded;
+        return the open_clip model on the ``meta`` device (shapes only) for checks that need its architecture."""
         from .data import check_dataset
         from .models import check_weights
 
-        check_weights(self.name, **self._pretrained)
+        model = check_weights(self.name, **self._pretrained)
         check_dataset(self.name, self.data_root)
+        return model
 
 
 PROFILES = {

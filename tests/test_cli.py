@@ -97,16 +97,18 @@ def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
     (["finetune", "--out", "{tmp}/run", "--eps", "2"], "--eps: must be in [0, 1]"),
     (["finetune", "--out", "{tmp}/run", "--block-size", "0"], "block_size applies to adapter='oft' only"),
     (["finetune", "--out", "{tmp}/run", "--adapter", "oft", "--block-size", "0"], "block_size must be >= 1"),
+    (["finetune", "--out", "{tmp}/run", "--adapter", "oft", "--block-size", "7"], "block_size must divide the width"),
 ])
 def test_bad_arguments_fail_before_anything_runs(argv, message, notebooks, tmp_path, capsys, monkeypatch):
-    """Each is refused with a message naming the argument, before a notebook, a model or data is touched."""
+    """Each is refused with a message naming the argument, before a notebook, a model or data is loaded (the
+    block size is checked against the architecture built on the meta device)."""
     from cliplab.profiles import Profile
 
     def never(*args, **kwargs):
         raise AssertionError("started work before the arguments were checked")
 
     monkeypatch.setattr(Profile, "load_classifier", never)
-    monkeypatch.setattr(Profile, "check_inputs", never)
+    monkeypatch.setattr(Profile, "load_dataset", never)
     monkeypatch.setattr(cli, "execute_notebook", never)
     file = tmp_path / "a-file"
     file.write_text("mine")
