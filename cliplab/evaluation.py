@@ -1,8 +1,8 @@
 """Accuracy and attack success over many images, in batches, always with sample size and a 95% CI."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +10,11 @@ from scipy.stats import beta
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_images, check_int, check_labels, check_nonempty, check_positive
+from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
 from . import _torch
-from .attacks import _num_classes, eval_mode, pgd
+from .apgd import apgd, apgd_targeted
+from .attacks import NORMS, _num_classes, eval_mode, pgd
+from .square import square
 
 
 @dataclass(frozen=True)
@@ -204,3 +206,179 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
         prediction = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
         success[index] = prediction == labels.cpu() if targeted else prediction != labels.cpu()
     return correct, success
+
+
+# The attacks of a worst-case evaluation, and the named ensembles (AutoAttack's "standard" and "rand" versions)
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "pgd")
+ENSEMBLES = {"standard": ("apgd-ce", "apgd-t", "square"), "rand": ("apgd-ce", "apgd-dlr"), "pgd": ("pgd",)}
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """How hard each attack of ``evaluate_robustness`` tries (the defaults are AutoAttack's)."""
+
+    steps: int = 100  # APGD iterations per run
+    num_targets: int = 9  # target classes of APGD-T, the likeliest first
+    queries: int = 5000  # Square's forward passes per image
+    restarts: int = 1  # random restarts of APGD-CE and APGD-DLR
+    eot_samples: int = 1  # gradient draws per APGD step (randomised defences: >= 20)
+    pgd_steps: int = 10  # the quick look: PGD with a margin loss...
+    pgd_restarts: int = 2  # ... and this many restarts
+
+
+@dataclass(frozen=True)
+class RobustnessReport:
+    """Worst-case robustness of one model at one radius.
+
+    Attributes:
+        clean: accuracy on the clean images.
+        robust: worst-case robust accuracy: correct when clean and after every attack of the ensemble.
+        per_attack: robust accuracy after each attack, in the order run; each attack only ran on the images
+            that all the earlier ones left standing (as in AutoAttack), so the last equals ``robust``.
+        standing: (N,) bool on the CPU, the images that survived every attack.
+        eps, norm: the threat model.
+    """
+
+    clean: Proportion
+    robust: Proportion
+    per_attack: dict[str, Proportion]
+    standing: torch.Tensor = field(repr=False)
+    eps: float = 0.0
+    norm: str = "linf"
+
+
+def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                        attacks: str | Sequence[str] = "standard", norm: str = "linf",
+                        budget: AttackBudget = AttackBudget(), batch_size: int = 256, votes: int = 1,
+                        judge: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                        autocast: bool = False, progress: bool = True) -> RobustnessReport:
+    """Worst-case robust accuracy over an ensemble of attacks (Croce & Hein 2020, RobustBench's rule).
+
+    An image counts as robust only if it is classified correctly when clean and after every attack. Like
+    AutoAttack, each attack runs only on the images still standing, so the ensemble costs little more than its
+    first attack on a model that is not robust.
+
+    Args:
+        model: the classifier, or a defence wrapping it, attacked end to end.
+        x: (N, 3, H, W) images in [0, 1]; y: (N,) labels.
+        eps: threat-model radius in [0, 1] pixel units.
+        attacks: ``"standard"`` (APGD-CE, APGD-T, Square: deterministic models), ``"rand"`` (APGD-CE and
+            APGD-DLR with EOT: randomised defences), ``"pgd"`` (the quick look: PGD with a margin loss), or a
+            sequence of names from ``ATTACKS``.
+        norm: ``"linf"`` or ``"l2"`` (Square is L-inf only).
+        budget: steps, targets, queries, restarts and EOT draws of the attacks.
+        batch_size: images per attack batch.
+        votes: score every image by the majority vote of this many stochastic passes (a randomised defence,
+            as deployed); 1 for deterministic models.
+        judge: maps images (on the model's device) to predicted classes, replacing the vote, e.g. randomized
+            smoothing's ``predict`` with abstention; None: ``predict`` with ``votes``.
+        seed: seeds every attack (each batch gets its own seed derived from it).
+        autocast: bfloat16 autocast for the attacks.
+        progress: a tqdm bar per attack.
+
+    Returns:
+        RobustnessReport with the clean, worst-case and per-attack accuracies, each with n and a 95% CI.
+    """
+    names = _check_robustness_arguments(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget,
+                                        batch_size=batch_size, votes=votes, seed=seed)
+    device = _torch.device_of(model, x.device)
+    if judge is None:
+        def judge(images):
+            return predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
+    labels = y.cpu()
+    _check_finite_logits(model, x, device, autocast)
+    standing = _judged(judge, x, device) == labels
+    clean = Proportion(int(standing.sum()), len(y))
+    per_attack = {}
+    for name in names:
+        todo = standing.nonzero().squeeze(1)
+        for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc=f"{name} eps={eps:.4f}"):
+            index = todo[start:start + batch_size]
+            x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
+                                budget=budget, seed=seed + start, autocast=autocast)
+            standing[index] = _judged(judge, x_adv, device) == labels[index]
+        per_attack[name] = Proportion(int(standing.sum()), len(y))
+    return RobustnessReport(clean, per_attack[names[-1]] if names else clean, per_attack, standing, eps, norm)
+
+
+def robustness_table(reports: Mapping[str, RobustnessReport]) -> str:
+    """A Markdown table, one row per report (e.g. per eps or per model): clean, each attack, the worst case.
+
+    Each cell is ``value% [low, high]`` (95% Clopper-Pearson interval); the header gives n."""
+    attacks = list(dict.fromkeys(name for report in reports.values() for name in report.per_attack))
+    sizes = sorted({report.clean.n for report in reports.values()})
+    header = ["", "clean", *[f"after {name}" for name in attacks], "worst case"]
+    lines = [f"robust accuracy in % [95% CI], n={', '.join(map(str, sizes))} images; each attack runs on the "
+             "images the earlier ones left standing", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, report in reports.items():
+        cells = [report.clean, *[report.per_attack.get(name) for name in attacks], report.robust]
+        lines.append(f"| {label} | " + " | ".join(_cell(p) for p in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(proportion: Proportion | None) -> str:
+    if proportion is None:
+        return "-"
+    low, high = proportion.ci95
+    return f"{100 * proportion.value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed) -> list[str]:
+    """Every argument checked before any attack runs; returns the attack names."""
+    check_images(x)
+    check_nonempty(x)
+    check_choice(norm, "norm", NORMS)
+    check_positive(eps, "eps", allow_zero=True)
+    if norm == "linf" and eps > 1:
+        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    if isinstance(attacks, str):
+        check_choice(attacks, "attacks", ENSEMBLES)
+        names = list(ENSEMBLES[attacks])
+    else:
+        names = list(attacks)
+        for name in names:
+            check_choice(name, "each of attacks", ATTACKS)
+    if "square" in names and norm != "linf":
+        raise ValueError(f"attacks: square is an L-inf attack; with norm={norm!r} leave it out")
+    if not isinstance(budget, AttackBudget):
+        raise TypeError(f"budget must be an AttackBudget, got {type(budget).__name__}")
+    for name in ("steps", "num_targets", "queries", "restarts", "eot_samples", "pgd_steps", "pgd_restarts"):
+        check_int(getattr(budget, name), f"budget.{name}")
+    num_classes = _num_classes(model, x)
+    if "apgd-t" in names and budget.num_targets > num_classes - 1:
+        raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
+                         f"got {budget.num_targets}")
+    check_labels(y, len(x), num_classes, "y")
+    check_int(batch_size, "batch_size")
+    check_int(votes, "votes")
+    check_seed(seed)
+    return names
+
+
+def _check_finite_logits(model, x, device, autocast) -> None:
+    """A model that returns NaN would make every attack and accuracy meaningless: refuse it at once."""
+    with torch.no_grad(), eval_mode(model), _torch.autocast(device, autocast):
+        logits = model(x[:8].to(device))
+    if not torch.isfinite(logits).all():
+        raise ValueError("model returned NaN or infinite logits on the clean images: no attack can be evaluated "
+                         "against it")
+
+
+def _judged(judge, images, device) -> torch.Tensor:
+    return judge(images.to(device)).cpu()
+
+
+def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, autocast) -> torch.Tensor:
+    """The adversarial images of attack ``name`` on one batch."""
+    common = dict(eps=eps, seed=seed, autocast=autocast)
+    if name == "square":
+        return square(model, x, y, queries=budget.queries, **common).x_adv
+    if name == "pgd":
+        return pgd(model, x, y, steps=budget.pgd_steps, restarts=budget.pgd_restarts, loss="margin", norm=norm,
+                   eot_samples=budget.eot_samples, **common).x_adv
+    if name == "apgd-t":
+        return apgd_targeted(model, x, y, steps=budget.steps, num_targets=budget.num_targets, norm=norm,
+                             eot_samples=budget.eot_samples, **common).x_adv
+    return apgd(model, x, y, steps=budget.steps, loss=name.removeprefix("apgd-"), norm=norm,
+                restarts=budget.restarts, eot_samples=budget.eot_samples, **common).x_adv

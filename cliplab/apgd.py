@@ -1,0 +1,209 @@
+"""Auto-PGD (Croce & Hein 2020): PGD with momentum and a step size that adapts itself, untargeted and targeted.
+
+APGD needs no step-size tuning: it starts at 2 eps and halves the step of a sample, restarting it from its best
+point, at checkpoints where the objective stopped rising often enough (Algorithm 1 of the paper). Together with the
+targeted DLR loss over the top-k classes (APGD-T) it is the backbone of AutoAttack, the evaluation RobustBench
+accepts. Same [0, 1] contract, EOT and ``AttackResult`` as ``cliplab.pgd``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _torch
+from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
+from .attacks import NORMS, AttackResult, _eot_logits, _num_classes, _random_start, _Strongest, attack_objective, \
+    eval_mode
+
+APGD_LOSSES = ("ce", "dlr")
+MOMENTUM = 0.75  # weight of the new step against the previous one (the paper's alpha)
+RHO = 0.75  # a checkpoint halves the step unless the objective rose in more than this fraction of the steps
+
+
+def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
+         norm: str = "linf", restarts: int = 1, eot_samples: int = 1, seed: int | None = None,
+         autocast: bool = False) -> AttackResult:
+    """Untargeted APGD: leave the label ``y``, ascending cross-entropy (APGD-CE) or the DLR loss (APGD-DLR).
+
+    Args:
+        model: maps (N, 3, H, W) images in [0, 1] to (N, C) logits; may be stochastic (then use EOT).
+        x: (N, 3, H, W) clean images in [0, 1]; y: (N,) their labels.
+        eps: radius of the threat model in [0, 1] pixel units (L-inf: per pixel; L2: per image).
+        steps: iterations per restart (AutoAttack: 100).
+        loss: ``"ce"`` or ``"dlr"`` (the difference of logits ratio, invariant to CLIP's logit scale).
+        norm: ``"linf"`` or ``"l2"``.
+        restarts: runs from fresh random starts; each runs only on the samples not yet fooled.
+        eot_samples: stochastic passes averaged per gradient, run as one batch (Athalye et al. 2018).
+        seed: seeds the random starts (None: the global generator).
+        autocast: bfloat16 autocast for the model (see ``cliplab.pgd``).
+
+    Returns:
+        AttackResult: success means misclassified; ``loss_history`` is (restarts, steps + 1, N), NaN where a
+        sample no longer ran.
+    """
+    check_choice(loss, "loss", APGD_LOSSES)
+    y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=restarts, eot_samples=eot_samples,
+                      seed=seed)
+    objective = (lambda logits, labels: attack_objective(logits, labels, loss, targeted=False))
+    return _run_restarts(model, x, y, [None] * restarts, objective, eps=eps, steps=steps, norm=norm,
+                         eot_samples=eot_samples, seed=seed, autocast=autocast)
+
+
+def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
+                  num_targets: int = 9, norm: str = "linf", eot_samples: int = 1, seed: int | None = None,
+                  autocast: bool = False) -> AttackResult:
+    """APGD-T: targeted APGD on the targeted DLR loss, once towards each of the ``num_targets`` classes the model
+    ranks highest after the label (Croce & Hein 2020, Eq. 8; AutoAttack's APGD-T with 9 targets).
+
+    The goal is still to leave ``y`` (success means misclassified): aiming at the likeliest wrong classes in turn
+    finds adversarial images that untargeted losses miss. Each target runs only on the samples not yet fooled.
+
+    Args:
+        num_targets: target classes tried, at most C - 1; the other arguments as in ``apgd``.
+    """
+    y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=1, eot_samples=eot_samples, seed=seed)
+    check_int(num_targets, "num_targets")
+    num_classes = _num_classes(model, x)
+    if num_targets > num_classes - 1:
+        raise ValueError(f"num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
+                         f"got {num_targets}")
+    with torch.no_grad(), eval_mode(model):  # the ranking of the classes on the clean images
+        ranked = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).sort(dim=1, descending=True).indices
+    # the k-th likeliest class other than the label: skip the label wherever it sits in the ranking
+    others = ranked.masked_select(ranked != y[:, None]).view(len(x), -1)  # (N, C - 1)
+    targets = [others[:, k] for k in range(num_targets)]
+    return _run_restarts(model, x, y, targets, targeted_dlr, eps=eps, steps=steps, norm=norm,
+                         eot_samples=eot_samples, seed=seed, autocast=autocast)
+
+
+def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted difference of logits ratio, to ascend: (z_t - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2), (N, C) -> (N,).
+
+    Positive once the target beats the label; dividing by the spread of the top logits makes it invariant to the
+    logit scale (Croce & Hein 2020, Eq. 8). Needs at least 4 classes.
+    """
+    top = logits.topk(4, dim=1).values
+    margin = logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
+    return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step (Croce & Hein 2020, Sec. 3.2): the first after 22% of the
+    steps, each interval 3% of the steps shorter than the one before, but at least 6%; in AutoAttack's integer
+    form (100 steps: 22, 41, 57, 70, 80, 87, 93, 99)."""
+    interval, shrink, shortest = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    marks, at = [], interval
+    while at <= steps:
+        marks.append(at)
+        interval = max(interval - shrink, shortest)
+        at += interval
+    return marks
+
+
+def _check_attack(model, x, y, *, eps, steps, norm, restarts, eot_samples, seed) -> torch.Tensor:
+    check_images(x)
+    check_nonempty(x)
+    _torch.check_device(model, x)
+    check_positive(eps, "eps", allow_zero=True)
+    check_choice(norm, "norm", NORMS)
+    if eps > 1 and norm == "linf":
+        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_int(steps, "steps")
+    check_int(restarts, "restarts")
+    check_int(eot_samples, "eot_samples")
+    check_seed(seed)
+    check_labels(y, len(x), _num_classes(model, x), "y")
+    return y.to(device=x.device, dtype=torch.int64)
+
+
+def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samples, seed, autocast):
+    """One APGD run per entry of ``targets`` (None: untargeted), each on the samples still standing.
+
+    Choosing the standing samples waits for the device once per run, never inside a run."""
+    generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
+    best = _Strongest(x)
+    history = torch.full((len(targets), steps + 1, len(x)), float("nan"), device=x.device)
+    with eval_mode(model), _torch.cast_cache(x.device):
+        for run, target in enumerate(targets):
+            index = (~best.success).nonzero().squeeze(1)
+            if len(index) == 0:
+                break
+            if target is None:
+                bound = (lambda logits, i=index: objective(logits, y[i].repeat(len(logits) // len(i))))
+            else:
+                bound = (lambda logits, i=index, t=target: objective(logits, y[i].repeat(len(logits) // len(i)),
+                                                                      t[i].repeat(len(logits) // len(i))))
+            history[run][:, index] = _apgd_run(model, x[index], y[index], index, best, bound, eps=eps,
+                                               steps=steps, norm=norm, eot_samples=eot_samples,
+                                               generator=generator, autocast=autocast)
+    return AttackResult(best.x, best.success, history, best.logits)
+
+
+def _apgd_run(model, x, y, index, best: _Strongest, objective, *, eps, steps, norm, eot_samples, generator,
+              autocast) -> torch.Tensor:
+    """Algorithm 1 of Croce & Hein (2020) on one batch, offering every iterate to ``best`` (at ``index``).
+
+    Returns (steps + 1, N) objectives. Every decision is a per-sample tensor mask: no host sync inside the loop."""
+    n = len(x)
+    step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device)  # the paper's eta^(0) = 2 eps
+    x_adv = (x + _random_start(x, eps, norm, generator)).clamp(0, 1)
+    value, grad, logits = _value_and_gradient(model, x_adv, objective, eot_samples, autocast)
+    best.update(index, x_adv, value, logits, logits.argmax(dim=1) != y)
+    history = [value]
+    x_max, value_max, grad_max = x_adv.clone(), value.clone(), grad.clone()  # the best point of this run
+    x_previous = x_adv
+    value_at_checkpoint, halved_at_checkpoint = value_max.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
+    rises = torch.zeros(n, device=x.device)  # steps since the last checkpoint where the objective rose
+    marks, last_mark = set(checkpoints(steps)), 0
+    for k in range(1, steps + 1):
+        z = _project(x, x_adv + _direction(grad, norm) * step, eps, norm)
+        momentum = MOMENTUM if k > 1 else 1.0
+        x_next = _project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
+        x_previous, x_adv = x_adv, x_next
+        value, grad, logits = _value_and_gradient(model, x_adv, objective, eot_samples, autocast)
+        best.update(index, x_adv, value, logits, logits.argmax(dim=1) != y)
+        rises += (value > history[-1]).float()
+        history.append(value)
+        improved = value > value_max
+        x_max = torch.where(improved.view(-1, 1, 1, 1), x_adv, x_max)
+        grad_max = torch.where(improved.view(-1, 1, 1, 1), grad, grad_max)
+        value_max = torch.where(improved, value, value_max)
+        if k in marks:
+            # condition 1: too few rises; condition 2: the step was kept last time and the best did not improve
+            halve = (rises <= RHO * (k - last_mark)) | (~halved_at_checkpoint & (value_max <= value_at_checkpoint))
+            step = torch.where(halve.view(-1, 1, 1, 1), step / 2, step)
+            x_adv = torch.where(halve.view(-1, 1, 1, 1), x_max, x_adv)  # go on from the best point
+            grad = torch.where(halve.view(-1, 1, 1, 1), grad_max, grad)
+            halved_at_checkpoint, value_at_checkpoint = halve, value_max.clone()
+            rises.zero_()
+            last_mark = k
+    return torch.stack(history)
+
+
+def _value_and_gradient(model, x, objective, eot_samples, autocast):
+    """Mean objective over the EOT draws (N,), its input gradient (N, 3, H, W) and the mean logits (N, C)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
+        value = objective(logits.flatten(0, 1)).view(eot_samples, len(x)).mean(dim=0)
+        grad = torch.autograd.grad(value.sum(), x)[0]
+    return value.detach(), grad, logits.detach().mean(dim=0)
+
+
+def _direction(grad, norm):
+    if norm == "linf":
+        return grad.sign()
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def _project(x, x_adv, eps, norm):
+    """Onto the eps-ball around x, then [0, 1] (which keeps the norm bound: x is in [0, 1])."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(-1, 1, 1, 1)
+    return (x + delta).clamp(0, 1)
+

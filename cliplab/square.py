@@ -1,0 +1,90 @@
+"""Square Attack (Andriushchenko et al. 2020): a black-box L-inf attack that never looks at a gradient.
+
+It changes a random square window of the perturbation to a new corner of the eps-ball and keeps the change when
+the margin drops. Needing only forward passes, it is blind to gradient masking: a model that holds out against
+APGD but falls to Square has hidden its gradients, not become robust (AutoAttack's reason to include it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _torch
+from ._checks import check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
+from .attacks import AttackResult, _num_classes, attack_objective, eval_mode
+
+P_INIT = 0.8  # fraction of the pixels the first windows cover (the paper's ImageNet setting)
+# the window's fraction halves at these points of a 10,000-query run (rescaled to the run's length)
+HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, queries: int = 5000,
+           seed: int | None = None, autocast: bool = False) -> AttackResult:
+    """Untargeted Square Attack in L-inf: random search on the margin loss, one batch of windows per query.
+
+    Args:
+        model: maps (N, 3, H, W) images in [0, 1] to (N, C) logits; only its outputs are used.
+        x: (N, 3, H, W) clean images in [0, 1]; y: (N,) labels to leave.
+        eps: L-inf radius in [0, 1] pixel units.
+        queries: forward passes per image (AutoAttack: 5,000), the stripes' initial one included.
+        seed: seeds the windows and signs (None: the global generator).
+        autocast: bfloat16 autocast for the model.
+
+    Returns:
+        AttackResult: success means misclassified; ``loss_history`` is (1, queries, N), the margin of the best
+        logit over the label's (positive once fooled), at every query.
+
+    Samples already fooled keep being queried, masked rather than dropped, so the loop never waits for the device.
+    """
+    check_images(x)
+    check_nonempty(x)
+    _torch.check_device(model, x)
+    check_positive(eps, "eps", allow_zero=True)
+    if eps > 1:
+        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_int(queries, "queries")
+    check_seed(seed)
+    check_labels(y, len(x), _num_classes(model, x), "y")
+    y = y.to(device=x.device, dtype=torch.int64)
+    generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
+    n, channels, height, width = x.shape
+
+    def margin(images):
+        with torch.no_grad(), _torch.autocast(x.device, autocast):
+            logits = model(images).float()
+        return attack_objective(logits, y, "margin", targeted=False), logits
+
+    def signs(*shape):
+        return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+
+    with eval_mode(model), _torch.cast_cache(x.device):
+        delta = eps * signs(n, channels, 1, width)  # vertical stripes: the paper's initialisation
+        x_best = (x + delta).clamp(0, 1)
+        best, logits = margin(x_best)
+        history = [best]
+        rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+        for query in range(1, queries):
+            side = _window_side(query, queries, height * width, height)
+            top = torch.randint(0, height - side + 1, (n, 1), generator=generator, device=x.device)
+            left = torch.randint(0, width - side + 1, (n, 1), generator=generator, device=x.device)
+            window = (((rows >= top) & (rows < top + side))[:, :, None]
+                      & ((cols >= left) & (cols < left + side))[:, None, :])[:, None]  # (N, 1, H, W)
+            candidate_delta = torch.where(window, eps * signs(n, channels, 1, 1), delta)
+            candidate = (x + candidate_delta).clamp(0, 1)
+            value, candidate_logits = margin(candidate)
+            better = (value > best) & (best < 0)  # a fooled sample keeps its adversarial image
+            delta = torch.where(better.view(-1, 1, 1, 1), candidate_delta, delta)
+            x_best = torch.where(better.view(-1, 1, 1, 1), candidate, x_best)
+            logits = torch.where(better[:, None], candidate_logits, logits)
+            best = torch.where(better, value, best)
+            history.append(best)
+    return AttackResult(x_best, logits.argmax(dim=1) != y, torch.stack(history)[None], logits)
+
+
+def _window_side(query: int, queries: int, pixels: int, height: int) -> int:
+    """Side of the square window at ``query``: covering a fraction p of the image, halved on the paper's schedule."""
+    progress = int(query / queries * 10_000)
+    p = P_INIT / 2 ** sum(progress > h for h in HALVINGS)
+    return min(max(round(math.sqrt(p * pixels)), 1), height - 1)

@@ -1,0 +1,249 @@
+"""APGD, APGD-T, Square and the worst-case evaluation: the threat model, the step-size schedule, parity with
+torchattacks' ports of AutoAttack on the trained `shapes` CLIP, the ensemble's bookkeeping and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cliplab
+from cliplab.apgd import apgd, apgd_targeted, checkpoints, targeted_dlr
+from cliplab.evaluation import AttackBudget, evaluate_robustness, robustness_table
+from cliplab.square import square
+
+ATTACKS = {
+    "apgd-ce": lambda m, x, y, eps: apgd(m, x, y, eps=eps, steps=5, seed=0),
+    "apgd-dlr": lambda m, x, y, eps: apgd(m, x, y, eps=eps, steps=5, loss="dlr", restarts=2, seed=0),
+    "apgd-t": lambda m, x, y, eps: apgd_targeted(m, x, y, eps=eps, steps=5, num_targets=2, seed=0),
+    "square": lambda m, x, y, eps: square(m, x, y, eps=eps, queries=20, seed=0),
+}
+
+
+def _robust(model, x_adv, y) -> float:
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def standing(shapes_clf, shapes_test, shapes_pred):
+    """100 test images the trained model classifies correctly."""
+    x, y, _ = shapes_test
+    correct = shapes_pred == y
+    return x[correct][:100], y[correct][:100]
+
+
+# ------------------------------------------------------------------------------------- data contract
+@pytest.mark.parametrize("name", ATTACKS)
+def test_adversarial_images_respect_threat_model(shapes_clf, batch, name):
+    x, y = batch
+    eps = 4 / 255
+    result = ATTACKS[name](shapes_clf, x, y, eps)
+    assert result.x_adv.shape == x.shape and result.x_adv.dtype == x.dtype
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    assert (result.x_adv - x).abs().amax() <= eps + 1e-6
+    assert (result.x_adv != x).any(), "the attack never moved the images"
+    with torch.no_grad():
+        logits = shapes_clf(result.x_adv)
+    torch.testing.assert_close(result.logits, logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(result.success, logits.argmax(1) != y)
+
+
+def test_apgd_l2_stays_in_the_ball(shapes_clf, batch):
+    x, y = batch
+    result = apgd(shapes_clf, x, y, eps=0.5, steps=5, norm="l2", seed=0)
+    assert (result.x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+
+
+def test_checkpoints_follow_autoattack():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(10) == list(range(2, 11))
+    assert checkpoints(1) == [1]
+
+
+def test_targeted_dlr_is_positive_once_the_target_wins():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0], [5.0, 4.0, 1.0, 0.0, -1.0]])
+    y, target = torch.tensor([0, 1]), torch.tensor([1, 0])
+    value = targeted_dlr(logits, y, target)
+    assert value[0] < 0 < value[1]
+    torch.testing.assert_close(targeted_dlr(100 * logits, y, target), value)  # invariant to CLIP's logit scale
+
+
+def test_same_seed_same_result(shapes_clf, batch):
+    x, y = batch
+    first, second = (apgd(shapes_clf, x, y, eps=2 / 255, steps=4, seed=3) for _ in range(2))
+    assert torch.equal(first.x_adv, second.x_adv)
+
+
+def test_more_steps_are_never_weaker(shapes_clf, standing):
+    x, y = standing
+    short, long = (apgd(shapes_clf, x, y, eps=1 / 255, steps=s, seed=0).success.sum() for s in (5, 20))
+    assert long >= short
+
+
+def test_apgd_history_is_per_restart_and_nan_where_a_sample_did_not_run(shapes_clf, standing):
+    x, y = standing
+    result = apgd(shapes_clf, x, y, eps=4 / 255, steps=3, restarts=2, seed=0)
+    assert result.loss_history.shape == (2, 4, len(x))
+    assert torch.isfinite(result.loss_history[0]).all()
+    # the second restart ran only on the samples the first one left standing
+    ran = torch.isfinite(result.loss_history[1, 0])
+    assert ran.sum() < len(x)
+
+
+def test_apgd_t_aims_at_classes_other_than_the_label(shapes_clf, standing):
+    """A target equal to the label would make targeted DLR identically zero: no sample would move."""
+    x, y = standing
+    result = apgd_targeted(shapes_clf, x[:20], y[:20], eps=4 / 255, steps=3, num_targets=1, seed=0)
+    assert (result.loss_history[0, 0].abs() > 0).all()
+
+
+def test_eot_apgd_runs_on_a_randomised_defence(shapes_clf, batch):
+    x, y = batch
+    model = cliplab.Denoised(shapes_clf, cliplab.GaussianNoise(0.05))
+    result = apgd(model, x, y, eps=4 / 255, steps=3, eot_samples=4, seed=0)
+    assert (result.x_adv - x).abs().amax() <= 4 / 255 + 1e-6
+
+
+# ------------------------------------------------------------------- strength: parity with torchattacks
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_not_weaker_than_torchattacks(shapes_clf, standing, loss):
+    import torchattacks  # installed by the README's test command: missing it is an error, not a skip
+
+    x, y = standing
+    eps = 1 / 255  # robust accuracy strictly between 0 and 1 here, so the comparison bites
+    ours = _robust(shapes_clf, apgd(shapes_clf, x, y, eps=eps, steps=10, loss=loss, seed=0).x_adv, y)
+    theirs = _robust(shapes_clf, torchattacks.APGD(shapes_clf, eps=eps, steps=10, loss=loss, seed=0)(x, y), y)
+    assert 0.05 < theirs < 0.95, "vacuous comparison"
+    assert ours <= theirs + 0.03, f"cliplab APGD-{loss} robust acc {ours:.1%} vs torchattacks {theirs:.1%}"
+
+
+def test_apgd_t_not_weaker_than_torchattacks(shapes_clf, standing):
+    import torchattacks
+
+    x, y = standing[0][:60], standing[1][:60]
+    eps = 1 / 255
+    ours = _robust(shapes_clf, apgd_targeted(shapes_clf, x, y, eps=eps, steps=10, num_targets=3, seed=0).x_adv, y)
+    reference = torchattacks.APGDT(shapes_clf, eps=eps, steps=10, n_classes=shapes_clf.num_classes, seed=0)
+    reference.n_target_classes = 3
+    theirs = _robust(shapes_clf, reference(x, y), y)
+    assert 0.05 < theirs < 0.95, "vacuous comparison"
+    assert ours <= theirs + 0.03, f"cliplab APGD-T robust acc {ours:.1%} vs torchattacks {theirs:.1%}"
+
+
+def test_square_fools_the_model_without_gradients(shapes_clf, standing):
+    x, y = standing[0][:40], standing[1][:40]
+    with torch.no_grad():
+        result = square(shapes_clf, x, y, eps=8 / 255, queries=100, seed=0)
+    assert result.success.float().mean() >= 0.5
+    # the margin never falls: a query is only kept when it helps
+    assert (result.loss_history[0].diff(dim=0) >= 0).all()
+
+
+# ------------------------------------------------------------------------------ worst-case evaluation
+class Fixed(nn.Module):
+    """A deterministic 5-class linear model on the mean colour."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.linear = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return 10 * self.linear(x.mean(dim=(2, 3)))
+
+
+SMALL = AttackBudget(steps=5, num_targets=2, queries=20, pgd_steps=3)
+
+
+def test_worst_case_is_below_every_attack_and_per_attack_is_monotone(shapes_clf, shapes_test):
+    x, y, _ = shapes_test
+    x, y = x[:120], y[:120]
+    report = evaluate_robustness(shapes_clf, x, y, eps=2 / 255, budget=SMALL, batch_size=50, progress=False)
+    assert list(report.per_attack) == ["apgd-ce", "apgd-t", "square"]
+    values = [report.clean.value, *(p.value for p in report.per_attack.values())]
+    assert values == sorted(values, reverse=True)
+    assert report.robust == report.per_attack["square"]
+    assert report.robust.n == report.clean.n == len(y)
+    assert report.standing.dtype == torch.bool and int(report.standing.sum()) == report.robust.hits
+    # the worst case is at most any single attack run alone on the same images
+    alone = evaluate_robustness(shapes_clf, x, y, eps=2 / 255, attacks=["apgd-ce"], budget=SMALL, batch_size=50,
+                                progress=False)
+    assert report.robust.value <= alone.robust.value
+    assert report.clean == alone.clean
+
+
+def test_worst_case_beats_pgd_on_the_original_model(shapes_clf, shapes_test):
+    """The measurement behind the worst-case rule: PGD-10 reports more robustness than the ensemble finds."""
+    x, y, _ = shapes_test
+    x, y = x[:100], y[:100]
+    budget = AttackBudget(steps=20, num_targets=9, queries=20)
+    ensemble = evaluate_robustness(shapes_clf, x, y, eps=4 / 255, budget=budget, progress=False)
+    quick = evaluate_robustness(shapes_clf, x, y, eps=4 / 255, attacks="pgd", budget=budget, progress=False)
+    assert ensemble.robust.value <= 0.02 < quick.robust.value
+
+
+def test_same_seed_same_report(shapes_clf, batch):
+    x, y = batch
+    first, second = (evaluate_robustness(shapes_clf, x, y, eps=2 / 255, budget=SMALL, progress=False)
+                     for _ in range(2))
+    assert first.per_attack == second.per_attack and torch.equal(first.standing, second.standing)
+
+
+def test_rand_ensemble_scores_by_the_vote(shapes_clf, batch):
+    x, y = batch
+    model = cliplab.Denoised(shapes_clf, cliplab.GaussianNoise(0.03))
+    report = evaluate_robustness(model, x, y, eps=4 / 255, attacks="rand", votes=3,
+                                 budget=AttackBudget(steps=3, eot_samples=2), progress=False)
+    assert list(report.per_attack) == ["apgd-ce", "apgd-dlr"]
+    assert report.robust.value <= report.clean.value
+
+
+def test_a_judge_replaces_the_vote(batch):
+    x, y = batch
+    model = Fixed()
+    always_wrong = evaluate_robustness(model, x, y % 5, eps=1 / 255, attacks=["apgd-ce"], budget=SMALL,
+                                       judge=lambda images: torch.full((len(images),), -1), progress=False)
+    assert always_wrong.clean.hits == 0 and always_wrong.robust.hits == 0
+
+
+def test_table_names_every_attack_n_and_interval(shapes_clf, batch):
+    x, y = batch
+    report = evaluate_robustness(shapes_clf, x, y, eps=2 / 255, budget=SMALL, progress=False)
+    table = robustness_table({"2/255": report})
+    assert "| 2/255 |" in table and "after apgd-t" in table and "worst case" in table
+    assert f"n={len(y)}" in table and "[" in table
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attacks="autoattack"), "attacks must be one of"),
+    (dict(attacks=["apgd-ce", "fab"]), "each of attacks must be one of"),
+    (dict(eps=2.0), "eps must be in [0, 1]"),
+    (dict(eps=-0.1), "eps must be >= 0"),
+    (dict(norm="l1"), "norm must be one of"),
+    (dict(norm="l2", eps=0.5), "square is an L-inf attack"),
+    (dict(budget=AttackBudget(num_targets=5)), "budget.num_targets must be at most"),
+    (dict(budget=AttackBudget(steps=0)), "budget.steps must be >= 1"),
+    (dict(votes=0), "votes must be >= 1"),
+])
+def test_bad_arguments_are_named_before_any_attack(batch, kwargs, message):
+    x, y = batch
+    arguments = dict(eps=1 / 255, budget=SMALL, progress=False) | kwargs
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        evaluate_robustness(Fixed(), x, y % 5, **arguments)
+
+
+def test_labels_out_of_range_are_named(batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 4\]"):
+        evaluate_robustness(Fixed(), x, y % 5 + 5, eps=1 / 255, budget=SMALL, progress=False)
+
+
+def test_nan_logits_are_refused():
+    class Broken(Fixed):
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+
+    with pytest.raises(ValueError, match="NaN or infinite logits"):
+        evaluate_robustness(Broken(), torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64), eps=1 / 255,
+                            budget=SMALL, progress=False)
