@@ -22,9 +22,24 @@ export PYTHONUNBUFFERED=1 CLIPLAB_OFFLINE=1 MPLBACKEND=Agg
   python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
   date -u; } | tee "$OUT/device.txt"
 
-(cd benchmarks && timeout "${BENCH_TIMEOUT:-300}" python3 bench_gpu.py --profile "$OUT/profiles" --sync-check "$@") \
-    2>&1 | tee "$OUT/bench_gpu.txt"
-timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
-    | tee "$OUT/pytest_cuda.txt" | tail -15
-timeout "${SMOKE_TIMEOUT:-400}" python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_real_path.py 2>&1 \
-    | tee "$OUT/pytest_smoke.txt" | tail -15
+# PARTS chooses what runs (default: all), e.g. PARTS="cuda autoattack" when device time is short
+PARTS=${PARTS:-"bench_gpu cuda smoke autoattack"}
+PYTEST=(python3 -m pytest -o addopts="" -m cuda -q -p no:cacheprovider)
+if [[ " $PARTS " == *" bench_gpu "* ]]; then
+    (cd benchmarks && timeout "${BENCH_TIMEOUT:-300}" python3 bench_gpu.py --profile "$OUT/profiles" --sync-check "$@") \
+        2>&1 | tee "$OUT/bench_gpu.txt"
+fi
+if [[ " $PARTS " == *" cuda "* ]]; then
+    timeout "${TESTS_TIMEOUT:-240}" "${PYTEST[@]}" tests/test_cuda.py tests/test_real_path.py -k "not smoke_run" 2>&1 \
+        | tee "$OUT/pytest_cuda.txt" | tail -15
+fi
+if [[ " $PARTS " == *" smoke "* ]]; then
+    timeout "${SMOKE_TIMEOUT:-400}" "${PYTEST[@]}" tests/test_real_path.py -k smoke_run 2>&1 \
+        | tee "$OUT/pytest_smoke.txt" | tail -15
+fi
+if [[ " $PARTS " == *" autoattack "* ]]; then
+    for model in ${AUTOATTACK_MODELS:-shapes vit}; do
+        timeout "${AUTOATTACK_TIMEOUT:-180}" python3 benchmarks/bench_autoattack.py --model $model --device cuda \
+            --n "${AUTOATTACK_N:-256}" 2>&1 | tee "$OUT/bench_autoattack_$model.txt"
+    done
+fi

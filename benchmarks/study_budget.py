@@ -15,8 +15,16 @@ An H100 SXM has the H200's compute (same GH100 chip, less and slower memory), so
 for one H100 too. Attacks run on the correctly classified images only: the model assumes CLIP ViT-B/32's
 zero-shot CIFAR-100 accuracy of 65% (Radford et al. 2021) everywhere, and no early stopping (an upper bound).
 
+A worst-case evaluation (``evaluate_robustness``) judges every image clean, then runs its first attack on the
+correctly classified ones and each later attack only on the images still standing. How many stand is unknown for
+the real model, so it is counted twice: the lower bound has the first attack fool every image (the later ones cost
+nothing), the upper bound has every correctly classified image survive every attack. Per image attacked, with S
+steps and k EOT draws: APGD-CE or APGD-DLR S + 1 B per restart, times k; APGD-T num_targets * (S + 1) B, times k,
+plus k F to rank the targets; Square its queries in F; PGD as below; and a judgement after each attack, one F per
+vote (randomized smoothing: per noise draw).
+
 Usage:
-    python benchmarks/study_budget.py                 # the cifar100 profile, as a markdown table
+    python benchmarks/study_budget.py                 # the cifar100 profile, as a markdown table (lower-upper bound)
     python benchmarks/study_budget.py --profile shapes
 """
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 from dataclasses import dataclass
 
 import cliplab
+from cliplab.evaluation import ENSEMBLES, AttackBudget
 
 B_PER_S = {"bf16": 105_000 / 9.17, "fp32": 105_000 / (9.585 * 10_000 / 2_048)}  # forward + input-backward passes per second
 STEP_S = {"bf16": {"full": 0.224, "oft": 0.497}, "fp32": {"full": 0.807, "oft": 0.807 * 0.497 / 0.224}}
@@ -36,6 +45,7 @@ class Cost:
     forward: float = 0.0  # F: forward passes of one image at 224x224
     backward: float = 0.0  # B: forward + input-backward passes of one image
     finetune: dict = None  # adapter -> optimiser steps, scaled to batch 128 and a 10-step inner attack
+    upper: bool = False  # the upper bound of a worst-case evaluation: every image survives every attack
 
     def __post_init__(self):
         self.finetune = self.finetune or {}
@@ -47,6 +57,23 @@ class Cost:
         """PGD: ``steps`` gradient steps and one final evaluation per restart, each over ``eot`` draws."""
         self.backward += n * restarts * steps * eot
         self.forward += n * restarts * eot
+
+    def ensemble(self, n, attacks, budget: AttackBudget, votes=1, noise=1):
+        """evaluate_robustness on ``n`` images, judged by ``votes`` passes; ``noise``: passes per model forward."""
+        self.predict(n, votes)
+        k = budget.eot_samples * noise
+        for i, name in enumerate(attacks):
+            m = ACCURACY * n if i == 0 or self.upper else 0  # the images still standing
+            if name == "pgd":
+                self.attack(m, budget.pgd_steps, k, restarts=budget.pgd_restarts)
+            elif name == "apgd-t":
+                self.forward += m * k
+                self.backward += m * budget.num_targets * (budget.steps + 1) * k
+            elif name == "square":
+                self.forward += m * budget.queries * noise
+            else:  # apgd-ce, apgd-dlr
+                self.backward += m * budget.restarts * (budget.steps + 1) * k
+            self.predict(m, votes)
 
     def masking_report(self, n, steps, eot=1, votes=1, transfer=True):
         """checks.gradient_masking_report: a gradient, attacks at eps/2, eps, 2 eps and 1, a 4x-steps attack with
@@ -65,9 +92,9 @@ class Cost:
         return passes / B_PER_S[precision] + steps
 
 
-def notebook_costs(p: cliplab.Profile) -> dict[str, Cost]:
-    costs = {name: Cost() for name in ("01_attacks", "02_eot", "03_randomized_smoothing", "04_denoising",
-                                       "05_adversarial_finetune", "06_orthogonal_finetune")}
+def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
+    costs = {name: Cost(upper=upper) for name in ("01_attacks", "02_eot", "03_randomized_smoothing",
+                                                  "04_denoising", "05_adversarial_finetune", "06_orthogonal_finetune")}
     right = lambda n: ACCURACY * n  # noqa: E731 - the images an evaluation attacks
 
     c = costs["01_attacks"]
@@ -86,12 +113,13 @@ def notebook_costs(p: cliplab.Profile) -> dict[str, Cost]:
         c.predict(n, v)
         c.attack(right(n), p.attack_steps, eot=k)
         c.predict(right(n), v)
+    c.ensemble(n, ENSEMBLES["rand"], p.attack_budget(randomised=True), votes=v)  # the Gaussian noise's worst case
 
     c, noise = costs["03_randomized_smoothing"], 8  # RandomizedSmoothing(num_noise=8) in every soft forward
     c.predict(n)
     for _ in p.smoothing_sigmas:
-        c.predict(n, 2 * p.certify_n0)  # smoothed accuracy, clean and attacked
-        c.attack(n, p.attack_steps, eot=(p.eot_samples // noise + 1) * noise)
+        c.ensemble(n, ENSEMBLES["rand"], AttackBudget(steps=p.eval_steps, eot_samples=p.eot_samples // noise + 1),
+                   votes=p.certify_n0, noise=noise)  # judged by the smoothed prediction
         c.predict(p.n_certify, p.certify_n0 + p.certify_n)  # certify
     c.masking_report(min(40, n), p.attack_steps, eot=2 * 4, votes=p.votes * 4)
 
@@ -104,9 +132,7 @@ def notebook_costs(p: cliplab.Profile) -> dict[str, Cost]:
     c.attack(p.n_defence, p.attack_steps, eot=p.eot_samples)  # random sigma, EOT
     c.predict(p.n_defence, 2 * p.votes)
     for _ in range(16):  # colour x spatial sigma grid
-        c.predict(p.n_defence)
-        c.attack(right(p.n_defence), p.attack_steps)
-        c.predict(right(p.n_defence))
+        c.ensemble(p.n_defence, ENSEMBLES["standard"], p.attack_budget())
     c.masking_report(p.n_defence, p.attack_steps)
 
     scale = p.finetune_batch_size / 128 * (p.finetune_attack_steps + 2) / 12  # a step's cost vs the measured one
@@ -114,21 +140,23 @@ def notebook_costs(p: cliplab.Profile) -> dict[str, Cost]:
                                                                           {"oft": 4}, 6)):
         c = costs[name]
         c.finetune = {adapter: count * p.finetune_steps * scale for adapter, count in runs.items()}
-        for _ in range(models * 3):  # accuracy_vs_eps at 1, 2, 4 / 255
-            c.predict(p.n_eval)
-            c.attack(right(p.n_eval), p.attack_steps, restarts=p.restarts)
-            c.predict(right(p.n_eval))
+        for _ in range(models * 3):  # robustness_vs_eps at 1, 2, 4 / 255
+            c.ensemble(p.n_eval, ["pgd", "apgd-ce", "apgd-t", "square"], p.attack_budget())
     costs["05_adversarial_finetune"].masking_report(100, p.attack_steps)
     return costs
 
 
-def format_table(costs: dict[str, Cost]) -> str:
+def format_table(lower: dict[str, Cost], upper: dict[str, Cost]) -> str:
+    """One row per notebook and the total; each count and time as its lower-upper bound."""
     lines = ["| notebook | forward passes | fwd + input-bwd passes | fine-tuning steps (batch 128) | bf16, one H100 | fp32 |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name, c in [*costs.items(), ("**total**", _total(costs.values()))]:
-        steps = sum(c.finetune.values())
-        lines.append(f"| {name} | {c.forward / 1e6:.2f} M | {c.backward / 1e6:.2f} M | {steps:,.0f} | "
-                     f"{_minutes(c.seconds('bf16'))} | {_minutes(c.seconds('fp32'))} |")
+    rows = [*zip(lower, lower.values(), upper.values()), ("**total**", _total(lower.values()), _total(upper.values()))]
+    for name, low, high in rows:
+        steps = sum(low.finetune.values())
+        lines.append(f"| {name} | {_range(low.forward / 1e6, high.forward / 1e6, '.2f')} M | "
+                     f"{_range(low.backward / 1e6, high.backward / 1e6, '.2f')} M | {steps:,.0f} | "
+                     + " | ".join(f"{_range(low.seconds(x) / 60, high.seconds(x) / 60, '.1f')} min"
+                                  for x in ("bf16", "fp32")) + " |")
     return "\n".join(lines)
 
 
@@ -142,8 +170,10 @@ def _total(costs) -> Cost:
     return total
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min"
+def _range(low: float, high: float, spec: str) -> str:
+    """``low-high`` (en dash), or one number where the bounds agree at this precision."""
+    low, high = format(low, spec), format(high, spec)
+    return low if low == high else f"{low}\u2013{high}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="cifar100", choices=sorted(cliplab.profiles.PROFILES))
     args = parser.parse_args(argv)
     profile = cliplab.profiles.PROFILES[args.profile]
-    print(format_table(notebook_costs(profile)))
+    print(format_table(notebook_costs(profile), notebook_costs(profile, upper=True)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Command line: ``cliplab reproduce`` runs the notebooks headless; ``cliplab train-shapes-clip``."""
+"""Command line: ``cliplab reproduce`` runs the notebooks headless; ``cliplab evaluate`` writes a robustness report
+card; ``cliplab finetune``; ``cliplab train-shapes-clip``."""
 from __future__ import annotations
 
 import argparse
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--out", type=_path, required=True, help="directory for checkpoints and results")
     tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     tune.add_argument("--seed", type=int, default=0)
+    _add_evaluate_parser(commands)
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
     train.add_argument("--out", type=_path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--steps", type=int, default=None)
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train_shapes_clip(args.out, args.steps)
         if args.command == "finetune":
             return _finetune(args, _profile(args))
+        if args.command == "evaluate":
+            return _evaluate(args)
         profile = _profile(args, smoke=args.smoke)
         runs = reproduce(profile, args.only, args.notebooks, args.results, args.update, args.threads)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
@@ -264,6 +268,103 @@ def main(argv: list[str] | None = None) -> int:
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    from .evaluation import ATTACKS, ENSEMBLES, AttackBudget
+
+    default = AttackBudget()
+    evaluate = commands.add_parser(
+        "evaluate", help="worst-case robust accuracy of a model over an attack ensemble (a robustness report card)",
+        description="Clean, per-attack and worst-case robust accuracy at each radius, with n and 95%% CIs: a "
+                    "Markdown table on stdout and, with --out, a JSON file with the settings, versions and seed.")
+    evaluate.add_argument("--model", default=None,
+                          help="a profile (shapes, cifar100) or an open_clip model name such as ViT-B-32 "
+                               "(default: the data set's profile)")
+    evaluate.add_argument("--pretrained", metavar="PATH_OR_TAG",
+                          help="a local checkpoint (a cliplab finetune final.safetensors too) or an open_clip tag "
+                               "(default: the profile's own weights; required for a bare model name)")
+    evaluate.add_argument("--encoder", type=_path, metavar="PATH",
+                          help="an image encoder alone, loaded on top of the model (the notebooks' cache, e.g. "
+                               "notebooks/checkpoints/shapes/fare-full.safetensors)")
+    evaluate.add_argument("--dataset", default="shapes", choices=("shapes", "cifar100"))
+    evaluate.add_argument("--data", type=Path, metavar="DIR", help="directory holding cifar-100-python/")
+    evaluate.add_argument("--single-template", action="store_true",
+                          help="one prompt per class instead of the data set's prompt ensemble (a faster text head)")
+    evaluate.add_argument("--eps", type=_radii, default=(1 / 255, 2 / 255, 4 / 255),
+                          help="comma-separated L-inf radii, e.g. 1/255,2/255,4/255 (the default)")
+    evaluate.add_argument("--n", type=int, default=1000, help="the first N test images (default: 1000)")
+    evaluate.add_argument("--attacks", type=_attack_names, default="standard",
+                          help=f"an ensemble: {', '.join(ENSEMBLES)} (default: standard = "
+                               f"{', '.join(ENSEMBLES['standard'])}; rand for randomised defences), or "
+                               f"comma-separated attacks from {', '.join(ATTACKS)}")
+    evaluate.add_argument("--steps", type=int, default=default.steps, help="APGD iterations (default: %(default)s)")
+    evaluate.add_argument("--targets", type=int, default=default.num_targets,
+                          help="APGD-T target classes (default: %(default)s)")
+    evaluate.add_argument("--queries", type=int, default=default.queries,
+                          help="Square queries per image (default: %(default)s)")
+    evaluate.add_argument("--eot-samples", type=int, default=None,
+                          help="EOT draws per APGD step (default: 20 with --attacks rand, else 1)")
+    evaluate.add_argument("--votes", type=int, default=1, help="majority vote of this many passes scores an image")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
+    evaluate.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bf16 autocast)")
+    evaluate.add_argument("--out", type=_path, help="directory for evaluation.json")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _evaluate(args) -> int:
+    """``cliplab evaluate``: check everything, evaluate, print the Markdown table, write the JSON atomically."""
+    import torch
+
+    from . import report
+    from .evaluation import AttackBudget
+
+    eot = args.eot_samples if args.eot_samples is not None else (20 if args.attacks == "rand" else 1)
+    for name in ("n", "steps", "targets", "queries", "votes", "batch_size"):
+        check_int(getattr(args, name), f"--{name.replace('_', '-')}")
+    check_int(eot, "--eot-samples")
+    settings = report.ReportSettings(
+        model=args.model or args.dataset, pretrained=_weights(args.pretrained),
+        encoder=str(args.encoder.expanduser().resolve()) if args.encoder else None, dataset=args.dataset,
+        data_root=str(args.data.expanduser().resolve()) if args.data else None,
+        single_template=args.single_template, eps=tuple(args.eps), n=args.n,
+        attacks=args.attacks, budget=AttackBudget(steps=args.steps, num_targets=args.targets, queries=args.queries,
+                                                  eot_samples=eot),
+        votes=args.votes, batch_size=args.batch_size, seed=args.seed,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        precision="fp32" if args.fp32 else "auto")
+    if args.out is not None:
+        check_directory(args.out, "--out")
+    report.check(settings)
+    reports = report.evaluate(settings, progress=not args.quiet)
+    print(report.markdown(reports))
+    if args.out is not None:
+        print(f"\nwritten: {report.write_json(args.out / 'evaluation.json', settings, reports)}")
+    return 0
+
+
+def _radii(text: str) -> tuple[float, ...]:
+    """``"1/255,2/255,4/255"`` as radii in (0, 1] (argparse type)."""
+    radii = tuple(_radius(part.strip()) for part in text.split(",") if part.strip())
+    if not radii or any(r == 0 for r in radii):
+        raise argparse.ArgumentTypeError(f"expected one or more radii in (0, 1] such as 1/255,4/255, got {text!r}")
+    return radii
+
+
+def _attack_names(text: str) -> str | tuple[str, ...]:
+    """An ensemble name, or comma-separated attack names (argparse type)."""
+    from .evaluation import ATTACKS, ENSEMBLES
+
+    if text in ENSEMBLES:
+        return text
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in ATTACKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ENSEMBLES)} or comma-separated attacks from "
+                                         f"{', '.join(ATTACKS)}; unknown: {', '.join(unknown) or repr(text)}")
+    return names
 
 
 def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -281,11 +382,16 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _profile(args, smoke: bool = False) -> Profile:
     """The profile the command line names, with local paths made absolute (notebooks run elsewhere)."""
-    weights = args.pretrained
-    if weights and (os.sep in weights or Path(weights).suffix or Path(weights).exists()):  # a file, not a tag
-        weights = str(Path(weights).expanduser().resolve())
-    return get_profile(args.profile, args.device, precision="fp32" if args.fp32 else None, weights=weights,
+    return get_profile(args.profile, args.device, precision="fp32" if args.fp32 else None,
+                       weights=_weights(args.pretrained),
                        data_root=args.data.expanduser().resolve() if args.data else None, smoke=smoke)
+
+
+def _weights(text: str | None) -> str | None:
+    """``--pretrained``: a local file made absolute (notebooks and workers run elsewhere), or a tag as given."""
+    if text and (os.sep in text or Path(text).suffix or Path(text).exists()):
+        return str(Path(text).expanduser().resolve())
+    return text
 
 
 def _fraction(text: str) -> float:

@@ -121,22 +121,34 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                           success=Proportion(int(fooled.sum()), n_correct))
 
 
+def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
+                      **kwargs) -> dict[float, RobustnessReport]:
+    """``evaluate_robustness`` at each radius of ``eps_values`` (each > 0, in [0, 1] pixel units).
+
+    Keyword arguments (attacks, budget, batch size, votes, seed, progress) go to ``evaluate_robustness``."""
+    if not eps_values or any(eps <= 0 for eps in eps_values):
+        raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
+    return {eps: evaluate_robustness(model, x, y, eps=eps, **kwargs) for eps in eps_values}
+
+
 def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
                     **kwargs) -> dict[float, Proportion]:
-    """Clean accuracy (key 0) and robust accuracy at each radius of ``eps_values``, one attack per radius.
+    """Clean accuracy (key 0) and worst-case robust accuracy at each radius of ``eps_values``.
 
     Args:
-        model, x, y: as for ``robust_accuracy``.
+        model, x, y: as for ``evaluate_robustness``.
         eps_values: threat-model radii (each > 0), in [0, 1] pixel units.
-        **kwargs: go to ``robust_accuracy`` (batch size, votes, progress) and on to ``pgd``.
+        **kwargs: go to ``evaluate_robustness`` (attacks, budget, batch size, votes, seed, progress).
 
     Returns:
         ``{0: clean, eps: robust, ...}``, each a ``Proportion`` of ``len(y)`` images.
     """
-    if not eps_values or any(eps <= 0 for eps in eps_values):
-        raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
-    results = {eps: robust_accuracy(model, x, y, eps=eps, **kwargs) for eps in eps_values}
-    return {0: next(iter(results.values())).clean, **{eps: result.robust for eps, result in results.items()}}
+    return accuracy_curve(robustness_vs_eps(model, x, y, eps_values, **kwargs))
+
+
+def accuracy_curve(reports: Mapping[float, RobustnessReport]) -> dict[float, Proportion]:
+    """``{0: clean, eps: worst-case robust, ...}`` from the reports of ``robustness_vs_eps``."""
+    return {0: next(iter(reports.values())).clean, **{eps: report.robust for eps, report in reports.items()}}
 
 
 def format_accuracy_table(rows: Mapping[str, Mapping[float, Proportion]]) -> str:
@@ -292,7 +304,8 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     per_attack = {}
     for name in names:
         todo = standing.nonzero().squeeze(1)
-        for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc=f"{name} eps={eps:.4f}"):
+        batches = range(0, len(todo), batch_size)
+        for start in tqdm(batches, disable=not progress, desc=f"{name} eps={255 * eps:g}/255"):
             index = todo[start:start + batch_size]
             x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
                                 budget=budget, seed=seed + start, autocast=autocast)

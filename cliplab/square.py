@@ -49,6 +49,12 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, qu
     check_labels(y, len(x), _num_classes(model, x), "y")
     y = y.to(device=x.device, dtype=torch.int64)
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
+    with eval_mode(model), _torch.cast_cache(x.device):
+        return _square_run(model, x, y, eps=eps, queries=queries, generator=generator, autocast=autocast)
+
+
+def _square_run(model, x, y, *, eps, queries, generator, autocast) -> AttackResult:
+    """The random search; every decision is a per-sample tensor mask, so the loop never waits for the device."""
     n, channels, height, width = x.shape
 
     def margin(images):
@@ -59,27 +65,26 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, qu
     def signs(*shape):
         return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
 
-    with eval_mode(model), _torch.cast_cache(x.device):
-        delta = eps * signs(n, channels, 1, width)  # vertical stripes: the paper's initialisation
-        x_best = (x + delta).clamp(0, 1)
-        best, logits = margin(x_best)
-        history = [best]
-        rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
-        for query in range(1, queries):
-            side = _window_side(query, queries, height * width, height)
-            top = torch.randint(0, height - side + 1, (n, 1), generator=generator, device=x.device)
-            left = torch.randint(0, width - side + 1, (n, 1), generator=generator, device=x.device)
-            window = (((rows >= top) & (rows < top + side))[:, :, None]
-                      & ((cols >= left) & (cols < left + side))[:, None, :])[:, None]  # (N, 1, H, W)
-            candidate_delta = torch.where(window, eps * signs(n, channels, 1, 1), delta)
-            candidate = (x + candidate_delta).clamp(0, 1)
-            value, candidate_logits = margin(candidate)
-            better = (value > best) & (best < 0)  # a fooled sample keeps its adversarial image
-            delta = torch.where(better.view(-1, 1, 1, 1), candidate_delta, delta)
-            x_best = torch.where(better.view(-1, 1, 1, 1), candidate, x_best)
-            logits = torch.where(better[:, None], candidate_logits, logits)
-            best = torch.where(better, value, best)
-            history.append(best)
+    delta = eps * signs(n, channels, 1, width)  # vertical stripes: the paper's initialisation
+    x_best = (x + delta).clamp(0, 1)
+    best, logits = margin(x_best)
+    history = [best]
+    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    for query in range(1, queries):
+        side = _window_side(query, queries, height * width, height)
+        top = torch.randint(0, height - side + 1, (n, 1), generator=generator, device=x.device)
+        left = torch.randint(0, width - side + 1, (n, 1), generator=generator, device=x.device)
+        window = (((rows >= top) & (rows < top + side))[:, :, None]
+                  & ((cols >= left) & (cols < left + side))[:, None, :])[:, None]  # (N, 1, H, W)
+        candidate_delta = torch.where(window, eps * signs(n, channels, 1, 1), delta)
+        candidate = (x + candidate_delta).clamp(0, 1)
+        value, candidate_logits = margin(candidate)
+        better = (value > best) & (best < 0)  # a fooled sample keeps its adversarial image
+        delta = torch.where(better.view(-1, 1, 1, 1), candidate_delta, delta)
+        x_best = torch.where(better.view(-1, 1, 1, 1), candidate, x_best)
+        logits = torch.where(better[:, None], candidate_logits, logits)
+        best = torch.where(better, value, best)
+        history.append(best)
     return AttackResult(x_best, logits.argmax(dim=1) != y, torch.stack(history)[None], logits)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import cliplab
 from cliplab.apgd import apgd, apgd_targeted, checkpoints, targeted_dlr
 from cliplab.evaluation import AttackBudget, evaluate_robustness, robustness_table
 from cliplab.square import square
+from test_evaluation import Fixed  # a deterministic 4-class model
 
 ATTACKS = {
     "apgd-ce": lambda m, x, y, eps: apgd(m, x, y, eps=eps, steps=5, seed=0),
@@ -141,18 +141,6 @@ def test_square_fools_the_model_without_gradients(shapes_clf, standing):
 
 
 # ------------------------------------------------------------------------------ worst-case evaluation
-class Fixed(nn.Module):
-    """A deterministic 5-class linear model on the mean colour."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(2)
-        self.linear = nn.Linear(3, 5)
-
-    def forward(self, x):
-        return 10 * self.linear(x.mean(dim=(2, 3)))
-
-
 SMALL = AttackBudget(steps=5, num_targets=2, queries=20, pgd_steps=3)
 
 
@@ -202,7 +190,7 @@ def test_rand_ensemble_scores_by_the_vote(shapes_clf, batch):
 def test_a_judge_replaces_the_vote(batch):
     x, y = batch
     model = Fixed()
-    always_wrong = evaluate_robustness(model, x, y % 5, eps=1 / 255, attacks=["apgd-ce"], budget=SMALL,
+    always_wrong = evaluate_robustness(model, x, y % 4, eps=1 / 255, attacks=["apgd-ce"], budget=SMALL,
                                        judge=lambda images: torch.full((len(images),), -1), progress=False)
     assert always_wrong.clean.hits == 0 and always_wrong.robust.hits == 0
 
@@ -230,13 +218,13 @@ def test_bad_arguments_are_named_before_any_attack(batch, kwargs, message):
     x, y = batch
     arguments = dict(eps=1 / 255, budget=SMALL, progress=False) | kwargs
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        evaluate_robustness(Fixed(), x, y % 5, **arguments)
+        evaluate_robustness(Fixed(), x, y % 4, **arguments)
 
 
 def test_labels_out_of_range_are_named(batch):
     x, y = batch
-    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 4\]"):
-        evaluate_robustness(Fixed(), x, y % 5 + 5, eps=1 / 255, budget=SMALL, progress=False)
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 3\]"):
+        evaluate_robustness(Fixed(), x, y % 4 + 4, eps=1 / 255, budget=SMALL, progress=False)
 
 
 def test_nan_logits_are_refused():

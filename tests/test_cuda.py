@@ -171,3 +171,36 @@ def test_merge_oft(clf, images):
         after = model(x)
     assert not ft.oft_parameters(model.model.visual) and _devices(model) == {torch.device(DEVICE).type}
     torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_worst_case_evaluation_agrees_with_the_cpu(shapes_clf, clf, images, precision):
+    x, y = images
+    budget = cliplab.AttackBudget(steps=10, num_targets=3, queries=50)
+    on_device = cliplab.evaluate_robustness(_with_precision(clf, precision), x, y, eps=EPS, budget=budget,
+                                            progress=False)
+    on_cpu = cliplab.evaluate_robustness(shapes_clf, x.cpu(), y.cpu(), eps=EPS, budget=budget, progress=False)
+    assert abs(on_device.clean.hits - on_cpu.clean.hits) <= 2
+    assert abs(on_device.robust.hits - on_cpu.robust.hits) <= 0.1 * len(y)
+    assert on_device.robust.value <= on_device.clean.value
+
+
+def test_apgd_and_square_loops_never_wait_for_the_gpu(clf, images):
+    """Inside a run every decision is a tensor mask: with sync debugging set to error, a host sync would raise."""
+    from cliplab.apgd import _apgd_run
+    from cliplab.attacks import _Strongest, attack_objective
+    from cliplab.square import _square_run
+
+    if torch.device(DEVICE).type != "cuda":
+        pytest.skip("host syncs exist only on CUDA")
+    x, y = images
+    best, index = _Strongest(x), torch.arange(len(x), device=x.device)
+    objective = (lambda logits: attack_objective(logits, y, "ce", targeted=False))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _apgd_run(clf, x, y, index, best, objective, eps=EPS, steps=10, norm="linf", eot_samples=1, generator=None,
+                  autocast=False)
+        _square_run(clf, x, y, eps=EPS, queries=10, generator=None, autocast=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

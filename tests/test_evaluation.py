@@ -133,13 +133,13 @@ def test_robust_accuracy_decreases_with_eps(shapes_clf, shapes_test):
     assert accuracies[2] < accuracies[0]
 
 
-def test_accuracy_vs_eps_matches_robust_accuracy_per_radius(shapes_clf, shapes_test):
+def test_accuracy_vs_eps_is_the_worst_case_per_radius(shapes_clf, shapes_test):
     x, y, _ = shapes_test
-    attack = dict(steps=3, restarts=2, loss="margin", seed=0, progress=False)
-    curve = cliplab.accuracy_vs_eps(shapes_clf, x[:32], y[:32], [1 / 255, 4 / 255], **attack)
+    settings = dict(budget=cliplab.AttackBudget(steps=3, num_targets=2, queries=5), seed=0, progress=False)
+    curve = cliplab.accuracy_vs_eps(shapes_clf, x[:32], y[:32], [1 / 255, 4 / 255], **settings)
     assert list(curve) == [0, 1 / 255, 4 / 255] and all(p.n == 32 for p in curve.values())
     assert curve[0] == cliplab.accuracy(shapes_clf, x[:32], y[:32])
-    assert curve[4 / 255] == cliplab.robust_accuracy(shapes_clf, x[:32], y[:32], eps=4 / 255, **attack).robust
+    assert curve[4 / 255] == cliplab.evaluate_robustness(shapes_clf, x[:32], y[:32], eps=4 / 255, **settings).robust
     assert curve[0].value >= curve[1 / 255].value >= curve[4 / 255].value
     for bad in ([], [0.0, 1 / 255]):
         with pytest.raises(ValueError, match="eps_values"):

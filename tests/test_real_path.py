@@ -169,3 +169,30 @@ def test_smoke_run_of_the_shapes_profile(offline, tmp_path, capsys):
     assert _reproduce("--profile", "shapes", "--smoke", "--only", "01", results=tmp_path) == 0, capsys.readouterr()
     assert (tmp_path / "shapes-smoke" / "01_attacks.ipynb").is_file()
     assert not (tmp_path / "shapes").exists()
+
+
+def _evaluate_cifar100(offline, tmp_path, device: str) -> dict:
+    import json
+
+    code = cli.main(["evaluate", "--model", "cifar100", "--pretrained", str(offline.weights), "--dataset", "cifar100",
+                     "--data", str(offline.data), "--single-template", "--n", "8", "--eps", "4/255", "--steps", "2",
+                     "--targets", "2", "--queries", "3", "--batch-size", "4", "--device", device, "--quiet",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    return json.loads((tmp_path / "evaluation.json").read_text())
+
+
+def test_evaluate_report_card_on_the_cifar100_path(offline, tmp_path, capsys):
+    """`cliplab evaluate` loads ViT-B-32 from a local checkpoint and CIFAR-100 through torchvision, then runs the
+    whole standard ensemble on them."""
+    document = _evaluate_cifar100(offline, tmp_path, "cpu")
+    result = document["results"][0]
+    assert result["clean"]["n"] == 8 and list(result["per_attack"]) == ["apgd-ce", "apgd-t", "square"]
+    assert "| eps 4/255 |" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_evaluate_report_card_on_the_gpu(offline, tmp_path):
+    device = os.environ.get("CLIPLAB_TEST_DEVICE", "cuda")
+    document = _evaluate_cifar100(offline, tmp_path, device)
+    assert document["settings"]["device"] == device and document["results"][0]["clean"]["n"] == 8

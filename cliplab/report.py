@@ -1,0 +1,144 @@
+"""The robustness report card behind ``cliplab evaluate``: any classifier the package can load, on ``shapes`` or
+``cifar100``, at several radii, scored by the worst case of an attack ensemble (``evaluate_robustness``).
+
+``check`` validates everything and finds the weights and data within seconds; ``evaluate`` does the work;
+``markdown`` and ``write_json`` render the result (the JSON atomically, with the settings, versions and seed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._checks import check_choice, check_int, check_seed
+from ._io import atomic_write
+from .evaluation import ENSEMBLES, AttackBudget, Proportion, RobustnessReport, evaluate_robustness, \
+    robustness_table
+
+DATASET_TEST_SIZES = {"shapes": 10_000, "cifar100": 10_000}
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What ``cliplab evaluate`` evaluates, and how."""
+
+    model: str = "shapes"  # a profile ("shapes", "cifar100") or an open_clip model name ("ViT-B-32")
+    pretrained: str | None = None  # checkpoint path or open_clip tag; None: the profile's own weights
+    encoder: str | None = None  # an image encoder alone (finetune.save_encoder, the notebooks' cache) loaded on top
+    dataset: str = "shapes"  # whose test split, class names and prompts: "shapes" or "cifar100"
+    data_root: str | None = None  # directory holding cifar-100-python/
+    single_template: bool = False  # one prompt per class ("a photo of a {}.") instead of the data set's ensemble
+    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)  # L-inf radii in [0, 1] pixel units
+    n: int = 1000  # the first n test images
+    attacks: str | tuple[str, ...] = "standard"  # an ensemble name (ENSEMBLES) or attack names
+    budget: AttackBudget = field(default_factory=AttackBudget)  # steps, targets, queries, EOT draws
+    votes: int = 1  # majority vote of this many stochastic passes scores each image (randomised models)
+    batch_size: int = 256  # images per attack batch
+    seed: int = 0  # seeds every attack
+    device: str = "cpu"  # "cpu" or "cuda"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) or "fp32"
+
+
+def check(settings: ReportSettings) -> None:
+    """Every setting, the weights and the data checked before any model is built (a bad one fails in seconds)."""
+    from .data import DATASETS, check_dataset, class_names
+    from .models import check_weights
+
+    check_choice(settings.dataset, "dataset", DATASETS)
+    num_classes = len(class_names(settings.dataset))
+    if settings.budget.num_targets > num_classes - 1:
+        raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
+                         f"got {settings.budget.num_targets}")
+    check_int(settings.n, "n")
+    if settings.n > DATASET_TEST_SIZES[settings.dataset]:
+        raise ValueError(f"n must be at most {DATASET_TEST_SIZES[settings.dataset]}, the size of the "
+                         f"{settings.dataset} test split, got {settings.n}")
+    if not settings.eps or any(not 0 < eps <= 1 for eps in settings.eps):
+        raise ValueError(f"eps must be one or more radii in (0, 1] (pixel values are in [0, 1]), got {settings.eps}")
+    if isinstance(settings.attacks, str):
+        check_choice(settings.attacks, "attacks", ENSEMBLES)
+    check_int(settings.votes, "votes")
+    check_int(settings.batch_size, "batch_size")
+    check_seed(settings.seed)
+    check_choice(settings.device, "device", ("cpu", "cuda"))
+    check_choice(settings.precision, "precision", ("auto", "fp32"))
+    weights = {} if settings.pretrained is None else {"pretrained": settings.pretrained}
+    architecture = check_weights(settings.model, **weights)
+    if settings.encoder is not None:
+        _check_encoder(settings.encoder, architecture)
+    check_dataset(settings.dataset, settings.data_root)
+
+
+def _check_encoder(path: str, architecture) -> None:
+    """The file must hold exactly the image encoder's tensors, with their shapes."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"encoder: no such file: {path}")
+    expected = {name: tuple(t.shape) for name, t in architecture.visual.state_dict().items()}
+    try:
+        with safe_open(path, framework="pt") as file:
+            found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"encoder: {path} is not a readable safetensors file ({error})") from None
+    if found != expected:
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        raise ValueError(f"encoder: {path} does not hold this model's image encoder (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, or tensors of other shapes)")
+
+
+def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, RobustnessReport]:
+    """Load the model and the first ``n`` test images, then ``evaluate_robustness`` at each radius."""
+    from . import data
+    from .models import load_classifier
+
+    check(settings)
+    weights = {} if settings.pretrained is None else {"pretrained": settings.pretrained}
+    x, y, class_names = data.load_dataset(settings.dataset, "test", n=settings.n, root=settings.data_root)
+    templates = data.templates(settings.dataset, single=settings.single_template)
+    model = load_classifier(settings.model, class_names=class_names, templates=templates, device=settings.device,
+                            precision=settings.precision, **weights)
+    if settings.encoder is not None:
+        from .finetune import load_encoder
+
+        load_encoder(model, settings.encoder)
+    attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
+    return {eps: evaluate_robustness(model, x, y, eps=eps, attacks=attacks, budget=settings.budget,
+                                     batch_size=settings.batch_size, votes=settings.votes, seed=settings.seed,
+                                     progress=progress)
+            for eps in settings.eps}
+
+
+def markdown(reports: dict[float, RobustnessReport]) -> str:
+    """One row per radius: clean, after each attack, worst case; n and the 95% CI in every cell."""
+    return robustness_table({f"eps {255 * eps:g}/255": report for eps, report in reports.items()})
+
+
+def write_json(path: str | os.PathLike, settings: ReportSettings, reports: dict[float, RobustnessReport]) -> Path:
+    """Write the settings, versions and results to ``path`` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    document = {"settings": asdict(settings), "versions": _versions(),
+                "results": [{"eps": eps, "eps_255": 255 * eps, "clean": _proportion(report.clean),
+                             "robust": _proportion(report.robust),
+                             "per_attack": {name: _proportion(p) for name, p in report.per_attack.items()}}
+                            for eps, report in reports.items()]}
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def _proportion(proportion: Proportion) -> dict:
+    low, high = proportion.ci95
+    return {"value": proportion.value, "hits": proportion.hits, "n": proportion.n, "ci95": [low, high]}
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+    import torch
+
+    from . import __version__
+
+    return {"cliplab": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "python": platform.python_version()}
