@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import numpy as np
-from scipy.stats import beta, binom, norm
+from scipy.stats import binom, norm
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import _torch
 from ._checks import check_images, check_int, check_positive
+from ._stats import clopper_pearson
 
 ABSTAIN = -1
 
@@ -150,17 +151,11 @@ class RandomizedSmoothing(nn.Module):
         guess = self.sample_counts(x, n0, seed=seed).argmax(dim=1)
         counts = self.sample_counts(x, n, seed=None if seed is None else seed + 1)
         n_a = counts.gather(1, guess[:, None]).squeeze(1).cpu().numpy()
-        p_a = torch.as_tensor(clopper_pearson_lower(n_a, n, alpha), dtype=torch.float64)
+        p_a = torch.as_tensor(clopper_pearson(n_a, n, alpha)[0], dtype=torch.float64)  # one-sided lower bound
         certified = p_a > 0.5
         radii = torch.where(certified, self.sigma * torch.as_tensor(norm.ppf(p_a.numpy())), torch.zeros_like(p_a))
         classes = torch.where(certified, guess.cpu(), torch.full_like(guess.cpu(), ABSTAIN))
         return classes, radii.float()
-
-
-def clopper_pearson_lower(successes, n: int, alpha: float):
-    """One-sided (1 - alpha) lower confidence bound of a binomial proportion (exact, Clopper-Pearson)."""
-    successes = np.asarray(successes)
-    return np.where(successes > 0, beta.ppf(alpha, np.maximum(successes, 1), n - successes + 1), 0.0)
 
 
 def _check_alpha(alpha: float) -> None:

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
 from . import _torch
+from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
+from ._stats import clopper_pearson
 from .apgd import apgd, apgd_targeted
 from .attacks import NORMS, _num_classes, eval_mode, pgd
 from .square import square
@@ -38,8 +38,7 @@ class Proportion:
         """Exact (Clopper-Pearson) two-sided 95% confidence interval."""
         if self.n == 0:
             return float("nan"), float("nan")
-        low = beta.ppf(0.025, self.hits, self.n - self.hits + 1) if self.hits > 0 else 0.0
-        high = beta.ppf(0.975, self.hits + 1, self.n - self.hits) if self.hits < self.n else 1.0
+        low, high = clopper_pearson(self.hits, self.n, 0.025)
         return float(low), float(high)
 
     def __str__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -36,9 +37,26 @@ def test_interval_contains_value(hits, n):
     assert p.value == hits / n
 
 
+def test_one_clopper_pearson_serves_intervals_and_certificates():
+    """Proportion.ci95 is the two-sided interval of the same bounds that randomized smoothing's certificates use,
+    elementwise over arrays, with the exact edges at 0 and n."""
+    from scipy.stats import beta
+
+    from cliplab._stats import clopper_pearson
+
+    hits, n = np.array([0, 1, 37, 99, 100]), 100
+    low, high = clopper_pearson(hits, n, 0.001)
+    expected_low = [0.0, *(beta.ppf(0.001, k, n - k + 1) for k in hits[1:])]
+    expected_high = [*(beta.ppf(0.999, k + 1, n - k) for k in hits[:-1]), 1.0]
+    np.testing.assert_allclose(low, expected_low)
+    np.testing.assert_allclose(high, expected_high)
+    for k in hits:
+        assert Proportion(int(k), n).ci95 == tuple(float(b) for b in clopper_pearson(k, n, 0.025))
+
+
 def test_interval_width_at_n_1000():
     low, high = Proportion(500, 1000).ci95
-    # DESIGN.md: n = 1000 gives about +-3 points at 50% (exact: 46.9% to 53.1%)
+    # the protocol's rule of thumb: n = 1000 gives about +-3 points at 50% (exact: 46.9% to 53.1%)
     assert 0.028 < 0.5 - low < 0.034 and 0.028 < high - 0.5 < 0.034
     # and it narrows with n
     low_big, high_big = Proportion(5000, 10000).ci95
