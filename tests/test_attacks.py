@@ -1,4 +1,4 @@
-"""cliplab.pgd and attack_objective: the data contract, the sanity checks of DESIGN.md (threat model
+"""cliplab.pgd and attack_objective: the data contract, the evaluation protocol's sanity checks (threat model
 respected, robust <= clean, more steps or restarts never weaker, same seed -> same result), argument
 validation, and the attack's strength on the trained `shapes` CLIP (compared with torchattacks)."""
 from __future__ import annotations

@@ -3,7 +3,7 @@ saving is atomic, bad names fail clearly, and a missing download fails fast when
 from __future__ import annotations
 
 import os
-import time
+import socket
 
 import pytest
 import torch
@@ -122,6 +122,10 @@ def test_missing_checkpoint_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ offline
+def _no_network(*args, **kwargs):
+    raise AssertionError("offline mode must not open a connection")
+
+
 def test_offline_download_fails_fast_and_says_how(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -129,10 +133,9 @@ def test_offline_download_fails_fast_and_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    start = time.perf_counter()
+    monkeypatch.setattr(socket, "create_connection", _no_network)  # fast by construction: no connection is tried
     with pytest.raises(FileNotFoundError) as error:
         cliplab.load_classifier("cifar100", device="cpu")
-    assert time.perf_counter() - start < 10
     message = str(error.value)
     assert "pretrained=" in message and "offline" in message
     assert "ViT-B-32" in message
@@ -202,19 +205,23 @@ def test_profile_loads_what_it_names(tmp_path, monkeypatch):
         cliplab.get_profile("shapes", precision="fp16")
 
 
-def test_check_weights_is_fast_and_names_the_problem(tmp_path):
+def test_check_weights_is_fast_and_names_the_problem(tmp_path, monkeypatch):
+    """Fast by construction: the architecture is built on the meta device and no classifier (text head) is built."""
+    from cliplab import models
     from cliplab.models import check_weights
     from cliplab.shapes_clip import WEIGHTS
 
+    def no_classifier(*args, **kwargs):
+        raise AssertionError("check_weights must not build a classifier")
+
+    monkeypatch.setattr(models, "ZeroShotClassifier", no_classifier)
     check_weights("shapes")  # the shipped checkpoint
-    start = time.perf_counter()
     with pytest.raises(ValueError, match="another architecture"):
         check_weights("ViT-B-32", pretrained=WEIGHTS)
     truncated = tmp_path / "half.safetensors"
     truncated.write_bytes(WEIGHTS.read_bytes()[: WEIGHTS.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"half\.safetensors.*truncated"):
         check_weights("shapes", pretrained=truncated)
-    assert time.perf_counter() - start < 30
 
 
 def test_cifar100_profile_builds_openai_clip_for_local_weights_too(tmp_path):
