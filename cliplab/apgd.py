@@ -130,11 +130,9 @@ def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samp
             index = (~best.success).nonzero().squeeze(1)
             if len(index) == 0:
                 break
-            if target is None:
-                bound = (lambda logits, i=index: objective(logits, y[i].repeat(len(logits) // len(i))))
-            else:
-                bound = (lambda logits, i=index, t=target: objective(logits, y[i].repeat(len(logits) // len(i)),
-                                                                      t[i].repeat(len(logits) // len(i))))
+            # the labels (and targets) of the (k * n,) flattened EOT logits, built once per run, not every step
+            labels = [y[index].repeat(eot_samples)] + ([] if target is None else [target[index].repeat(eot_samples)])
+            bound = (lambda logits, labels=labels: objective(logits, *labels))
             history[run][:, index] = _apgd_run(model, x[index], y[index], index, best, bound, eps=eps,
                                                steps=steps, norm=norm, eot_samples=eot_samples,
                                                generator=generator, autocast=autocast)
@@ -187,7 +185,7 @@ def _value_and_gradient(model, x, objective, eot_samples, autocast):
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
-        value = objective(logits.flatten(0, 1)).view(eot_samples, len(x)).mean(dim=0)
+        value = objective(logits.flatten(0, 1)).view(eot_samples, len(x)).mean(dim=0)  # objective: (k*N, C) -> (k*N,)
         grad = torch.autograd.grad(value.sum(), x)[0]
     return value.detach(), grad, logits.detach().mean(dim=0)
 
