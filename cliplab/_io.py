@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, flush it to disk, then rename over it."""
+"""Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), and the
+one safetensors writer built on them."""
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,17 @@ def atomic_write(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, dtype=None) -> None:
+    """Save a state dict as safetensors, atomically; ``dtype`` (e.g. ``torch.float16``) converts its floating-point
+    tensors (a smaller file; loading casts them back to the model's precision)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+               for k, v in tensors.items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def _fsync(path: str | os.PathLike) -> None:

@@ -1,4 +1,5 @@
-"""Small torch helpers with no knowledge of CLIP: where a module lives, and the bf16 autocast switch."""
+"""The one home of the small torch helpers every layer uses, with no knowledge of CLIP: where a module lives, how
+many classes it predicts, eval mode that restores each submodule, and the bf16 autocast switch."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,32 @@ def device_of(model: nn.Module, default: torch.device) -> torch.device:
     if tensor is None:
         tensor = next(model.buffers(), None)
     return tensor.device if tensor is not None else default
+
+
+def num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes ``model`` predicts: its ``num_classes`` attribute, else the width of its logits on one
+    image of ``x`` (so any ``nn.Module`` that maps images to logits works, a torchvision model or a plain wrapper)."""
+    known = getattr(model, "num_classes", None)  # a wrapper's property raises AttributeError when its model has none
+    if known is not None:
+        return known
+    with torch.no_grad():
+        return model(x[:1].to(device_of(model, x.device))).shape[1]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode (no dropout, frozen norms), then restore every submodule's own mode.
+
+    Restoring only the top-level flag would be wrong for wrappers: a fresh ``Denoised(classifier, ...)`` is
+    in training mode, and ``wrapper.train(True)`` would switch the wrapped eval-mode classifier to training.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def check_device(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:

@@ -7,15 +7,12 @@ accepts. Same [0, 1] contract, EOT and ``AttackResult`` as ``cliplab.pgd``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import _torch
-from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
-from .attacks import NORMS, AttackResult, _eot_logits, _num_classes, _random_start, _Strongest, attack_objective, \
-    eval_mode
+from ._checks import check_choice, check_int, check_labels
+from .attacks import AttackResult, Strongest, attack_objective, check_threat_model, eot_logits, project, random_delta
 
 APGD_LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # weight of the new step against the previous one (the paper's alpha)
@@ -65,12 +62,12 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     """
     y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=1, eot_samples=eot_samples, seed=seed)
     check_int(num_targets, "num_targets")
-    num_classes = _num_classes(model, x)
+    num_classes = _torch.num_classes(model, x)
     if num_targets > num_classes - 1:
         raise ValueError(f"num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {num_targets}")
-    with torch.no_grad(), eval_mode(model):  # the ranking of the classes on the clean images
-        ranked = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).sort(dim=1, descending=True).indices
+    with torch.no_grad(), _torch.eval_mode(model):  # the ranking of the classes on the clean images
+        ranked = eot_logits(model, x, eot_samples, autocast).mean(dim=0).sort(dim=1, descending=True).indices
     # the k-th likeliest class other than the label: skip the label wherever it sits in the ranking
     others = ranked.masked_select(ranked != y[:, None]).view(len(x), -1)  # (N, C - 1)
     targets = [others[:, k] for k in range(num_targets)]
@@ -103,18 +100,11 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def _check_attack(model, x, y, *, eps, steps, norm, restarts, eot_samples, seed) -> torch.Tensor:
-    check_images(x)
-    check_nonempty(x)
-    _torch.check_device(model, x)
-    check_positive(eps, "eps", allow_zero=True)
-    check_choice(norm, "norm", NORMS)
-    if eps > 1 and norm == "linf":
-        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_threat_model(model, x, eps, norm, seed)
     check_int(steps, "steps")
     check_int(restarts, "restarts")
     check_int(eot_samples, "eot_samples")
-    check_seed(seed)
-    check_labels(y, len(x), _num_classes(model, x), "y")
+    check_labels(y, len(x), _torch.num_classes(model, x), "y")
     return y.to(device=x.device, dtype=torch.int64)
 
 
@@ -123,9 +113,9 @@ def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samp
 
     Choosing the standing samples waits for the device once per run, never inside a run."""
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
-    best = _Strongest(x)
+    best = Strongest(x)
     history = torch.full((len(targets), steps + 1, len(x)), float("nan"), device=x.device)
-    with eval_mode(model), _torch.cast_cache(x.device):
+    with _torch.eval_mode(model), _torch.cast_cache(x.device):
         for run, target in enumerate(targets):
             index = (~best.success).nonzero().squeeze(1)
             if len(index) == 0:
@@ -139,14 +129,14 @@ def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samp
     return AttackResult(best.x, best.success, history, best.logits)
 
 
-def _apgd_run(model, x, y, index, best: _Strongest, objective, *, eps, steps, norm, eot_samples, generator,
+def _apgd_run(model, x, y, index, best: Strongest, objective, *, eps, steps, norm, eot_samples, generator,
               autocast) -> torch.Tensor:
     """Algorithm 1 of Croce & Hein (2020) on one batch, offering every iterate to ``best`` (at ``index``).
 
     Returns (steps + 1, N) objectives. Every decision is a per-sample tensor mask: no host sync inside the loop."""
     n = len(x)
     step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device)  # the paper's eta^(0) = 2 eps
-    x_adv = (x + _random_start(x, eps, norm, generator)).clamp(0, 1)
+    x_adv = (x + random_delta(x, eps, norm, generator)).clamp(0, 1)
     value, grad, logits = _value_and_gradient(model, x_adv, objective, eot_samples, autocast)
     best.update(index, x_adv, value, logits, logits.argmax(dim=1) != y)
     history = [value]
@@ -156,9 +146,9 @@ def _apgd_run(model, x, y, index, best: _Strongest, objective, *, eps, steps, no
     rises = torch.zeros(n, device=x.device)  # steps since the last checkpoint where the objective rose
     marks, last_mark = set(checkpoints(steps)), 0
     for k in range(1, steps + 1):
-        z = _project(x, x_adv + _direction(grad, norm) * step, eps, norm)
+        z = project(x, x_adv + _direction(grad, norm) * step, eps, norm)
         momentum = MOMENTUM if k > 1 else 1.0
-        x_next = _project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
+        x_next = project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
         x_previous, x_adv = x_adv, x_next
         value, grad, logits = _value_and_gradient(model, x_adv, objective, eot_samples, autocast)
         best.update(index, x_adv, value, logits, logits.argmax(dim=1) != y)
@@ -184,7 +174,7 @@ def _value_and_gradient(model, x, objective, eot_samples, autocast):
     """Mean objective over the EOT draws (N,), its input gradient (N, 3, H, W) and the mean logits (N, C)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
+        logits = eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
         value = objective(logits.flatten(0, 1)).view(eot_samples, len(x)).mean(dim=0)  # objective: (k*N, C) -> (k*N,)
         grad = torch.autograd.grad(value.sum(), x)[0]
     return value.detach(), grad, logits.detach().mean(dim=0)
@@ -194,14 +184,3 @@ def _direction(grad, norm):
     if norm == "linf":
         return grad.sign()
     return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-
-
-def _project(x, x_adv, eps, norm):
-    """Onto the eps-ball around x, then [0, 1] (which keeps the norm bound: x is in [0, 1])."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(-1, 1, 1, 1)
-    return (x + delta).clamp(0, 1)
-

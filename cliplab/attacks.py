@@ -1,7 +1,6 @@
 """Projected gradient descent (Madry et al. 2018) on [0, 1] images, batched, with restarts and EOT."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -92,33 +91,26 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
     Returns:
         AttackResult with the adversarial images, per-sample success and the objective history.
     """
-    check_images(x)
-    check_nonempty(x)
-    _torch.check_device(model, x)
-    check_seed(seed)
-    check_positive(eps, "eps", allow_zero=True)
-    if eps > 1 and norm == "linf":
-        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_threat_model(model, x, eps, norm, seed)
     check_int(steps, "steps")
     if alpha is not None:
         check_positive(alpha, "alpha")
     alpha = 2.5 * eps / steps if alpha is None else alpha
     check_int(restarts, "restarts")
     check_int(eot_samples, "eot_samples")
-    check_choice(norm, "norm", NORMS)
     check_choice(loss, "loss", LOSSES)
     if y is None and targeted:
         raise ValueError("y (the target classes) is required when targeted=True")
 
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
     history = []
-    with eval_mode(model), _torch.cast_cache(x.device):
+    with _torch.eval_mode(model), _torch.cast_cache(x.device):
         if y is None:  # leave the model's own prediction
             with torch.no_grad():
-                y = _eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
-        check_labels(y, len(x), _num_classes(model, x), "y")
+                y = eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
+        check_labels(y, len(x), _torch.num_classes(model, x), "y")
         y = y.to(device=x.device, dtype=torch.int64)
-        best = _Strongest(x)
+        best = Strongest(x)
         for _ in range(restarts):
             history.append(_pgd_run(model, x, y, best, eps=eps, alpha=alpha, steps=steps, targeted=targeted,
                                     random_start=random_start, norm=norm, loss=loss, early_stop=early_stop,
@@ -137,7 +129,7 @@ def pgd_maximize(objective, x: torch.Tensor, *, eps: float, alpha: float, steps:
     Returns:
         (N, 3, H, W) adversarial images within the eps-ball, in [0, 1], detached.
     """
-    delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     x_adv = (x + delta).clamp(0, 1).detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -147,23 +139,19 @@ def pgd_maximize(objective, x: torch.Tensor, *, eps: float, alpha: float, steps:
     return x_adv.detach()
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run ``model`` in eval mode (no dropout, frozen norms), then restore every submodule's own mode.
-
-    Restoring only the top-level flag would be wrong for wrappers: a fresh ``Denoised(classifier, ...)`` is
-    in training mode, and ``wrapper.train(True)`` would switch the wrapped eval-mode classifier to training.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
+def check_threat_model(model: nn.Module, x: torch.Tensor, eps: float, norm: str, seed: int | None) -> None:
+    """What every attack checks first: images in [0, 1] on the model's device, a radius the norm allows, a seed."""
+    check_images(x)
+    check_nonempty(x)
+    _torch.check_device(model, x)
+    check_choice(norm, "norm", NORMS)
+    check_positive(eps, "eps", allow_zero=True)
+    if eps > 1 and norm == "linf":
+        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_seed(seed)
 
 
-class _Strongest:
+class Strongest:
     """The strongest iterate seen so far per sample, over all steps and restarts: a success beats a
     failure, then the higher objective wins. Tracking it makes more steps or restarts never weaker."""
 
@@ -187,10 +175,10 @@ class _Strongest:
         self.success[index] = held | success
 
 
-def _pgd_run(model, x, y, best: _Strongest, *, eps, alpha, steps, targeted, random_start, norm, loss,
+def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, random_start, norm, loss,
              early_stop, eot_samples, generator, autocast) -> torch.Tensor:
     """One PGD run from a fresh start, offering every iterate to ``best``. Returns (steps+1, N) objectives."""
-    delta = _random_start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     x_adv = (x + delta).clamp(0, 1)
     history = torch.full((steps + 1, len(x)), float("nan"), device=x.device)
     active = torch.arange(len(x), device=x.device)  # samples still being updated
@@ -212,20 +200,26 @@ def _pgd_run(model, x, y, best: _Strongest, *, eps, alpha, steps, targeted, rand
 
 
 def _step(x, x_adv, grad, eps, alpha, norm):
-    """Ascend, project onto the eps-ball around x, clip to [0, 1]."""
+    """Ascend along the sign (L-inf) or direction (L2) of the gradient, then ``project``."""
     if norm == "linf":
-        x_adv = x_adv + alpha * grad.sign()
+        return project(x, x_adv + alpha * grad.sign(), eps, norm)
+    grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return project(x, x_adv + alpha * grad / grad_norm, eps, norm)
+
+
+def project(x, x_adv, eps, norm):
+    """Onto the eps-ball around x, then [0, 1]: clipping moves every pixel towards x (x is in [0, 1]), so the
+    norm bound still holds. Shared by every attack."""
+    if norm == "linf":
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
     else:
-        grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = x_adv + alpha * grad / grad_norm - x
+        delta = x_adv - x
         delta_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         x_adv = x + delta * (eps / delta_norm.clamp_min(1e-12)).clamp(max=1)
-    # clipping to [0, 1] moves every pixel towards x (x is in [0, 1]), so the norm bound still holds
     return x_adv.clamp(0, 1)
 
 
-def _random_start(x, eps, norm, generator):
+def random_delta(x, eps, norm, generator):
     if norm == "linf":
         return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
     # uniform in the L2 ball: a Gaussian direction, radius eps * U^(1/d)
@@ -235,7 +229,7 @@ def _random_start(x, eps, norm, generator):
     return direction * (eps * radius).view(-1, 1, 1, 1)
 
 
-def _eot_logits(model, x, eot_samples, autocast) -> torch.Tensor:
+def eot_logits(model, x, eot_samples, autocast) -> torch.Tensor:
     """``eot_samples`` stochastic passes of ``model`` in one batch. (N, 3, H, W) -> (k, N, C)."""
     batch = x.repeat(eot_samples, 1, 1, 1) if eot_samples > 1 else x  # (k*N, 3, H, W)
     with _torch.autocast(x.device, autocast):
@@ -257,7 +251,7 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: st
     _torch.check_device(model, x)
     check_int(eot_samples, "eot_samples")
     check_choice(loss, "loss", LOSSES)
-    check_labels(y, len(x), _num_classes(model, x), "y")
+    check_labels(y, len(x), _torch.num_classes(model, x), "y")
     return _objective_and_gradient(model, x, y, loss=loss, targeted=targeted, eot_samples=eot_samples,
                                    autocast=autocast, gradient=True)[1]
 
@@ -266,7 +260,7 @@ def _objective_and_gradient(model, x, y, *, loss, targeted, eot_samples, autocas
     """Mean per-draw objective (N,), its input gradient (N, 3, H, W) or None, and the mean logits (N, C)."""
     x = x.detach().requires_grad_(gradient)
     with torch.set_grad_enabled(gradient):
-        logits = _eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
+        logits = eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
         objective = attack_objective(logits.flatten(0, 1), y.repeat(eot_samples), loss, targeted)
         objective = objective.view(eot_samples, len(x)).mean(dim=0)  # (N,)
         grad = torch.autograd.grad(objective.sum(), x)[0] if gradient else None
@@ -276,11 +270,3 @@ def _objective_and_gradient(model, x, y, *, loss, targeted, eot_samples, autocas
 def _succeeded(logits, y, targeted):
     prediction = logits.argmax(dim=1)
     return prediction == y if targeted else prediction != y
-
-
-def _num_classes(model, x):
-    if hasattr(model, "num_classes"):
-        return model.num_classes
-    parameter = next(model.parameters(), None)
-    with torch.no_grad():
-        return model(x[:1].to(parameter.device if parameter is not None else x.device)).shape[1]

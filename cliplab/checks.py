@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _torch
 from ._checks import check_images, check_labels
-from .attacks import _num_classes, eot_gradient, eval_mode, pgd
+from .attacks import eot_gradient, pgd
 from .evaluation import accuracy
 
 
@@ -58,7 +59,7 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         seed: seeds the attacks.
     """
     check_images(x)
-    check_labels(y, len(x), _num_classes(model, x), "y")
+    check_labels(y, len(x), _torch.num_classes(model, x), "y")
     attack = dict(eot_samples=eot_samples, loss="margin", seed=seed)
 
     def robust(eps_value, model_=model, **kwargs):
@@ -90,7 +91,7 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def _gradient_check(model, x, y, eot_samples) -> Check:
-    with eval_mode(model):
+    with _torch.eval_mode(model):
         grad = eot_gradient(model, x, y, eot_samples=eot_samples)
     finite = bool(torch.isfinite(grad).all())
     zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())

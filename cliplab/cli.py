@@ -1,215 +1,19 @@
 """Command line: ``cliplab reproduce`` runs the notebooks headless; ``cliplab evaluate`` writes a robustness report
-card; ``cliplab finetune``; ``cliplab train-shapes-clip``."""
+card; ``cliplab finetune``; ``cliplab train-shapes-clip``.
+
+This module only parses arguments and dispatches: the notebook runner is ``runner``, the evaluation ``report``, the
+fine-tuning workflow ``study.finetune_and_evaluate``."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
-import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ._checks import check_directory, check_int
-from .profiles import PROFILES, Profile, get_profile, profile_environment
-
-# what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra
-NOTEBOOK_MODULES = ("nbclient", "nbformat", "ipykernel", "ipywidgets")
-
-
-@dataclass
-class NotebookRun:
-    name: str  # notebook file stem, e.g. "01_attacks"
-    seconds: float  # wall-clock execution time
-    error: str | None  # "cell N: ErrorName: message" when a cell failed
-
-
-def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
-    """The numbered notebooks of ``directory``, restricted to the ``only`` prefixes (e.g. ["01", "04"])."""
-    notebooks = sorted(directory.glob("[0-9][0-9]_*.ipynb"))
-    if not notebooks:
-        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) found in {directory}")
-    if only is not None and not only:
-        raise ValueError("--only names no notebook: give comma-separated prefixes such as 01,04")
-    if only:
-        unknown = set(only) - {nb.name[:2] for nb in notebooks}
-        if unknown:
-            raise ValueError(f"--only names notebooks that do not exist in {directory}: {sorted(unknown)} "
-                             f"(have: {', '.join(nb.name[:2] for nb in notebooks)})")
-        notebooks = [nb for nb in notebooks if nb.name[:2] in only]
-    return notebooks
-
-
-def clean_notebook(notebook) -> None:
-    """Strip what changes on every run (timestamps, widget state, kernel details) but keep the outputs,
-    as ``nbstripout --keep-output`` does, so committed notebooks diff cleanly. Execution counts are
-    renumbered 1, 2, ...: nbval needs them on cells with outputs, and sequential numbers never change."""
-    notebook.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                         "language_info": {"name": "python"}}
-    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    for count, cell in enumerate(code_cells, start=1):
-        cell.execution_count = count
-        for output in cell.outputs:
-            if "execution_count" in output:
-                output.execution_count = count
-    for cell in notebook.cells:
-        cell.metadata.pop("execution", None)
-
-
-def _client_class():
-    """nbclient's ``NotebookClient`` whose shell channel is polled in slices of a second.
-
-    After a cell that opens widgets (04's ``interact``), the execute reply can sit in the shell socket unseen until
-    the pending ``get_msg`` times out (jupyter/nbclient#312); with the cell timeout of an hour that stalled a run
-    for the hour (seen here: CI 89 minutes instead of 28; the GPU smoke run stuck on that cell). A fresh poll
-    every second finds the waiting reply."""
-    from nbclient import NotebookClient
-
-    class SlicedPollClient(NotebookClient):
-        async def async_start_new_kernel_client(self):
-            client = await super().async_start_new_kernel_client()
-            _poll_in_slices(client.shell_channel)
-            return client
-
-    return SlicedPollClient
-
-
-def _poll_in_slices(channel, slice_s: float = 1.0) -> None:
-    """Make ``channel.get_msg(timeout)`` wait in ``slice_s`` polls up to the same overall timeout."""
-    from queue import Empty
-
-    from jupyter_core.utils import ensure_async
-
-    get_msg = channel.get_msg
-
-    async def sliced(timeout: float | None = None, **kwargs):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = slice_s if deadline is None else min(slice_s, max(0.0, deadline - time.monotonic()))
-            try:
-                return await ensure_async(get_msg(timeout=left, **kwargs))
-            except Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-
-    channel.get_msg = sliced
-
-
-def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: int = 3600) -> NotebookRun:
-    """Execute ``path`` in a fresh kernel with ``env`` set; write the cleaned executed copy to ``out_dir``."""
-    import nbformat
-    from nbclient.exceptions import CellExecutionError
-
-    from ._io import atomic_write
-
-    notebook = nbformat.read(path, as_version=4)
-    code_cells = sum(cell.cell_type == "code" for cell in notebook.cells)
-    bar = tqdm(total=code_cells, desc=path.stem, unit="cell")
-    failed_cell = {}
-
-    def on_cell_executed(cell, cell_index, execute_reply, **_):
-        bar.update(1)
-        if execute_reply and execute_reply.get("content", {}).get("status") == "error":
-            failed_cell.setdefault("index", cell_index + 1)  # 1-based, markdown cells counted
-
-    client = _client_class()(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_executed=on_cell_executed)
-    start, error = time.perf_counter(), None
-    try:
-        client.execute(env={**os.environ, **env})  # the kernel's environment carries the profile
-    except CellExecutionError as exc:
-        error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
-    finally:
-        bar.close()
-    clean_notebook(notebook)
-    with atomic_write(out_dir / path.name) as tmp:
-        nbformat.write(notebook, tmp)
-    return NotebookRun(path.stem, time.perf_counter() - start, error)
-
-
-def check_notebook_extra() -> None:
-    """Fail at once, saying what to install, when the ``notebooks`` extra is missing."""
-    missing = [module for module in NOTEBOOK_MODULES if importlib.util.find_spec(module) is None]
-    if missing:
-        raise ModuleNotFoundError(f"executing the notebooks needs {', '.join(missing)}: "
-                                  "pip install 'cliplab[notebooks]' (in a checkout: pip install -e '.[notebooks]')")
-
-
-def default_threads() -> int:
-    """The torch threads of each notebook kernel: ``$OMP_NUM_THREADS`` where the user set it, else every core this
-    process may use (one kernel runs at a time)."""
-    given = os.environ.get("OMP_NUM_THREADS")
-    if given:
-        if not given.strip().isdigit() or int(given) < 1:
-            raise ValueError(f"$OMP_NUM_THREADS must be a whole number >= 1, got {given!r}")
-        return int(given)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def thread_environment(threads: int) -> dict[str, str]:
-    """The environment that gives a kernel ``threads`` torch threads which yield their cores when idle.
-
-    OpenMP's threads spin at every barrier by default, and beside other work on the same cores the spinning
-    steals the time the working threads need. ``benchmarks/bench_threads.py`` on 2 cores: beside one busy process
-    a PGD workload took 2.4x its quiet time with the default wait and 1.3x waiting passively; quiet, passive
-    waiting cost 0-20% (noisy). A shared machine is the case that hurt (a main job of 81 minutes), so passive is
-    the default; a policy the user set (``OMP_WAIT_POLICY=ACTIVE`` on a dedicated machine) is kept."""
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-
-
-def reproduce(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
-              results: Path = Path("results"), update: bool = False, threads: int | None = None) -> list[NotebookRun]:
-    """Execute the study's notebooks headless for ``profile``; executed copies and PNG figures go to
-    ``results_dir(results, profile)`` (figures under ``figures/<notebook>/``). ``update`` writes the executed
-    notebooks back in place instead (how the committed outputs are made). Each kernel runs ``threads`` torch
-    threads (default: ``default_threads()``).
-
-    Everything that can fail fast does, before the first notebook starts: a missing ``notebooks`` extra,
-    unknown notebooks, a results path that cannot be a directory, a smoke run asked to update the repository,
-    weights or data that cannot be loaded. A smoke run writes nothing into the repository: its fine-tuned
-    encoders go to its results directory too.
-    """
-    if update and profile.smoke:
-        raise ValueError("--update writes the executed notebooks into the repository, which a --smoke run must "
-                         "never do: drop --update (a smoke run's notebooks go to its results directory)")
-    threads = default_threads() if threads is None else threads
-    check_int(threads, "threads")
-    check_notebook_extra()
-    paths = find_notebooks(notebooks or default_notebook_dir(), only)
-    out = results_dir(results, profile)
-    check_directory(out, "results")
-    profile.check_inputs()
-    if profile.smoke and profile.checkpoints is None:
-        profile = replace(profile, checkpoints=str((out / "checkpoints").resolve()))
-    # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
-    print(f"profile {profile.name}{' (smoke run)' if profile.smoke else ''} on {profile.device}, "
-          f"{threads} torch thread{'s' * (threads != 1)} per notebook kernel", flush=True)
-    env = {**profile_environment(profile), **thread_environment(threads),
-           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    runs = []
-    for path in paths:
-        env["CLIPLAB_FIGURES"] = str((out / "figures" / path.stem).resolve())
-        runs.append(execute_notebook(path, path.parent if update else out, env))
-    return runs
-
-
-def results_dir(results: Path, profile: Profile) -> Path:
-    """``results/<profile>``, or ``results/<profile>-smoke`` for a smoke run (never mixed with real results)."""
-    return results / (f"{profile.name}-smoke" if profile.smoke else profile.name)
-
-
-def default_notebook_dir() -> Path:
-    """``./notebooks`` when run from a checkout, else the one beside the installed package."""
-    for candidate in (Path.cwd() / "notebooks", Path(__file__).resolve().parents[1] / "notebooks"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("no notebooks/ directory found: run from the cliplab checkout or pass --notebooks")
-
+from .profiles import PROFILES, Profile, get_profile
+from .runner import reproduce, results_dir
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
@@ -426,47 +230,18 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 
 def _finetune(args, profile: Profile) -> int:
     """``cliplab finetune``: evaluate, fine-tune with checkpoints, evaluate, write final weights and metrics."""
-    import json
-
-    from . import finetune as ft
-    from ._io import atomic_write
-    from .evaluation import robust_accuracy
-    from .oft import check_block_size
+    from .study import finetune_and_evaluate
 
     given = dict(eps=args.eps, steps=args.steps, lr=args.lr, clean_weight=args.clean_weight,
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
-    config = ft.study_config(profile, args.method, args.adapter, block_size=args.block_size,
-                             **{k: v for k, v in given.items() if v is not None})
-    config.validate()
-    ft.check_out(args.out, config, args.resume)  # before the model, the data and the "before" evaluation
-    architecture = profile.check_inputs()
-    if config.adapter == "oft":
-        check_block_size(architecture.visual, config.block_size)
-    classifier = profile.load_classifier()
-    x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
-    x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)
-
-    def evaluate(model):
-        result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps,
-                                 restarts=profile.restarts, loss="margin", seed=0, progress=False)
-        return {"clean": _as_dict(result.clean), "robust": _as_dict(result.robust)}
-
-    metrics = {"config": {**vars(config)}, "eps": config.eps, "before": evaluate(classifier)}
-    ft.finetune(classifier, x, y, config, args.out, resume=args.resume, eval_data=(x_test, y_test))
-    metrics["after"] = evaluate(classifier)
-    ft.export_weights(classifier, args.out / "final.safetensors")
-    with atomic_write(args.out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    config = profile.finetune_config(args.method, args.adapter, block_size=args.block_size,
+                                     **{k: v for k, v in given.items() if v is not None})
+    metrics = finetune_and_evaluate(profile, config, args.out, resume=args.resume)
     for when in ("before", "after"):
         print(f"{when:>6}: clean {metrics[when]['clean']['text']}, robust at eps={255 * config.eps:g}/255 "
               f"{metrics[when]['robust']['text']}")
     print(f"weights: {args.out / 'final.safetensors'} (load_classifier({profile.name!r}, pretrained=...))")
     return 0
-
-
-def _as_dict(proportion) -> dict:
-    low, high = proportion.ci95
-    return {"value": proportion.value, "n": proportion.n, "ci95": [low, high], "text": str(proportion)}
 
 
 def _path(text: str) -> Path:

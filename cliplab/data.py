@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from ._checks import check_choice, check_int
+from ._network import ensure_reachable
 
 # (name, RGB) in [0, 1]; far enough apart to stay distinguishable under the per-image jitter below.
 COLOURS = (
@@ -240,28 +239,6 @@ def _verified_cifar100(root: Path, train: bool):
         raise ValueError(f"CIFAR-100 in {root / CIFAR100.base_folder} failed torchvision's checksum: its files are "
                          f"truncated or not the original ones. Delete them and download again ({CIFAR_URL}), "
                          f"or point root= / --data at a good copy") from error
-
-
-def is_offline() -> bool:
-    """True when the user asked for no network (``CLIPLAB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
-    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("CLIPLAB_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def ensure_reachable(url: str, *, what: str, how: str, timeout: float = 3.0) -> None:
-    """Fail within seconds, with an actionable message, when ``url`` cannot be reached.
-
-    Download helpers retry for minutes when there is no network; one TCP connection with a short
-    timeout tells us first whether trying makes sense at all.
-    """
-    problem = "offline mode is set (CLIPLAB_OFFLINE / HF_HUB_OFFLINE)" if is_offline() else None
-    if problem is None:
-        host = urlparse(url).hostname
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            return
-        except OSError as error:
-            problem = f"{host} is unreachable ({error})"
-    raise FileNotFoundError(f"{what} is not available locally and {problem}. To fix: {how}.")
 
 
 CIFAR100_CLASSES = (

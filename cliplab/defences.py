@@ -106,21 +106,22 @@ class RandomizedSmoothing(nn.Module):
         check_images(x)
         check_int(n, "n")
         x = x.to(_torch.device_of(self.classifier, x.device))
+        num_classes = _torch.num_classes(self.classifier, x)  # any classifier, with a num_classes attribute or not
         generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
-        counts = torch.zeros(len(x) * self.num_classes, dtype=torch.int64, device=x.device)  # flattened (N, C)
+        counts = torch.zeros(len(x) * num_classes, dtype=torch.int64, device=x.device)  # flattened (N, C)
         with _torch.cast_cache(x.device):
-            self._count(x, n, counts, generator)
-        return counts.view(len(x), self.num_classes)
+            self._count(x, n, counts.view(len(x), num_classes), generator)
+        return counts.view(len(x), num_classes)
 
     def _count(self, x, n, counts, generator) -> None:
-        """Add the predictions on the N*n noisy images to ``counts``, flattened (N*C,), batch by batch."""
-        total = len(x) * n
+        """Add the predictions on the N*n noisy images to ``counts`` (N, C), batch by batch."""
+        total, flat = len(x) * n, counts.view(-1)
         for start in tqdm(range(0, total, self.batch_size), disable=not self.progress, desc="noise samples"):
             image = torch.arange(start, min(start + self.batch_size, total), device=x.device) // n  # (B,)
             noisy = x[image] + self.sigma * torch.randn(
                 (len(image), *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
             prediction = self._classify(noisy).argmax(dim=1)
-            counts.index_add_(0, image * self.num_classes + prediction, torch.ones_like(prediction))
+            flat.index_add_(0, image * counts.shape[1] + prediction, torch.ones_like(prediction))
 
     def predict(self, x: torch.Tensor, n: int, alpha: float = 0.001, *, seed: int | None = None) -> torch.Tensor:
         """Cohen et al.'s PREDICT: the top class, or -1 (abstain) when a two-sided binomial test cannot

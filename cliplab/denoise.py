@@ -2,6 +2,11 @@
 
 Every denoiser is differentiable, so ``pgd(Denoised(classifier, denoiser), ...)`` is an adaptive attack
 through the denoiser (Athalye et al. 2018); a random denoiser plus ``eot_samples`` is EOT.
+
+The functions (``bilateral``, ...) are the boundary a user crosses with images: they check the [0, 1] contract
+and their sigmas. The modules (``Bilateral``, ...) check their settings once, when built, and then only the
+shape of what they receive, which needs no host sync: inside an attack they run at every step, and after
+``GaussianNoise`` in a chain their input legitimately leaves [0, 1].
 """
 from __future__ import annotations
 
@@ -43,9 +48,18 @@ def bilateral(x: torch.Tensor, *, sigma_space, sigma_color=0.1, kernel_size: int
     """
     check_images(x)
     check_kernel_size(kernel_size)
-    space = _sigma_tensor(sigma_space, "sigma_space", x)
-    color = _sigma_tensor(sigma_color, "sigma_color", x)
+    return _bilateral(x, _sigma_tensor(sigma_space, "sigma_space", x), _sigma_tensor(sigma_color, "sigma_color", x),
+                      kernel_size)
+
+
+def _bilateral(x: torch.Tensor, space: torch.Tensor, color: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``bilateral`` without checks: (N,) spatial and colour sigmas, already valid."""
     return bilateral_blur(x, kernel_size, color, space[:, None].expand(-1, 2), border_type="reflect")
+
+
+def _per_image(sigma: float, x: torch.Tensor) -> torch.Tensor:
+    """A sigma checked at construction, as the (N,) tensor the kernels take."""
+    return torch.full((len(x),), sigma, dtype=x.dtype, device=x.device)
 
 
 def guided(x: torch.Tensor, *, eps: float = 0.01, kernel_size: int = 5) -> torch.Tensor:
@@ -91,7 +105,8 @@ class Bilateral(nn.Module):
         self.sigma_space, self.sigma_color, self.kernel_size = sigma_space, sigma_color, kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bilateral(x, sigma_space=self.sigma_space, sigma_color=self.sigma_color, kernel_size=self.kernel_size)
+        check_images(x, values=False)
+        return _bilateral(x, _per_image(self.sigma_space, x), _per_image(self.sigma_color, x), self.kernel_size)
 
 
 class RandomBilateral(nn.Module):
@@ -111,8 +126,9 @@ class RandomBilateral(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.sigma_range
+        check_images(x, values=False)
         sigma = low + (high - low) * torch.rand(len(x), device=x.device, dtype=x.dtype)
-        return bilateral(x, sigma_space=sigma, sigma_color=self.sigma_color, kernel_size=self.kernel_size)
+        return _bilateral(x, sigma, _per_image(self.sigma_color, x), self.kernel_size)
 
 
 class Median(nn.Module):
@@ -122,7 +138,8 @@ class Median(nn.Module):
         self.kernel_size = kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return median(x, kernel_size=self.kernel_size)
+        check_images(x, values=False)
+        return median_blur(x, self.kernel_size)
 
 
 class Guided(nn.Module):
@@ -133,4 +150,5 @@ class Guided(nn.Module):
         self.eps, self.kernel_size = eps, kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return guided(x, eps=self.eps, kernel_size=self.kernel_size)
+        check_images(x, values=False)
+        return guided_blur(x, x, self.kernel_size, self.eps)

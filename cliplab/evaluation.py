@@ -1,4 +1,6 @@
-"""Accuracy and attack success over many images, in batches, always with sample size and a 95% CI."""
+"""Accuracy and attack success over many images, in batches, always with sample size and a 95% CI: ``predict``,
+``accuracy``, ``attack_dataset`` (PGD over a data set, adversarial images returned), ``attack_success_rate``,
+``robust_accuracy`` (a PGD quick look), and ``evaluate_robustness`` (the worst case over an attack ensemble)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +15,7 @@ from . import _torch
 from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
 from ._stats import clopper_pearson
 from .apgd import apgd, apgd_targeted
-from .attacks import NORMS, _num_classes, eval_mode, pgd
+from .attacks import NORMS, pgd
 from .square import square
 
 
@@ -40,6 +42,15 @@ class Proportion:
             return float("nan"), float("nan")
         low, high = clopper_pearson(self.hits, self.n, 0.025)
         return float(low), float(high)
+
+    @classmethod
+    def of(cls, hits: torch.Tensor) -> "Proportion":
+        """The proportion of True in a boolean tensor (one entry per trial)."""
+        return cls(int(hits.sum()), hits.numel())
+
+    def as_dict(self) -> dict:
+        """The proportion for a JSON file: value, hits, n, the 95% interval, and the text ``str`` gives."""
+        return {"value": self.value, "hits": self.hits, "n": self.n, "ci95": list(self.ci95), "text": str(self)}
 
     def __str__(self) -> str:
         low, high = self.ci95
@@ -73,7 +84,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     check_int(votes, "votes")
     device = _torch.device_of(model, x.device)
     out = []
-    with torch.no_grad(), eval_mode(model), _torch.cast_cache(device):
+    with torch.no_grad(), _torch.eval_mode(model), _torch.cast_cache(device):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
             with _torch.autocast(device, autocast):
@@ -89,7 +100,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> Pr
     check_images(x)
     check_nonempty(x)
     prediction = predict(model, x, **kwargs)
-    check_labels(y, len(x), _num_classes(model, x), "y")
+    check_labels(y, len(x), _torch.num_classes(model, x), "y")
     return Proportion(int((prediction == y.cpu()).sum()), len(y))
 
 
@@ -181,7 +192,7 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     """
     targeted = targets is not None
     if targeted:
-        check_labels(targets, len(x), _num_classes(model, x), "targets")
+        check_labels(targets, len(x), _torch.num_classes(model, x), "targets")
     correct, hit = _attack_batches(model, x, y, eps=eps, targets=targets, targeted=targeted,
                                    batch_size=batch_size, votes=votes, surrogate=surrogate, progress=progress,
                                    **attack_kwargs)
@@ -191,32 +202,84 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
 
 def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate, progress, targets=None,
                     **attack_kwargs):
-    """Attack the correctly classified images batch by batch; judge success with ``predict`` (and its votes).
+    """Attack the correctly classified images (``attack_dataset``); judge success with ``predict`` (and its votes).
 
     Returns per-image boolean vectors (on the CPU): correct when clean, and attack succeeded.
     """
-    check_images(x)
-    check_nonempty(x)
-    check_labels(y, len(x), _num_classes(model, x), "y")
-    check_int(batch_size, "batch_size")
-    # the attack's own checks run only if some image is classified correctly: its numbers are checked here too
-    check_positive(eps, "eps", allow_zero=True)
-    for name in ("steps", "restarts", "eot_samples"):
-        if name in attack_kwargs:
-            check_int(attack_kwargs[name], name)
-    device = _torch.device_of(model, x.device)
+    _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs)
     autocast = attack_kwargs.get("autocast", False)
     correct = predict(model, x, batch_size=batch_size, votes=votes, autocast=autocast) == y.cpu()
     success = torch.zeros(len(x), dtype=torch.bool)
     todo = correct.nonzero().squeeze(1)
-    for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc=f"PGD eps={eps:.4f}"):
-        index = todo[start:start + batch_size]
-        labels = (targets if targeted else y)[index]
-        result = pgd(model if surrogate is None else surrogate, x[index].to(device), labels.to(device), eps=eps, targeted=targeted,
-                     **attack_kwargs)
-        prediction = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
-        success[index] = prediction == labels.cpu() if targeted else prediction != labels.cpu()
+    if len(todo):
+        labels = (targets if targeted else y)[todo.to(y.device)]
+        success[todo] = attack_dataset(model, x[todo.to(x.device)], labels, eps=eps, targeted=targeted,
+                                       batch_size=batch_size, votes=votes, surrogate=surrogate, progress=progress,
+                                       **attack_kwargs).success
     return correct, success
+
+
+@dataclass(frozen=True)
+class DatasetAttack:
+    """What ``attack_dataset`` returns, one entry per image.
+
+    Attributes:
+        x_adv: (N, 3, H, W) adversarial images, on the device of the images attacked.
+        prediction: (N,) the model's predictions on ``x_adv`` (with its votes), on the CPU.
+        success: (N,) bool on the CPU: the prediction is the target (targeted) or leaves the label (untargeted).
+    """
+
+    x_adv: torch.Tensor
+    prediction: torch.Tensor
+    success: torch.Tensor
+
+    @property
+    def success_rate(self) -> Proportion:
+        """Successes among all the images attacked."""
+        return Proportion.of(self.success)
+
+
+def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, targeted: bool = False,
+                   batch_size: int = 256, votes: int = 1, surrogate: nn.Module | None = None, progress: bool = True,
+                   **attack_kwargs) -> DatasetAttack:
+    """PGD (``cliplab.pgd``) on every image of a data set, in batches of ``batch_size``, each batch with the same
+    ``seed``; the adversarial images, the model's predictions on them and per-image success.
+
+    Args:
+        model: the classifier (or a defence wrapping it) that judges the attack, and is attacked unless
+            ``surrogate`` is given.
+        x: (N, 3, H, W) images in [0, 1]; y: (N,) labels (untargeted) or targets (``targeted``).
+        eps: threat-model radius; ``attack_kwargs`` (steps, restarts, loss, norm, eot_samples, seed, ...) go
+            to ``pgd``.
+        batch_size: images per attack batch.
+        votes: judge by the majority vote of this many stochastic passes (randomised defences, as deployed).
+        surrogate: craft the attack on this model and only judge it on ``model`` (a transfer attack).
+        progress: show a tqdm bar.
+    """
+    _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs)
+    device = _torch.device_of(model, x.device)
+    autocast = attack_kwargs.get("autocast", False)
+    x_adv, prediction = torch.empty_like(x), torch.empty(len(x), dtype=torch.int64)
+    for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc=f"PGD eps={eps:.4f}"):
+        batch = slice(start, start + batch_size)
+        result = pgd(model if surrogate is None else surrogate, x[batch].to(device), y[batch].to(device), eps=eps,
+                     targeted=targeted, **attack_kwargs)
+        x_adv[batch] = result.x_adv.to(x.device)
+        prediction[batch] = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
+    success = prediction == y.cpu() if targeted else prediction != y.cpu()
+    return DatasetAttack(x_adv, prediction, success)
+
+
+def _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs) -> None:
+    """What ``pgd`` would check, checked before the first batch (and even when no image is attacked)."""
+    check_images(x)
+    check_nonempty(x)
+    check_labels(y, len(x), _torch.num_classes(model, x), "y")
+    check_int(batch_size, "batch_size")
+    check_positive(eps, "eps", allow_zero=True)
+    for name in ("steps", "restarts", "eot_samples"):
+        if name in attack_kwargs:
+            check_int(attack_kwargs[name], name)
 
 
 # The attacks of a worst-case evaluation, and the named ensembles (AutoAttack's "standard" and "rand" versions)
@@ -357,7 +420,7 @@ def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batc
         raise TypeError(f"budget must be an AttackBudget, got {type(budget).__name__}")
     for name in ("steps", "num_targets", "queries", "restarts", "eot_samples", "pgd_steps", "pgd_restarts"):
         check_int(getattr(budget, name), f"budget.{name}")
-    num_classes = _num_classes(model, x)
+    num_classes = _torch.num_classes(model, x)
     if "apgd-t" in names and budget.num_targets > num_classes - 1:
         raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {budget.num_targets}")
@@ -370,7 +433,7 @@ def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batc
 
 def _check_finite_logits(model, x, device, autocast) -> None:
     """A model that returns NaN would make every attack and accuracy meaningless: refuse it at once."""
-    with torch.no_grad(), eval_mode(model), _torch.autocast(device, autocast):
+    with torch.no_grad(), _torch.eval_mode(model), _torch.autocast(device, autocast):
         logits = model(x[:8].to(device))
     if not torch.isfinite(logits).all():
         raise ValueError("model returned NaN or infinite logits on the clean images: no attack can be evaluated "

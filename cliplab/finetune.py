@@ -8,6 +8,9 @@
 Either adapts all image-encoder weights (``adapter="full"``) or only orthogonal rotations of them
 (``adapter="oft"``, ``cliplab.oft``). Training is resumable: a run killed at any moment restarts from its
 last checkpoint and ends with exactly the weights of an uninterrupted run with the same seed.
+
+This module is the trainer and its checkpoints only; the study's settings (``Profile.finetune_config``) and the
+notebooks' cache of fine-tuned encoders (``cliplab.study``) build on it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,13 +30,12 @@ from tqdm.auto import tqdm
 
 from . import _torch
 from ._checks import check_choice, check_directory, check_int, check_positive
-from ._io import TEMPORARY_GLOB, atomic_write
+from ._io import TEMPORARY_GLOB, atomic_write, save_tensors
 from ._train import adamw
-from .attacks import eval_mode, pgd, pgd_maximize
+from .attacks import pgd, pgd_maximize
 from .classifier import ZeroShotClassifier
 from .evaluation import robust_accuracy
-from .oft import apply_oft, merge_oft, oft_parameters
-from .profiles import Profile
+from .oft import apply_oft, oft_parameters
 
 METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
 _CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
@@ -75,25 +76,6 @@ class FinetuneConfig:
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         check_positive(self.clean_weight, "clean_weight", allow_zero=True)
         check_positive(self.grad_clip, "grad_clip")
-
-
-def study_config(profile: Profile, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,
-                 **overrides) -> FinetuneConfig:
-    """The study's fine-tuning settings on ``profile`` (notebooks 05-06, defaults of ``cliplab finetune``).
-
-    L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate;
-    OFT runs take the profile's OFT learning rate and clean-term weight, and its first block size unless
-    ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's: bf16
-    autocast on CUDA unless it was loaded with ``precision="fp32"``.)
-    """
-    if block_size is not None and adapter != "oft":
-        raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
-    settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=profile.finetune_attack_steps,
-                    steps=profile.finetune_steps, batch_size=profile.finetune_batch_size, lr=profile.finetune_lr)
-    if adapter == "oft":
-        settings.update(lr=profile.oft_lr, clean_weight=profile.oft_clean_weight,
-                        block_size=profile.oft_block_sizes[0] if block_size is None else block_size)
-    return FinetuneConfig(**{**settings, **overrides})
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
@@ -218,7 +200,7 @@ def _loss(classifier, original, x, y, config, attack_seed):
     alpha = 2.5 * config.eps / config.attack_steps
     with torch.no_grad(), classifier.autocast(x.device):  # f0 in the classifier's precision
         target = original(classifier.preprocess(x)).float()  # f0(x), (B, D)
-    with eval_mode(classifier), parametrize.cached():  # OFT: each rotation is built once for the whole attack
+    with _torch.eval_mode(classifier), parametrize.cached():  # OFT: each rotation is built once for the whole attack
         if config.method == "fare":
             distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
             x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps,
@@ -249,11 +231,7 @@ def _loss(classifier, original, x, y, config, attack_seed):
 def _save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, generator, config, history) -> None:
     """Write weights (safetensors) and optimiser/scheduler/RNG state atomically, then point
     ``latest.json`` at them, then drop older checkpoints: a crash at any moment leaves a complete one."""
-    from safetensors.torch import save_file
-
-    weights = out / f"checkpoint-{step}.safetensors"
-    with atomic_write(weights) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in classifier.model.state_dict().items()}, tmp)
+    save_tensors(classifier.model.state_dict(), out / f"checkpoint-{step}.safetensors")
     with atomic_write(out / f"checkpoint-{step}.state.pt") as tmp:
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "generator": generator.get_state(), "config": asdict(config), "history": history}, tmp)
@@ -295,7 +273,7 @@ def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> N
         stored = torch.load(state_file, weights_only=True, mmap=True)["config"]
     except Exception as error:  # a truncated, foreign or malicious file: say which, not a deep trace
         raise ValueError(f"cannot resume: {state_file} is corrupted or not a cliplab checkpoint ({error})") from error
-    _check_same_run(stored, config, f"cannot resume from {out}")
+    check_same_run(stored, config, f"cannot resume from {out}")
 
 
 def _read_checkpoint(out: Path) -> tuple[dict, dict]:
@@ -359,7 +337,7 @@ def run_lock(out: Path):
         os.close(fd)
 
 
-def _run_settings(config: FinetuneConfig | dict) -> dict:
+def run_settings(config: FinetuneConfig | dict) -> dict:
     """The settings that define a run: all but how often it saves or evaluates and whether it shows a bar. Older
     records also hold a ``bf16`` flag, ignored: precision is the classifier's now, and it changes rounding, not
     the method (a run cached on a CPU stays usable on a GPU)."""
@@ -367,68 +345,10 @@ def _run_settings(config: FinetuneConfig | dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ("save_every", "eval_every", "progress", "bf16")}
 
 
-def _check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:
+def check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:
     """Refuse to mix runs: ``stored`` (a saved config) must match ``config`` in every weight-relevant setting."""
-    stored, wanted = _run_settings(stored), _run_settings(config)
+    stored, wanted = run_settings(stored), run_settings(config)
     if stored != wanted:
         differing = ", ".join(f"{k}={stored.get(k)!r} there, {wanted.get(k)!r} now"
                               for k in sorted(stored.keys() | wanted.keys()) if stored.get(k) != wanted.get(k))
         raise ValueError(f"{context}: it was trained with other settings ({differing})")
-
-
-def export_weights(classifier: ZeroShotClassifier, path: str | os.PathLike) -> None:
-    """Save the fine-tuned model (OFT merged) so that ``load_classifier(profile, pretrained=path)`` loads it."""
-    from .models import save_weights
-
-    merge_oft(classifier.model.visual)
-    save_weights(classifier, path)
-
-
-def save_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-    """Save only the image encoder (OFT merged), small enough to ship: the text side never changes."""
-    from safetensors.torch import save_file
-
-    merge_oft(classifier.model.visual)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in classifier.model.visual.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, tmp)
-
-
-def load_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike) -> ZeroShotClassifier:
-    """Load an image encoder saved by ``save_encoder`` into ``classifier`` (cast to its precision)."""
-    from safetensors.torch import load_file
-
-    classifier.model.visual.load_state_dict(load_file(path))
-    return classifier.eval()
-
-
-def load_or_finetune(classifier: ZeroShotClassifier, name: str, config: FinetuneConfig, x: torch.Tensor,
-                     y: torch.Tensor, directory: str | os.PathLike) -> tuple[ZeroShotClassifier, list[dict]]:
-    """The notebooks' cache of fine-tuned encoders.
-
-    Loads ``directory/<name>.safetensors`` (the image encoder, float16) and ``<name>.json`` (the config it
-    was trained with and its training history) when they exist; otherwise fine-tunes ``classifier`` now
-    (resuming ``<name>.run/`` if an earlier attempt was killed), saves both, and removes the run directory.
-
-    Returns:
-        The classifier with the fine-tuned encoder (as stored: float16 values), and the training history.
-
-    Raises:
-        ValueError: the cached encoder was trained with other settings than ``config`` (delete it to retrain).
-    """
-    directory = Path(directory)
-    weights, record_file = directory / f"{name}.safetensors", directory / f"{name}.json"
-    if weights.is_file() and record_file.is_file():
-        record = json.loads(record_file.read_text())
-        _check_same_run(record["config"], config, f"cannot use {weights} (delete it and {record_file.name} "
-                                                  f"to retrain)")
-        return load_encoder(classifier, weights), record["history"]
-    run_dir = directory / f"{name}.run"
-    finetune(classifier, x, y, config, run_dir, resume=(run_dir / "latest.json").is_file())
-    history = json.loads((run_dir / "history.json").read_text())
-    save_encoder(classifier, weights)
-    with atomic_write(record_file) as tmp:
-        Path(tmp).write_text(json.dumps({"config": _run_settings(config), "history": history}))
-    shutil.rmtree(run_dir)  # its resumable checkpoints are no longer needed
-    load_encoder(classifier, weights)  # the shipped (float16) weights, so a cached run reproduces this one
-    return classifier, history

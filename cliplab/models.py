@@ -15,10 +15,11 @@ from torch import nn
 
 from . import data
 from ._checks import check_choice
-from ._io import atomic_write
+from ._io import save_tensors
+from ._network import ensure_reachable
 from ._torch import PRECISIONS
 from .classifier import ZeroShotClassifier
-from .shapes_clip import MODEL_NAME as SHAPES_MODEL, WEIGHTS as SHAPES_WEIGHTS
+from .shapes_clip import MODEL_NAME as SHAPES_MODEL, WEIGHTS as SHAPES_WEIGHTS, register_model_configs
 
 # profile -> (open_clip model name, default weights, data set whose class names and prompts it uses)
 PROFILE_MODELS = {
@@ -26,14 +27,6 @@ PROFILE_MODELS = {
     "cifar100": ("ViT-B-32", "openai", "cifar100"),
 }
 _DEFAULT = object()  # "the profile's own weights"; for a bare model name, weights must be chosen explicitly
-
-
-def register_model_configs() -> None:
-    """Make cliplab's own model configs (the tiny `shapes` CLIP) known to open_clip by name."""
-    import open_clip
-
-    if SHAPES_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 
 def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: Sequence[str] | None = None,
@@ -169,7 +162,7 @@ def _cached_weights(model_name: str, tag_name: str, tag: dict) -> str:
         if cached.is_file():
             return str(cached)
         source, where = tag["url"], str(cached)
-    data.ensure_reachable(
+    ensure_reachable(
         source, what=f"the weights of {model_name} {tag_name!r} (looked in {where})",
         how=f"run `cliplab.load_classifier({model_name!r}, pretrained={tag_name!r})` once on a machine with "
             "internet and copy the cache (HF_HOME) here, or pass pretrained='/path/to/checkpoint' "
@@ -185,10 +178,5 @@ def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
     ``load_classifier(model_name, pretrained=path)``. ``dtype`` (e.g. ``torch.float16``) converts
     floating-point tensors to halve the file; loading casts them back to the model's precision.
     """
-    from safetensors.torch import save_file
-
     model = model.model if isinstance(model, ZeroShotClassifier) else model
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
-               for k, v in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(tensors, tmp)
+    save_tensors(model.state_dict(), path, dtype)

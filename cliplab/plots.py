@@ -12,10 +12,10 @@ from ._io import atomic_write
 from .evaluation import Proportion
 
 
-def save_figure(fig: plt.Figure, name: str) -> Path | None:
-    """Save ``fig`` as ``$CLIPLAB_FIGURES/<name>.png`` when that variable is set (``cliplab reproduce``)."""
-    directory = os.environ.get("CLIPLAB_FIGURES")
-    if not directory:
+def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None) -> Path | None:
+    """Save ``fig`` as ``<directory>/<name>.png`` (atomically); nothing when ``directory`` is None (a notebook passes
+    ``profile.figures``, which ``cliplab reproduce`` sets)."""
+    if directory is None:
         return None
     path = Path(directory) / f"{name}.png"
     with atomic_write(path) as tmp:
@@ -114,5 +114,26 @@ def show_attack(clean: torch.Tensor, adversarial: torch.Tensor, p_clean: torch.T
     show_top5(axes[3], p_clean, class_names, title="top-5, clean", highlight=[label])
     show_top5(axes[4], p_adv, class_names, title=f"top-5, adversarial (eps={255 * eps:g}/255)",
               highlight=[t for t in (target,) if t is not None])
+    fig.tight_layout()
+    return fig
+
+
+def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int, class_names: Sequence[str], *,
+                   sigma_space: float = 1.0, sigma_color: float = 0.1, kernel_size: int = 5) -> plt.Figure:
+    """One (3, H, W) image before and after a bilateral filter, what the filter removed (amplified), and the
+    classifier's top-5 probabilities on both (notebook 04's explorer)."""
+    from .denoise import bilateral
+
+    example = image[None]
+    denoised = bilateral(example, sigma_space=sigma_space, sigma_color=sigma_color, kernel_size=kernel_size)
+    with torch.no_grad():
+        p_clean, p_denoised = classifier(example).softmax(1)[0], classifier(denoised).softmax(1)[0]
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3), gridspec_kw={"width_ratios": [1, 1, 1, 1.6, 1.6]})
+    removed = image - denoised[0]
+    show_image(axes[0], image, f"image: {class_names[label]}")
+    show_image(axes[1], denoised[0], f"denoised\ns={sigma_space:.2g}, c={sigma_color:.2g}, k={kernel_size}")
+    show_image(axes[2], 0.5 + 0.5 * removed / removed.abs().max().clamp_min(1e-8), "removed (amplified)")
+    show_top5(axes[3], p_clean, class_names, title="top-5, image", highlight=[label])
+    show_top5(axes[4], p_denoised, class_names, title="top-5, denoised", highlight=[label])
     fig.tight_layout()
     return fig

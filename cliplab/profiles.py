@@ -2,14 +2,16 @@
 
 Notebooks call ``get_profile()``, which reads the settings ``cliplab reproduce`` passes to their kernels as
 environment variables (``profile_environment`` writes them), so the same notebook runs the offline toy study,
-the real one, or a smoke run of either. ``profile.load_classifier()`` and ``profile.load_dataset()`` load what
-the profile names (weights, data directory, device, precision).
+the real one, or a smoke run of either. A profile is the study layer's configuration: ``load_classifier()`` and
+``load_dataset()`` load what it names (weights, data directory, device, precision); ``sweep()``,
+``attack_budget()`` and ``finetune_config()`` give the typed settings of its attacks, evaluations and fine-tuning;
+``figures`` is where its notebooks save their figures. Only this module and the command line read the environment.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +55,37 @@ class Profile:
     checkpoints: str | None = None  # cache of 05/06's fine-tuned encoders; None: checkpoints/<name> (notebooks/)
     smoke: bool = False  # budgets shrunk to seconds (SMOKE_BUDGETS): runs every code path, measures nothing
     single_template: bool = False  # one prompt per class instead of the ensemble (a smoke run's text head)
+    # where the notebook saves its PNG figures (cliplab reproduce sets it); None: nowhere. Not a setting of the
+    # study, and a path of this machine: left out of the printed profile, so committed notebooks stay the same
+    figures: str | None = field(default=None, repr=False)
+
+    def sweep(self, *, votes: bool = False, early_stop: bool = False):
+        """The ``study.Sweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
+        ``votes``: judged by the profile's vote (randomised defences); ``early_stop``: stop at success."""
+        from .study import Sweep
+
+        return Sweep(steps=self.attack_steps, batch_size=self.batch_size, votes=self.votes if votes else 1,
+                     early_stop=early_stop)
+
+    def finetune_config(self, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,
+                        **overrides):
+        """The study's ``FinetuneConfig`` (notebooks 05-06, defaults of ``cliplab finetune``).
+
+        L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate;
+        OFT runs take the profile's OFT learning rate and clean-term weight, and its first block size unless
+        ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's: bf16
+        autocast on CUDA unless it was loaded with ``precision="fp32"``.)
+        """
+        from .finetune import FinetuneConfig
+
+        if block_size is not None and adapter != "oft":
+            raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
+        settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=self.finetune_attack_steps,
+                        steps=self.finetune_steps, batch_size=self.finetune_batch_size, lr=self.finetune_lr)
+        if adapter == "oft":
+            settings.update(lr=self.oft_lr, clean_weight=self.oft_clean_weight,
+                            block_size=self.oft_block_sizes[0] if block_size is None else block_size)
+        return FinetuneConfig(**{**settings, **overrides})
 
     @property
     def eps_values(self) -> list[float]:
@@ -143,12 +176,14 @@ SMOKE_BUDGETS = dict(n_eval=4, batch_size=4, attack_steps=1, restarts=1, eval_st
 
 # get_profile's settings and the environment variables that carry them into a notebook's kernel
 ENVIRONMENT = {"device": "CLIPLAB_DEVICE", "precision": "CLIPLAB_PRECISION", "weights": "CLIPLAB_PRETRAINED",
-               "data_root": "CLIPLAB_DATA", "checkpoints": "CLIPLAB_CHECKPOINTS", "smoke": "CLIPLAB_SMOKE"}
+               "data_root": "CLIPLAB_DATA", "checkpoints": "CLIPLAB_CHECKPOINTS", "smoke": "CLIPLAB_SMOKE",
+               "figures": "CLIPLAB_FIGURES"}
 
 
 def get_profile(name: str | None = None, device: str | None = None, *, precision: str | None = None,
                 weights: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-                checkpoints: str | os.PathLike | None = None, smoke: bool | None = None) -> Profile:
+                checkpoints: str | os.PathLike | None = None, smoke: bool | None = None,
+                figures: str | os.PathLike | None = None) -> Profile:
     """The profile ``name``, else ``$CLIPLAB_PROFILE``, else ``shapes``, with its settings.
 
     Each setting is the argument, else its environment variable (``ENVIRONMENT``), else the profile's
@@ -162,6 +197,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
         data_root: the directory holding ``cifar-100-python/``.
         checkpoints: where 05 and 06 cache their fine-tuned encoders.
         smoke: shrink every budget to seconds (``SMOKE_BUDGETS``).
+        figures: the directory the notebook saves its figures in.
     """
     # a bad setting is named as the user gave it: the argument, or the environment variable it came from
     label = {key: key for key in ENVIRONMENT} | {"name": "profile"}
@@ -170,7 +206,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
     name = name or "shapes"
     check_choice(name, label["name"], PROFILES)
     given = dict(device=device, precision=precision, weights=weights, data_root=data_root,
-                 checkpoints=checkpoints, smoke=smoke)
+                 checkpoints=checkpoints, smoke=smoke, figures=figures)
     settings = {}
     for key, value in given.items():
         if value is None and os.environ.get(ENVIRONMENT[key]):

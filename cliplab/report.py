@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ._checks import check_choice, check_int, check_seed
 from ._io import atomic_write
-from .evaluation import ENSEMBLES, AttackBudget, Proportion, RobustnessReport, evaluate_robustness, \
-    robustness_table
+from .evaluation import ENSEMBLES, AttackBudget, RobustnessReport, evaluate_robustness, robustness_table
 
 DATASET_TEST_SIZES = {"shapes": 10_000, "cifar100": 10_000}
 
@@ -101,7 +100,7 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
     model = load_classifier(settings.model, class_names=class_names, templates=templates, device=settings.device,
                             precision=settings.precision, **weights)
     if settings.encoder is not None:
-        from .finetune import load_encoder
+        from .study import load_encoder
 
         load_encoder(model, settings.encoder)
     attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
@@ -120,18 +119,13 @@ def write_json(path: str | os.PathLike, settings: ReportSettings, reports: dict[
     """Write the settings, versions and results to ``path`` atomically (a reader never sees half a file)."""
     path = Path(path)
     document = {"settings": asdict(settings), "versions": _versions(),
-                "results": [{"eps": eps, "eps_255": 255 * eps, "clean": _proportion(report.clean),
-                             "robust": _proportion(report.robust),
-                             "per_attack": {name: _proportion(p) for name, p in report.per_attack.items()}}
+                "results": [{"eps": eps, "eps_255": 255 * eps, "clean": report.clean.as_dict(),
+                             "robust": report.robust.as_dict(),
+                             "per_attack": {name: p.as_dict() for name, p in report.per_attack.items()}}
                             for eps, report in reports.items()]}
     with atomic_write(path) as tmp:
         Path(tmp).write_text(json.dumps(document, indent=2) + "\n")
     return path
-
-
-def _proportion(proportion: Proportion) -> dict:
-    low, high = proportion.ci95
-    return {"value": proportion.value, "hits": proportion.hits, "n": proportion.n, "ci95": [low, high]}
 
 
 def _versions() -> dict[str, str]:

@@ -23,6 +23,14 @@ MODEL_NAME = "cliplab-shapes-tiny"  # registered with open_clip from cliplab/mod
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_NAME}.safetensors"
 
 
+def register_model_configs() -> None:
+    """Make cliplab's own model configs (this tiny CLIP) known to open_clip by name."""
+    import open_clip
+
+    if MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
 @dataclass
 class ShapesCLIPConfig:
     steps: int = 2000  # optimiser steps
@@ -60,8 +68,6 @@ def train_shapes_clip(config: ShapesCLIPConfig = ShapesCLIPConfig()):
 
     for name in ("steps", "batch_size"):
         check_int(getattr(config, name), name)  # 0 steps would save an untrained model
-
-    from .models import register_model_configs
 
     register_model_configs()
     torch.manual_seed(config.seed)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import _torch
-from ._checks import check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
-from .attacks import AttackResult, _num_classes, attack_objective, eval_mode
+from ._checks import check_int, check_labels
+from .attacks import AttackResult, attack_objective, check_threat_model
 
 P_INIT = 0.8  # fraction of the pixels the first windows cover (the paper's ImageNet setting)
 # the window's fraction halves at these points of a 10,000-query run (rescaled to the run's length)
@@ -38,18 +38,12 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, qu
 
     Samples already fooled keep being queried, masked rather than dropped, so the loop never waits for the device.
     """
-    check_images(x)
-    check_nonempty(x)
-    _torch.check_device(model, x)
-    check_positive(eps, "eps", allow_zero=True)
-    if eps > 1:
-        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_threat_model(model, x, eps, "linf", seed)
     check_int(queries, "queries")
-    check_seed(seed)
-    check_labels(y, len(x), _num_classes(model, x), "y")
+    check_labels(y, len(x), _torch.num_classes(model, x), "y")
     y = y.to(device=x.device, dtype=torch.int64)
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
-    with eval_mode(model), _torch.cast_cache(x.device):
+    with _torch.eval_mode(model), _torch.cast_cache(x.device):
         return _square_run(model, x, y, eps=eps, queries=queries, generator=generator, autocast=autocast)
 
 

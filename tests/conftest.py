@@ -27,7 +27,11 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip the `cuda` tier where there is no GPU, unless CLIPLAB_TEST_DEVICE points it at another device."""
+    """Mark nbval's notebook cells `notebooks`; skip the `cuda` tier where there is no GPU, unless
+    CLIPLAB_TEST_DEVICE points it at another device."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebooks)
     if torch.cuda.is_available() or os.environ.get("CLIPLAB_TEST_DEVICE", "cuda") != "cuda":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (CLIPLAB_TEST_DEVICE=cpu runs the cuda tier on the CPU)")

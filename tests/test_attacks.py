@@ -9,15 +9,9 @@ from torch import nn
 
 import cliplab
 from cliplab import attack_objective, pgd
+from cliplab.study import random_targets
 
 EPS_COMPARE = 1 / 255  # torchattacks comparison: robust accuracy is between 0 and clean there, so it bites
-
-
-def _targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
-    """Random target classes, each different from its label (seeded)."""
-    generator = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, num_classes, y.shape, generator=generator)
-    return (y + shift) % num_classes
 
 
 def _assert_genuine(model, result, y, targeted):
@@ -125,7 +119,7 @@ def test_seed_none_uses_global_generator(shapes_clf, batch):
 
 def test_targeted_success_means_prediction_is_target(shapes_clf, batch):
     x, y = batch
-    targets = _targets(y, shapes_clf.num_classes, seed=0)
+    targets = random_targets(y, shapes_clf.num_classes, seed=0)
     result = pgd(shapes_clf, x, targets, eps=16 / 255, steps=5, targeted=True, seed=0)
     assert result.success.any(), "a targeted attack at eps=16/255 should reach some targets"
     _assert_genuine(shapes_clf, result, targets, targeted=True)
@@ -340,13 +334,14 @@ def test_untargeted_pgd_breaks_the_model(shapes_clf, attacked):
 
 def test_targeted_success_grows_with_eps(shapes_clf, attacked):
     x, y = attacked[0][:100], attacked[1][:100]
-    targets = _targets(y, shapes_clf.num_classes, seed=0)
+    targets = random_targets(y, shapes_clf.num_classes, seed=0)
     rates = [pgd(shapes_clf, x, targets, eps=e / 255, steps=10, targeted=True, seed=0).success_rate
              for e in (1, 4, 16)]
     assert rates[0] < rates[1] < rates[2], f"targeted success at eps 1, 4, 16 /255: {rates}"
     assert rates[2] >= 0.5
 
 
+@pytest.mark.slow
 def test_not_weaker_than_torchattacks(shapes_clf, attacked):
     import torchattacks  # installed by the README's test command: missing it is an error, not a skip
 

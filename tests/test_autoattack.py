@@ -161,6 +161,7 @@ def test_worst_case_is_below_every_attack_and_per_attack_is_monotone(shapes_clf,
     assert report.clean == alone.clean
 
 
+@pytest.mark.slow
 def test_worst_case_beats_pgd_on_the_original_model(shapes_clf, shapes_test):
     """The measurement behind the worst-case rule: PGD-10 reports more robustness than the ensemble finds."""
     x, y, _ = shapes_test

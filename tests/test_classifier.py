@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cliplab
 from cliplab import ZeroShotClassifier
 from cliplab.data import render_shapes
 

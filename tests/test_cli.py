@@ -9,12 +9,12 @@ import re
 import nbformat
 import pytest
 
-from cliplab import cli
+from cliplab import cli, runner
 
 OK_CELLS = [
     "import os\nimport matplotlib.pyplot as plt\nimport cliplab.plots as P",
     "assert os.environ['CLIPLAB_PROFILE'] == 'shapes', os.environ.get('CLIPLAB_PROFILE')\n"
-    "fig = plt.figure()\nplt.plot([0, 1], [1, 0])\nprint(P.save_figure(fig, 'demo'))",
+    "fig = plt.figure()\nplt.plot([0, 1], [1, 0])\nimport cliplab\nprint(P.save_figure(fig, 'demo', cliplab.get_profile().figures))",
     "import torch\nprint('threads', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])",
 ]
 FAIL_CELLS = ["x = 1", "raise ValueError('boom')", "never = True"]
@@ -43,6 +43,7 @@ def _clean_environment(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
 
 
+@pytest.mark.notebooks
 def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     out = tmp_path / "results"
     code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out)])
@@ -76,6 +77,7 @@ def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     assert "CLIPLAB_PROFILE" not in os.environ
 
 
+@pytest.mark.notebooks
 def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
     """--only runs the named notebooks; --threads sets each kernel's torch threads (the test session's
     environment says 1), which wait passively, and the run says how many it used."""
@@ -109,7 +111,7 @@ def test_bad_arguments_fail_before_anything_runs(argv, message, notebooks, tmp_p
 
     monkeypatch.setattr(Profile, "load_classifier", never)
     monkeypatch.setattr(Profile, "load_dataset", never)
-    monkeypatch.setattr(cli, "execute_notebook", never)
+    monkeypatch.setattr(runner, "execute_notebook", never)
     file = tmp_path / "a-file"
     file.write_text("mine")
     argv = [arg.format(file=file, tmp=tmp_path) for arg in argv]
@@ -140,8 +142,8 @@ def test_cli_default_profile_comes_from_the_environment(monkeypatch):
 
 
 def test_a_missing_notebooks_extra_is_named(notebooks, tmp_path, capsys, monkeypatch):
-    find_spec = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else find_spec(name))
+    find_spec = runner.importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else find_spec(name))
     assert cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "ipywidgets" in error and "pip install 'cliplab[notebooks]'" in error
@@ -219,11 +221,11 @@ def test_shell_replies_are_polled_in_slices():
         return {"reply": len(calls)}
 
     channel = SimpleNamespace(get_msg=get_msg)
-    cli._poll_in_slices(channel, slice_s=0.01)
+    runner._poll_in_slices(channel, slice_s=0.01)
     assert asyncio.run(channel.get_msg(timeout=3600)) == {"reply": 3}
     assert all(timeout <= 0.01 for timeout in calls)
     empty = SimpleNamespace(get_msg=lambda timeout=None: (_ for _ in ()).throw(Empty()))
-    cli._poll_in_slices(empty, slice_s=0.01)
+    runner._poll_in_slices(empty, slice_s=0.01)
     with pytest.raises(Empty):
         asyncio.run(empty.get_msg(timeout=0.05))
 
@@ -244,12 +246,13 @@ def test_unknown_profile_is_a_usage_error(notebooks, tmp_path, capsys):
 
 
 def test_find_notebooks(notebooks):
-    assert [p.name for p in cli.find_notebooks(notebooks, None)] == ["01_ok.ipynb", "02_fail.ipynb"]
-    assert [p.name for p in cli.find_notebooks(notebooks, ["02"])] == ["02_fail.ipynb"]
+    assert [p.name for p in runner.find_notebooks(notebooks, None)] == ["01_ok.ipynb", "02_fail.ipynb"]
+    assert [p.name for p in runner.find_notebooks(notebooks, ["02"])] == ["02_fail.ipynb"]
     with pytest.raises(ValueError, match="07"):
-        cli.find_notebooks(notebooks, ["07"])
+        runner.find_notebooks(notebooks, ["07"])
 
 
+@pytest.mark.slow  # renders the profile's 10,000 training images; study.finetune_and_evaluate is tested quickly
 def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tmp_path, capsys):
     import json
 
@@ -281,11 +284,38 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
 
 def test_default_threads_follow_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cli.default_threads() == 3
+    assert runner.default_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     with pytest.raises(ValueError, match=r"^\$OMP_NUM_THREADS must be a whole number >= 1, got 'lots'"):
-        cli.default_threads()
+        runner.default_threads()
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cli.default_threads() == len(os.sched_getaffinity(0))
+    assert runner.default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's policy is kept
-    assert cli.thread_environment(2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert runner.thread_environment(2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_clean_notebook_drops_what_changes_on_every_run():
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["widgets"] = {"state": {"abc": {}}}
+    cell = nbformat.v4.new_code_cell("interact(f)", execution_count=7, metadata={"execution": {"started": "now"}})
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        runner.WIDGET_VIEW: {"model_id": "6b97d98e", "version_major": 2, "version_minor": 0},
+        "text/plain": "interactive(children=(FloatSlider(value=1.0),))"})]
+    notebook.cells = [cell]
+    runner.clean_notebook(notebook)
+    assert "widgets" not in notebook.metadata and "execution" not in cell.metadata
+    assert cell.execution_count == 1
+    assert cell.outputs[0]["data"] == {"text/plain": "interactive(children=(FloatSlider(value=1.0),))"}
+
+
+def test_committed_notebooks_show_their_figures_and_diff_cleanly():
+    """Every notebook that draws embeds its figures (PNG), all six stay under 4 MB, and nothing in them changes
+    from one run to the next (widget views name a kernel-side model id that does)."""
+    paths = sorted(runner.default_notebook_dir().glob("[0-9][0-9]_*.ipynb"))
+    assert len(paths) == 6
+    assert sum(path.stat().st_size for path in paths) < 4 * 2**20
+    for path in paths:
+        notebook = nbformat.read(path, as_version=4)
+        outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no inline figure"
+        assert not any(runner.WIDGET_VIEW in o.get("data", {}) for o in outputs), path.name

@@ -188,13 +188,13 @@ def test_worst_case_evaluation_agrees_with_the_cpu(shapes_clf, clf, images, prec
 def test_apgd_and_square_loops_never_wait_for_the_gpu(clf, images):
     """Inside a run every decision is a tensor mask: with sync debugging set to error, a host sync would raise."""
     from cliplab.apgd import _apgd_run
-    from cliplab.attacks import _Strongest, attack_objective
+    from cliplab.attacks import Strongest, attack_objective
     from cliplab.square import _square_run
 
     if torch.device(DEVICE).type != "cuda":
         pytest.skip("host syncs exist only on CUDA")
     x, y = images
-    best, index = _Strongest(x), torch.arange(len(x), device=x.device)
+    best, index = Strongest(x), torch.arange(len(x), device=x.device)
     objective = (lambda logits: attack_objective(logits, y, "ce", targeted=False))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -173,3 +173,44 @@ def test_attacking_a_fresh_wrapper_leaves_the_wrapped_classifier_in_eval_mode(ra
     cliplab.pgd(defended, x[:2], y[:2], eps=2 / 255, steps=1)
     assert defended.training and not random_shapes_clf.training
     assert not any(m.training for m in random_shapes_clf.modules())
+
+
+class PlainWrapper(nn.Module):
+    """Maps images to logits and nothing more: no ``num_classes``, as a user's own wrapper or a torchvision model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_noise_then_denoise_chains_attack_cleanly(random_shapes_clf, batch):
+    from cliplab.denoise import Bilateral, Median
+
+    x, y = batch
+    for denoiser in (Bilateral(), Median()):
+        chain = Denoised(random_shapes_clf, nn.Sequential(GaussianNoise(0.1), denoiser))
+        assert chain.denoiser(x).min() < 0  # the filter receives noisy images outside [0, 1]
+        result = cliplab.pgd(chain, x, y, eps=4 / 255, steps=2, eot_samples=2, seed=0)
+        assert (result.x_adv - x).abs().max() <= 4 / 255 + 1e-6
+        report = cliplab.evaluate_robustness(chain, x, y, eps=4 / 255, attacks="rand", votes=3, progress=False,
+                                             budget=cliplab.AttackBudget(steps=2, eot_samples=2))
+        assert report.robust.n == len(x)
+
+
+def test_smoothing_and_attacks_work_on_any_module_that_maps_images_to_logits(toy_model):
+    import torchvision
+
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for model in (PlainWrapper(toy_model), torchvision.models.resnet18(num_classes=10).eval()):
+        smoothed = RandomizedSmoothing(model, sigma=0.25, batch_size=16)
+        classes, radii = smoothed.certify(x, n0=4, n=16, seed=0)
+        assert classes.shape == radii.shape == (4,)
+        assert smoothed.predict(x, n=16, seed=0).shape == (4,)
+        assert smoothed(x).shape == (4, 10)
+        result = cliplab.pgd(Denoised(model, GaussianNoise(0.05)), x, y, eps=2 / 255, steps=1, seed=0)
+        assert (result.x_adv - x).abs().max() <= 2 / 255 + 1e-6
+        assert cliplab.pgd(smoothed, x, y, eps=2 / 255, steps=1, seed=0).x_adv.shape == x.shape

@@ -79,3 +79,19 @@ def test_bad_construction_names_the_argument(make, match):
 def test_bad_calls_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.rand(2, 3, 8, 8))
+
+
+def test_modules_take_any_range_and_match_the_checked_functions():
+    """Inside a chain (after noise) a module's input leaves [0, 1]: the modules check shape only (no host sync),
+    the functions, where a user hands in images, the [0, 1] contract."""
+    x = torch.rand(2, 3, 8, 8)
+    noisy = x + 0.3 * torch.randn_like(x)
+    assert torch.equal(Bilateral(sigma_space=1.5)(x), bilateral(x, sigma_space=1.5))
+    assert torch.equal(Median(3)(x), median(x, kernel_size=3))
+    assert torch.equal(Guided(0.01)(x), guided(x, eps=0.01))
+    for module in (Bilateral(), Median(), Guided(), RandomBilateral()):
+        assert module(noisy).shape == x.shape
+        with pytest.raises(ValueError, match="3 channels"):
+            module(noisy[:, :1])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bilateral(noisy, sigma_space=1.0)

@@ -82,6 +82,7 @@ def test_precision_switch(random_shapes_clf, batch):
         cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp16")
 
 
+@pytest.mark.slow
 def test_bf16_and_fp32_robust_accuracy_agree_within_their_intervals(shapes_clf, shapes_test):
     """The study's bf16 default on CUDA measures what fp32 measures: the same attack on the trained shapes
     CLIP, once in each precision (bf16 autocast runs on the CPU too)."""

@@ -56,7 +56,7 @@ def test_report_card_of_a_fine_tuned_checkpoint_matches_the_library(tmp_path, ca
 def test_report_card_of_a_cached_encoder(tmp_path, capsys):
     """The notebooks' fine-tuned encoders (the image encoder alone) load with --encoder; a file holding anything else
     is refused before any work."""
-    from cliplab.finetune import load_encoder
+    from cliplab.study import load_encoder
 
     encoder = NOTEBOOK_CHECKPOINTS / "fare-full.safetensors"
     assert cli.main(["evaluate", "--encoder", str(encoder), "--n", "24", "--eps", "4/255", "--attacks", "apgd-ce",

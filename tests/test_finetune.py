@@ -1,4 +1,6 @@
 """Robust fine-tuning: FARE/TeCoA steps learn, a killed run resumes to bit-identical weights, bad input fails."""
+import copy
+import functools
 import json
 import os
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab import finetune as ft
+from cliplab import finetune as ft, study
 from cliplab.oft import oft_parameters
 
 
@@ -21,9 +23,18 @@ def data(shapes_test):
     return x[:64], y[:64]
 
 
-def fresh():
+@functools.cache
+def _random_classifier():
     torch.manual_seed(0)
     return cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+
+
+def fresh():
+    """A new classifier for a run to train in place: a copy of one built once per process (seeded), not a rebuild
+    (which re-encodes the text head)."""
+    classifier = copy.deepcopy(_random_classifier())
+    torch.manual_seed(0)
+    return classifier
 
 
 def weights(classifier):
@@ -115,6 +126,7 @@ def test_a_second_run_into_the_same_directory_fails_at_once_naming_the_holder(tm
     ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path / "run")  # free again once the holder is done
 
 
+@pytest.mark.slow
 def test_a_second_process_is_locked_out(tmp_path):
     """The lock is the kernel's (flock): another process sees it, and it goes with the holder's death."""
     import subprocess
@@ -174,6 +186,7 @@ def adversarial_distance(classifier, target, x, eps):
         return distance(x_adv).mean().item()
 
 
+@pytest.mark.slow
 def test_fare_pulls_adversarial_embeddings_back_to_the_original_ones(data, tmp_path):
     x, y = data
     classifier = cliplab.load_classifier("shapes", device="cpu")
@@ -196,7 +209,7 @@ def test_oft_trains_only_rotations_and_export_merges(data, tmp_path):
     probe = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         before = classifier(probe)
-    ft.export_weights(classifier, tmp_path / "final.safetensors")
+    study.export_weights(classifier, tmp_path / "final.safetensors")
     loaded = cliplab.load_classifier("shapes", pretrained=tmp_path / "final.safetensors", device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(loaded(probe), before, atol=1e-4, rtol=1e-4)
@@ -239,7 +252,7 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
 def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, tmp_path, monkeypatch):
     x, y = data
     config = tiny_config(steps=2)
-    trained, history = ft.load_or_finetune(fresh(), "fare", config, x, y, tmp_path)
+    trained, history = study.load_or_finetune(fresh(), "fare", config, x, y, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fare.json", "fare.safetensors"]  # run dir removed
     assert [h["step"] for h in history] == [1, 2]
 
@@ -247,27 +260,27 @@ def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, t
         raise AssertionError("a cached encoder must not be retrained")
 
     monkeypatch.setattr(ft, "finetune", no_training)
-    loaded, loaded_history = ft.load_or_finetune(fresh(), "fare", tiny_config(steps=2, progress=True), x, y,
+    loaded, loaded_history = study.load_or_finetune(fresh(), "fare", tiny_config(steps=2, progress=True), x, y,
                                                  tmp_path)
     assert loaded_history == history
     for key, value in weights(trained).items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     with pytest.raises(ValueError, match="steps=2 there, 3 now"):
-        ft.load_or_finetune(fresh(), "fare", tiny_config(steps=3), x, y, tmp_path)
+        study.load_or_finetune(fresh(), "fare", tiny_config(steps=3), x, y, tmp_path)
 
 
-def test_study_config_takes_the_profile_budgets_per_adapter():
+def test_profile_finetune_config_takes_the_profile_budgets_per_adapter():
     profile = cliplab.get_profile("shapes")
-    full = ft.study_config(profile, "fare", "full")
+    full = profile.finetune_config("fare", "full")
     assert (full.steps, full.lr, full.eps, full.clean_weight) == (profile.finetune_steps, profile.finetune_lr, 4 / 255, 0)
     assert (full.batch_size, full.attack_steps) == (profile.finetune_batch_size, profile.finetune_attack_steps)
-    oft = ft.study_config(profile, "fare", "oft")
+    oft = profile.finetune_config("fare", "oft")
     assert (oft.lr, oft.clean_weight, oft.block_size) == (profile.oft_lr, profile.oft_clean_weight,
                                                           profile.oft_block_sizes[0])
-    custom = ft.study_config(profile, "tecoa", "oft", block_size=4, lr=1e-2, steps=3)
+    custom = profile.finetune_config("tecoa", "oft", block_size=4, lr=1e-2, steps=3)
     assert (custom.method, custom.block_size, custom.lr, custom.steps) == ("tecoa", 4, 1e-2, 3)
     with pytest.raises(ValueError, match=r"^block_size must be >= 1"):  # not silently the profile's 128
-        ft.study_config(profile, "fare", "oft", block_size=0).validate()
+        profile.finetune_config("fare", "oft", block_size=0).validate()
 
 
 def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):

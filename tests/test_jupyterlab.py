@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cliplab.cli import thread_environment
+from cliplab.runner import thread_environment
 
 pytestmark = pytest.mark.browser
 

@@ -45,6 +45,7 @@ def test_random_shapes_checkpoint_round_trip_float16(random_shapes_clf, tmp_path
     torch.testing.assert_close(_logits(loaded, x), _logits(random_shapes_clf, x), atol=5e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_vit_checkpoint_round_trip(random_vit, tmp_path):
     """The `cifar100` architecture: a checkpoint saved here loads through load_classifier(name, path)."""
     path = tmp_path / "vit.safetensors"
@@ -224,6 +225,7 @@ def test_check_weights_is_fast_and_names_the_problem(tmp_path, monkeypatch):
         check_weights("shapes", pretrained=truncated)
 
 
+@pytest.mark.slow
 def test_cifar100_profile_builds_openai_clip_for_local_weights_too(tmp_path):
     """OpenAI's CLIP uses QuickGELU: a local copy of its weights (or none) must get that activation and OpenAI's
     normalisation, as the 'openai' tag would; a bare model name keeps open_clip's own config."""

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import cliplab
 from cliplab.oft import OrthogonalRotation, apply_oft, merge_oft, oft_parameters
 
 
@@ -17,9 +16,9 @@ def perturb(module, scale=0.3):
 
 
 @pytest.fixture()
-def visual():
-    torch.manual_seed(0)
-    return cliplab.load_classifier("shapes", pretrained=None, device="cpu").model.visual
+def visual(random_shapes_clf):
+    """A fresh copy of the session's random image encoder, for each test to adapt as it likes."""
+    return copy.deepcopy(random_shapes_clf.model.visual)
 
 
 def test_rotation_is_orthogonal_to_float_precision():

@@ -72,7 +72,7 @@ def test_environment_yml_installs_the_extras_under_the_pins():
 
 def test_import_cliplab_needs_no_notebook_packages():
     """The library is the core install; the notebook machinery is the `notebooks` extra."""
-    from cliplab.cli import NOTEBOOK_MODULES
+    from cliplab.runner import NOTEBOOK_MODULES
 
     core = {canonicalize_name(Requirement(text).name) for text in _project()["dependencies"]}
     assert not core & {canonicalize_name(m) for m in NOTEBOOK_MODULES}

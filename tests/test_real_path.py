@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import cliplab
-from cliplab import cli
+from cliplab import cli, runner
 from standins import accept_checksums, kernel_startup, relabel, write_cifar100
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+# the stand-in (a ViT-B-32 built, saved and run over the data to label it) takes seconds before any test starts
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,13 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
             for p in directory.rglob("*") if p.is_file()}
 
 
+@pytest.mark.notebooks
 def test_smoke_run_executes_every_cell_of_the_cifar100_study(offline, tmp_path, capsys):
     _check_smoke_run(offline, tmp_path, capsys, "cpu")
 
 
 @pytest.mark.cuda
+@pytest.mark.notebooks
 def test_smoke_run_on_the_gpu(offline, tmp_path, capsys):
     """The same run on CUDA (bf16 autocast, the study's default there)."""
     _check_smoke_run(offline, tmp_path, capsys, os.environ.get("CLIPLAB_TEST_DEVICE", "cuda"))
@@ -105,7 +109,7 @@ def _fails_fast(capsys, results: Path, *args: str) -> str:
         raise AssertionError("a notebook started although the inputs are bad")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "execute_notebook", no_notebook)
+        patch.setattr(runner, "execute_notebook", no_notebook)
         code = _reproduce("--profile", "cifar100", "--smoke", "--device", "cpu", *args, results=results)
     error = capsys.readouterr().err
     assert code == 2, error
@@ -166,6 +170,7 @@ def test_smoke_never_updates_the_repository(offline, tmp_path, capsys):
     assert _snapshot(NOTEBOOKS) == before
 
 
+@pytest.mark.notebooks
 def test_smoke_run_of_the_shapes_profile(offline, tmp_path, capsys):
     """--smoke is the same code on either profile."""
     assert _reproduce("--profile", "shapes", "--smoke", "--only", "01", results=tmp_path) == 0, capsys.readouterr()

@@ -1,4 +1,5 @@
 """The recipe behind the shipped `shapes` checkpoint still learns (a short run, far above chance)."""
+import pytest
 import torch
 
 import cliplab
@@ -18,6 +19,7 @@ def test_caption_loss_treats_same_class_captions_as_positives():
     assert caption_loss(duplicated, duplicated, labels, torch.tensor(100.0)) < 0.75  # ~ log 2 at most
 
 
+@pytest.mark.slow
 def test_short_training_run_learns_colours_and_beats_chance():
     model = train_shapes_clip(ShapesCLIPConfig(steps=80, batch_size=64, warmup=10, lr=2e-3, train_images=4000,
                                                progress=False))

@@ -1,0 +1,142 @@
+"""The study layer: typed attack settings, data-set attacks, random targets, the fine-tuning setup and cache, the
+fine-tuning workflow, the neuron geometry of 06 and the certified accuracy of 03."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import cliplab
+from cliplab import study
+from cliplab.oft import apply_oft, merge_oft, oft_parameters
+
+
+def test_random_targets_are_seeded_other_classes_on_the_labels_device():
+    y = torch.arange(1000) % 7
+    targets = study.random_targets(y, 7, seed=1)
+    assert targets.device == y.device and targets.shape == y.shape
+    assert (targets != y).all() and targets.min() >= 0 and targets.max() < 7
+    assert torch.equal(targets, study.random_targets(y, 7, seed=1))
+    assert not torch.equal(targets, study.random_targets(y, 7, seed=2))
+    assert len(torch.unique((targets - y) % 7)) == 6  # every other class is drawn
+    state = torch.get_rng_state()
+    study.random_targets(y, 7, seed=0)
+    assert torch.equal(state, torch.get_rng_state()), "the global RNG must not be consumed"
+    with pytest.raises(ValueError, match="num_classes"):
+        study.random_targets(y, 1, seed=0)
+
+
+def test_attack_dataset_equals_pgd_batch_by_batch(shapes_clf, shapes_test):
+    x, y, _ = shapes_test
+    x, y = x[:24], y[:24]
+    targets = study.random_targets(y, 100, seed=1)
+    attack = cliplab.attack_dataset(shapes_clf, x, targets, eps=8 / 255, targeted=True, steps=3, seed=0,
+                                    batch_size=10, progress=False)
+    by_hand = torch.cat([cliplab.pgd(shapes_clf, x[i:i + 10], targets[i:i + 10], eps=8 / 255, steps=3, targeted=True,
+                                     seed=0).x_adv for i in range(0, 24, 10)])
+    assert torch.equal(attack.x_adv, by_hand)
+    assert torch.equal(attack.prediction, cliplab.predict(shapes_clf, by_hand))
+    assert torch.equal(attack.success, attack.prediction == targets)
+    assert attack.success_rate == cliplab.Proportion(int(attack.success.sum()), 24)
+    assert 0 < attack.success_rate.value  # the attack does something on the trained model
+
+
+def test_a_transfer_attack_is_crafted_on_the_surrogate_and_judged_on_the_model(shapes_clf, random_shapes_clf, batch):
+    x, y = batch
+    transfer = cliplab.attack_dataset(random_shapes_clf, x, y, eps=4 / 255, steps=2, seed=0, surrogate=shapes_clf,
+                                      progress=False)
+    crafted = cliplab.pgd(shapes_clf, x, y, eps=4 / 255, steps=2, seed=0).x_adv
+    assert torch.equal(transfer.x_adv, crafted)
+    assert torch.equal(transfer.prediction, cliplab.predict(random_shapes_clf, crafted))
+
+
+def test_sweep_is_attack_success_rate_with_the_profiles_settings(shapes_clf, batch):
+    x, y = batch
+    profile = cliplab.get_profile("shapes")
+    settings = profile.sweep(votes=True, early_stop=True)
+    assert settings == study.Sweep(steps=profile.attack_steps, batch_size=profile.batch_size, votes=profile.votes,
+                                   early_stop=True, seed=0)
+    assert profile.sweep().votes == 1
+    fast = study.Sweep(steps=2, batch_size=8, early_stop=True)
+    assert fast.success_rate(shapes_clf, x, y, eps=2 / 255) == cliplab.attack_success_rate(
+        shapes_clf, x, y, eps=2 / 255, steps=2, batch_size=8, early_stop=True, seed=0, progress=False)
+    attack = fast.attack(shapes_clf, x, y, eps=2 / 255)
+    assert attack.x_adv.shape == x.shape and attack.success.dtype == torch.bool
+
+
+def test_certified_accuracy_counts_right_classes_with_large_enough_radii():
+    classes = torch.tensor([0, 1, 2, -1, 4])
+    radii = torch.tensor([0.5, 0.1, 0.3, 0.0, 1.0])
+    y = torch.tensor([0, 1, 0, 3, 4])  # image 2 certified as the wrong class; image 3 abstains
+    curve = study.certified_accuracy(classes, radii, y, [0, 0.1, 0.4, 1.0, 2.0])
+    assert [p.hits for p in curve] == [3, 3, 2, 1, 0] and {p.n for p in curve} == {5}
+
+
+def test_oft_keeps_the_neuron_geometry_that_full_fine_tuning_changes(random_shapes_clf):
+    reference = study.neuron_geometry(random_shapes_clf)
+    assert reference and all(name.endswith(study.ADAPTED_WEIGHTS) for name in reference)
+    norms, angles = next(iter(reference.values()))
+    assert norms.dtype == torch.float64 and (angles >= 0).all() and (angles <= 180).all()
+
+    rotated = copy.deepcopy(random_shapes_clf)
+    apply_oft(rotated.model.visual, block_size=8)
+    with torch.no_grad():
+        for parameter in oft_parameters(rotated.model.visual):
+            parameter.normal_(0, 0.1)  # a real rotation of every block
+    with pytest.raises(ValueError, match="merge_oft"):
+        study.neuron_geometry(rotated)  # the rotations are not in the weights yet
+    merge_oft(rotated.model.visual)
+    norm_change, angle_change = study.geometry_change(reference, study.neuron_geometry(rotated))
+    assert norm_change.max() < 1e-5 and angle_change.max() < 1e-3
+
+    perturbed = copy.deepcopy(random_shapes_clf)
+    with torch.no_grad():
+        for parameter in perturbed.model.visual.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    norm_change, angle_change = study.geometry_change(reference, study.neuron_geometry(perturbed))
+    assert norm_change.max() > 1e-3 and angle_change.max() > 0.1
+
+    with pytest.raises(ValueError, match="same architecture"):
+        study.geometry_change(reference, dict(list(reference.items())[1:]))
+
+
+@pytest.fixture()
+def smoke_profile(tmp_path):
+    return cliplab.get_profile("shapes", smoke=True, checkpoints=tmp_path / "cache")
+
+
+def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
+    torch.manual_seed(0)
+    setup = study.FinetuneStudy(smoke_profile)
+    assert len(setup.x_train) == smoke_profile.finetune_images and len(setup.x_test) == smoke_profile.n_eval
+    config = smoke_profile.finetune_config("fare", "full")
+    before = {k: v.clone() for k, v in setup.original.state_dict().items()}
+    trained, history = setup.fine_tuned("fare-full", config)
+    assert len(history) == config.steps
+    assert (smoke_profile.checkpoint_dir / "fare-full.safetensors").is_file()
+    assert all(torch.equal(v, setup.original.state_dict()[k]) for k, v in before.items()), "original modified"
+    again, cached_history = setup.fine_tuned("fare-full", config)
+    assert cached_history == history
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+
+    reports = setup.evaluate({"original": setup.original, "FARE": trained})
+    assert list(reports) == ["original", "FARE"] and list(reports["FARE"]) == list(setup.eval_eps)
+    report = reports["FARE"][setup.eval_eps[-1]]
+    assert list(report.per_attack) == list(setup.attacks) and report.robust.n == smoke_profile.n_eval
+
+
+def test_finetune_and_evaluate_writes_weights_and_metrics(smoke_profile, tmp_path):
+    config = smoke_profile.finetune_config("tecoa", "oft", block_size=8, save_every=1)
+    metrics = study.finetune_and_evaluate(smoke_profile, config, tmp_path / "run")
+    assert metrics == json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for when in ("before", "after"):
+        for kind in ("clean", "robust"):
+            entry = metrics[when][kind]
+            assert entry["n"] == smoke_profile.n_defence and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
+    assert metrics["config"]["block_size"] == 8
+    loaded = cliplab.load_classifier("shapes", pretrained=tmp_path / "run" / "final.safetensors", device="cpu")
+    assert loaded.num_classes == 100
+    with pytest.raises(FileExistsError, match="resume"):  # found before any model is loaded
+        study.finetune_and_evaluate(smoke_profile, config, tmp_path / "run")
