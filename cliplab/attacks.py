@@ -144,11 +144,16 @@ def check_threat_model(model: nn.Module, x: torch.Tensor, eps: float, norm: str,
     check_images(x)
     check_nonempty(x)
     _torch.check_device(model, x)
+    check_radius(eps, norm)
+    check_seed(seed)
+
+
+def check_radius(eps: float, norm: str) -> None:
+    """A known norm and a radius it allows: >= 0, and at most 1 in L-inf (pixel values are in [0, 1])."""
     check_choice(norm, "norm", NORMS)
     check_positive(eps, "eps", allow_zero=True)
     if eps > 1 and norm == "linf":
         raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
-    check_seed(seed)
 
 
 class Strongest:

@@ -15,7 +15,7 @@ from . import _torch
 from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
 from ._stats import clopper_pearson
 from .apgd import apgd, apgd_targeted
-from .attacks import NORMS, pgd
+from .attacks import check_radius, pgd
 from .square import square
 
 
@@ -403,10 +403,19 @@ def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batc
     """Every argument checked before any attack runs; returns the attack names."""
     check_images(x)
     check_nonempty(x)
-    check_choice(norm, "norm", NORMS)
-    check_positive(eps, "eps", allow_zero=True)
-    if norm == "linf" and eps > 1:
-        raise ValueError(f"eps must be in [0, 1] for norm='linf' (pixel values are in [0, 1]), got {eps}")
+    check_radius(eps, norm)
+    num_classes = _torch.num_classes(model, x)
+    names = check_attack_plan(attacks, norm, budget, num_classes)
+    check_labels(y, len(x), num_classes, "y")
+    check_int(batch_size, "batch_size")
+    check_int(votes, "votes")
+    check_seed(seed)
+    return names
+
+
+def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBudget, num_classes: int) -> list[str]:
+    """The attacks of an ensemble name or list, checked against the norm, the budget and the number of classes
+    (also before any model is built: ``cliplab evaluate``); returns their names."""
     if isinstance(attacks, str):
         check_choice(attacks, "attacks", ENSEMBLES)
         names = list(ENSEMBLES[attacks])
@@ -420,14 +429,9 @@ def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batc
         raise TypeError(f"budget must be an AttackBudget, got {type(budget).__name__}")
     for name in ("steps", "num_targets", "queries", "restarts", "eot_samples", "pgd_steps", "pgd_restarts"):
         check_int(getattr(budget, name), f"budget.{name}")
-    num_classes = _torch.num_classes(model, x)
     if "apgd-t" in names and budget.num_targets > num_classes - 1:
         raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {budget.num_targets}")
-    check_labels(y, len(x), num_classes, "y")
-    check_int(batch_size, "batch_size")
-    check_int(votes, "votes")
-    check_seed(seed)
     return names
 
 

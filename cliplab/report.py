@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._checks import check_choice, check_int, check_seed
 from ._io import atomic_write
-from .evaluation import ENSEMBLES, AttackBudget, RobustnessReport, evaluate_robustness, robustness_table
+from .evaluation import AttackBudget, RobustnessReport, check_attack_plan, evaluate_robustness, robustness_table
 
 DATASET_TEST_SIZES = {"shapes": 10_000, "cifar100": 10_000}
 
@@ -46,18 +46,13 @@ def check(settings: ReportSettings) -> None:
     from .models import check_weights
 
     check_choice(settings.dataset, "dataset", DATASETS)
-    num_classes = len(class_names(settings.dataset))
-    if settings.budget.num_targets > num_classes - 1:
-        raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
-                         f"got {settings.budget.num_targets}")
+    check_attack_plan(settings.attacks, "linf", settings.budget, len(class_names(settings.dataset)))
     check_int(settings.n, "n")
     if settings.n > DATASET_TEST_SIZES[settings.dataset]:
         raise ValueError(f"n must be at most {DATASET_TEST_SIZES[settings.dataset]}, the size of the "
                          f"{settings.dataset} test split, got {settings.n}")
     if not settings.eps or any(not 0 < eps <= 1 for eps in settings.eps):
         raise ValueError(f"eps must be one or more radii in (0, 1] (pixel values are in [0, 1]), got {settings.eps}")
-    if isinstance(settings.attacks, str):
-        check_choice(settings.attacks, "attacks", ENSEMBLES)
     check_int(settings.votes, "votes")
     check_int(settings.batch_size, "batch_size")
     check_seed(settings.seed)

@@ -103,3 +103,20 @@ def test_bad_settings_fail_before_any_work(argv, message, tmp_path, capsys, monk
     assert cli.main(["evaluate", *argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
+
+
+def test_the_attack_plan_is_checked_before_any_model_like_the_librarys():
+    """report.check and evaluate_robustness share one check of the attacks against the budget: targets count only
+    where APGD-T runs, Square refuses L2, and a bad budget field is named, all before any model is built."""
+    from cliplab import report
+    from cliplab.evaluation import check_attack_plan
+
+    many_targets = cliplab.AttackBudget(num_targets=150)
+    report.check(report.ReportSettings(attacks=("apgd-ce", "square"), budget=many_targets))  # no APGD-T: fine
+    with pytest.raises(ValueError, match=r"num_targets must be at most .* \(99\)"):
+        report.check(report.ReportSettings(attacks="standard", budget=many_targets))
+    with pytest.raises(ValueError, match="square is an L-inf attack"):
+        check_attack_plan(("apgd-ce", "square"), "l2", cliplab.AttackBudget(), 10)
+    with pytest.raises(ValueError, match="budget.queries must be >= 1"):
+        check_attack_plan("standard", "linf", cliplab.AttackBudget(queries=0), 10)
+    assert check_attack_plan("rand", "l2", cliplab.AttackBudget(), 10) == ["apgd-ce", "apgd-dlr"]
