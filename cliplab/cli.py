@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ._checks import check_directory, check_int
 from .profiles import PROFILES, Profile, get_profile
-from .runner import reproduce, results_dir
+from .runner import plan_reproduction, reproduce
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
@@ -59,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             return _finetune(args, _profile(args))
         if args.command == "evaluate":
             return _evaluate(args)
-        profile = _profile(args, smoke=args.smoke)
-        runs = reproduce(profile, args.only, args.notebooks, args.results, args.update, args.threads)
+        job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
+                                args.update, args.threads)
+        print(job, flush=True)  # everything is checked: say what runs, then run it
+        runs = reproduce(job)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
         print(f"cliplab {args.command}: {error}", file=sys.stderr)
         return 2
-    out = results_dir(args.results, profile)
+    profile, out = job.profile, job.out
     print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
     for run_ in runs:
         figures = out / "figures" / run_.name

@@ -162,17 +162,30 @@ def thread_environment(threads: int) -> dict[str, str]:
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def reproduce(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
-              results: Path = Path("results"), update: bool = False, threads: int | None = None) -> list[NotebookRun]:
-    """Execute the study's notebooks headless for ``profile``; executed copies and PNG figures go to
-    ``results_dir(results, profile)`` (figures under ``figures/<notebook>/``). ``update`` writes the executed
-    notebooks back in place instead (how the committed outputs are made). Each kernel runs ``threads`` torch
-    threads (default: ``default_threads()``).
+@dataclass(frozen=True)
+class Reproduction:
+    """A checked ``cliplab reproduce`` job (``plan_reproduction``): which notebooks, for which profile, where to."""
 
-    Everything that can fail fast does, before the first notebook starts: a missing ``notebooks`` extra,
-    unknown notebooks, a results path that cannot be a directory, a smoke run asked to update the repository,
-    weights or data that cannot be loaded. A smoke run writes nothing into the repository: its fine-tuned
-    encoders go to its results directory too.
+    profile: Profile
+    notebooks: list[Path]
+    out: Path  # executed copies and figures/<notebook>/ (the notebooks' own directory with ``update``)
+    update: bool
+    threads: int  # torch threads of each notebook kernel
+
+    def __str__(self) -> str:
+        return (f"profile {self.profile.name}{' (smoke run)' if self.profile.smoke else ''} on {self.profile.device}, "
+                f"{self.threads} torch thread{'s' * (self.threads != 1)} per notebook kernel")
+
+
+def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
+                      results: Path = Path("results"), update: bool = False,
+                      threads: int | None = None) -> Reproduction:
+    """Check a ``cliplab reproduce`` job, before the first notebook starts: a missing ``notebooks`` extra, unknown
+    notebooks, a results path that cannot be a directory, a smoke run asked to update the repository, weights or
+    data that cannot be loaded. Executed copies and PNG figures go to ``results_dir(results, profile)`` (figures
+    under ``figures/<notebook>/``); ``update`` writes the executed notebooks back in place instead (how the
+    committed outputs are made). Each kernel runs ``threads`` torch threads (default: ``default_threads()``). A
+    smoke run writes nothing into the repository: its fine-tuned encoders go to its results directory too.
     """
     if update and profile.smoke:
         raise ValueError("--update writes the executed notebooks into the repository, which a --smoke run must "
@@ -186,15 +199,18 @@ def reproduce(profile: Profile, only: list[str] | None = None, notebooks: Path |
     profile.check_inputs()
     if profile.smoke and profile.checkpoints is None:
         profile = replace(profile, checkpoints=str((out / "checkpoints").resolve()))
+    return Reproduction(profile, paths, out, update, threads)
+
+
+def reproduce(job: Reproduction) -> list[NotebookRun]:
+    """Execute the notebooks of ``job`` headless, one fresh kernel each, in order."""
     # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
-    print(f"profile {profile.name}{' (smoke run)' if profile.smoke else ''} on {profile.device}, "
-          f"{threads} torch thread{'s' * (threads != 1)} per notebook kernel", flush=True)
-    env = {**thread_environment(threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    env = {**thread_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     runs = []
-    for path in paths:
-        figures = str((out / "figures" / path.stem).resolve())
-        runs.append(execute_notebook(path, path.parent if update else out,
-                                     {**env, **profile_environment(replace(profile, figures=figures))}))
+    for path in job.notebooks:
+        figures = str((job.out / "figures" / path.stem).resolve())
+        runs.append(execute_notebook(path, path.parent if job.update else job.out,
+                                     {**env, **profile_environment(replace(job.profile, figures=figures))}))
     return runs
 
 
