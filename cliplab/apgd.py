@@ -12,7 +12,8 @@ from torch import nn
 
 from . import _torch
 from ._checks import check_choice, check_int, check_labels
-from .attacks import AttackResult, Strongest, attack_objective, check_threat_model, eot_logits, project, random_delta
+from .attacks import AttackResult, Strongest, ascent_direction, attack_objective, check_threat_model, eot_logits, \
+    project, random_delta
 
 APGD_LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # weight of the new step against the previous one (the paper's alpha)
@@ -146,7 +147,7 @@ def _apgd_run(model, x, y, index, best: Strongest, objective, *, eps, steps, nor
     rises = torch.zeros(n, device=x.device)  # steps since the last checkpoint where the objective rose
     marks, last_mark = set(checkpoints(steps)), 0
     for k in range(1, steps + 1):
-        z = project(x, x_adv + _direction(grad, norm) * step, eps, norm)
+        z = project(x, x_adv + ascent_direction(grad, norm) * step, eps, norm)
         momentum = MOMENTUM if k > 1 else 1.0
         x_next = project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
         x_previous, x_adv = x_adv, x_next
@@ -178,9 +179,3 @@ def _value_and_gradient(model, x, objective, eot_samples, autocast):
         value = objective(logits.flatten(0, 1)).view(eot_samples, len(x)).mean(dim=0)  # objective: (k*N, C) -> (k*N,)
         grad = torch.autograd.grad(value.sum(), x)[0]
     return value.detach(), grad, logits.detach().mean(dim=0)
-
-
-def _direction(grad, norm):
-    if norm == "linf":
-        return grad.sign()
-    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

@@ -205,11 +205,16 @@ def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, rando
 
 
 def _step(x, x_adv, grad, eps, alpha, norm):
-    """Ascend along the sign (L-inf) or direction (L2) of the gradient, then ``project``."""
+    """Ascend ``alpha`` along the steepest direction, then ``project``."""
+    return project(x, x_adv + alpha * ascent_direction(grad, norm), eps, norm)
+
+
+def ascent_direction(grad, norm):
+    """The steepest ascent direction of unit norm: the gradient's sign (L-inf), or the gradient normalised per
+    image (L2). Shared by every attack."""
     if norm == "linf":
-        return project(x, x_adv + alpha * grad.sign(), eps, norm)
-    grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    return project(x, x_adv + alpha * grad / grad_norm, eps, norm)
+        return grad.sign()
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
 def project(x, x_adv, eps, norm):
