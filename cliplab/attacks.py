@@ -64,7 +64,8 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted:
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
         alpha: float | None = None, steps: int = 10, targeted: bool = False, random_start: bool = True,
         restarts: int = 1, norm: str = "linf", loss: str = "ce", early_stop: bool = False,
-        eot_samples: int = 1, seed: int | None = None, autocast: bool = False) -> AttackResult:
+        eot_samples: int = 1, seed: int | None = None, autocast: bool = False,
+        start: torch.Tensor | None = None) -> AttackResult:
     """Projected gradient descent with restarts, keeping the strongest result per sample.
 
     Args:
@@ -87,11 +88,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         autocast: run the model under bfloat16 autocast (GPU speed; gradients stay float32). A
             ``ZeroShotClassifier`` runs in its own ``precision`` (bf16 autocast on CUDA by default), and
             one loaded with ``precision="fp32"`` stays fp32 whatever this flag says.
+        start: (N, 3, H, W) perturbation the first run starts from instead of a random one, e.g. this process's
+            rows of a random start drawn for a whole distributed batch (later restarts start at random).
 
     Returns:
         AttackResult with the adversarial images, per-sample success and the objective history.
     """
     check_threat_model(model, x, eps, norm, seed)
+    _check_start(start, x)
     check_int(steps, "steps")
     if alpha is not None:
         check_positive(alpha, "alpha")
@@ -111,26 +115,28 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         check_labels(y, len(x), _torch.num_classes(model, x), "y")
         y = y.to(device=x.device, dtype=torch.int64)
         best = Strongest(x)
-        for _ in range(restarts):
+        for restart in range(restarts):
             history.append(_pgd_run(model, x, y, best, eps=eps, alpha=alpha, steps=steps, targeted=targeted,
                                     random_start=random_start, norm=norm, loss=loss, early_stop=early_stop,
-                                    eot_samples=eot_samples, generator=generator, autocast=autocast))
+                                    eot_samples=eot_samples, generator=generator, autocast=autocast,
+                                    start=start if restart == 0 else None))
     return AttackResult(best.x, best.success, torch.stack(history), best.logits)
 
 
 def pgd_maximize(objective, x: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-                 random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                 random_start: bool = True, generator: torch.Generator | None = None,
+                 start: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PGD (last iterate) on any per-sample objective, e.g. an embedding distance for FARE.
 
     Args:
         objective: maps (N, 3, H, W) images to (N,) values to ascend.
-        x: (N, 3, H, W) images in [0, 1]; eps, alpha, steps, norm, random_start as in ``pgd``.
+        x: (N, 3, H, W) images in [0, 1]; eps, alpha, steps, norm, random_start, start as in ``pgd``.
 
     Returns:
         (N, 3, H, W) adversarial images within the eps-ball, in [0, 1], detached.
     """
-    delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
-    x_adv = (x + delta).clamp(0, 1).detach()
+    _check_start(start, x)
+    x_adv = (x + _start(x, eps, norm, random_start, generator, start)).clamp(0, 1).detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
@@ -180,11 +186,24 @@ class Strongest:
         self.success[index] = held | success
 
 
+def _check_start(start: torch.Tensor | None, x: torch.Tensor) -> None:
+    if start is not None and (start.shape != x.shape or start.device != x.device):
+        raise ValueError(f"start must be a perturbation of x's shape {tuple(x.shape)} on {x.device}, got "
+                         f"{tuple(start.shape)} on {start.device}")
+
+
+def _start(x, eps, norm, random_start, generator, start) -> torch.Tensor:
+    """The perturbation a run starts from: ``start`` if given, else a random point of the ball, else zero."""
+    if start is not None:
+        return start
+    return random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+
+
 def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, random_start, norm, loss,
-             early_stop, eot_samples, generator, autocast) -> torch.Tensor:
-    """One PGD run from a fresh start, offering every iterate to ``best``. Returns (steps+1, N) objectives."""
-    delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
-    x_adv = (x + delta).clamp(0, 1)
+             early_stop, eot_samples, generator, autocast, start) -> torch.Tensor:
+    """One PGD run from ``start`` or a fresh start, offering every iterate to ``best``. Returns (steps+1, N)
+    objectives."""
+    x_adv = (x + _start(x, eps, norm, random_start, generator, start)).clamp(0, 1)
     history = torch.full((steps + 1, len(x)), float("nan"), device=x.device)
     active = torch.arange(len(x), device=x.device)  # samples still being updated
     for step in range(steps + 1):

@@ -108,6 +108,26 @@ def test_same_seed_same_result(shapes_clf, batch):
     assert not torch.equal(a.loss_history[0, 0], c.loss_history[0, 0]), "seed does not reach the random start"
 
 
+def test_a_given_start_replaces_the_random_one_and_can_be_split_by_rows(shapes_clf, batch):
+    """What distributed training relies on: a start drawn for a whole batch, then split, attacks each part exactly
+    as the seeded attack of the whole batch would (PGD's random start, and pgd_maximize's)."""
+    from cliplab.attacks import pgd_maximize, random_delta
+
+    x, y = batch
+    start = random_delta(x, 4 / 255, "linf", torch.Generator().manual_seed(123))
+    whole = pgd(shapes_clf, x, y, eps=4 / 255, steps=3, seed=123)
+    halves = [pgd(shapes_clf, x[rows], y[rows], eps=4 / 255, steps=3, start=start[rows])
+              for rows in (slice(0, 8), slice(8, 16))]
+    assert torch.equal(torch.cat([half.x_adv for half in halves]), whole.x_adv)
+    clean = shapes_clf.image_features(x)
+    distance = lambda images: (shapes_clf.image_features(images) - clean).pow(2).sum(1)  # noqa: E731
+    settings = dict(eps=4 / 255, alpha=1 / 255, steps=2)
+    seeded = pgd_maximize(distance, x, **settings, generator=torch.Generator().manual_seed(123))
+    assert torch.equal(pgd_maximize(distance, x, **settings, start=start), seeded)
+    with pytest.raises(ValueError, match=r"start must be a perturbation of x's shape \(16, 3, 32, 32\)"):
+        pgd(shapes_clf, x, y, eps=4 / 255, start=start[:8])
+
+
 def test_seed_none_uses_global_generator(shapes_clf, batch):
     x, y = batch
     torch.manual_seed(5)
