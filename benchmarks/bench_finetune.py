@@ -93,8 +93,9 @@ def trainer(base: cliplab.ZeroShotClassifier, config: ft.FinetuneConfig, naive: 
         settings = replace(config, attack_steps=attack_steps)
         if naive:
             return naive_fare_step(classifier, original, x, settings, optimizer)
-        return ft.train_step(classifier, original, x, x.new_zeros(len(x), dtype=torch.long), settings,
-                             optimizer, trainable, attack_seed=0)[0]
+        objective = ft.training_objective(classifier, original, settings)
+        return ft.train_step(objective, x, x.new_zeros(len(x), dtype=torch.long), optimizer, trainable,
+                             attack_seed=0)[0]
 
     return step
 

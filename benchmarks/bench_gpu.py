@@ -179,7 +179,8 @@ def fare_step(clf, adapter: str, device: torch.device, batch: int) -> Callable[[
     trainable = ft.prepare(classifier, config)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
-    return lambda x: ft.train_step(classifier, original, x, labels[:len(x)], config, optimizer, trainable, 0)
+    objective = ft.training_objective(classifier, original, config)
+    return lambda x: ft.train_step(objective, x, labels[:len(x)], optimizer, trainable, 0)
 
 
 def bench_fare(report: Report, clfs, args) -> None:

@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from . import _distributed
 from ._checks import check_directory, check_int
 from .profiles import PROFILES, Profile, get_profile
 from .runner import plan_reproduction, reproduce
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--block-size", type=int, help="OFT block size (default: the profile's first)")
     tune.add_argument("--eps", type=_radius, help="L-inf radius, e.g. 4/255 or 0.0157 (default: 4/255)")
     tune.add_argument("--steps", type=int, help="optimiser steps (default: the profile's)")
+    tune.add_argument("--batch-size", type=int,
+                      help="images per optimiser step, over all processes under torchrun (default: the profile's)")
     tune.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the profile's, per adapter)")
     tune.add_argument("--clean-weight", type=float, help="weight of FARE's clean term (default: the profile's)")
     tune.add_argument("--save-every", type=int, default=50)
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", type=_path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
-
+    if args.command in ("finetune", "evaluate") and _launched_by_torchrun():
+        return _distributed_command(args)
     try:
         if args.command == "train-shapes-clip":
             return _train_shapes_clip(args.out, args.steps)
@@ -74,6 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
+
+
+def _launched_by_torchrun() -> bool:
+    """torchrun (and any launcher of its kind) describes the process group in these variables."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _distributed_command(args) -> int:
+    """``finetune`` or ``evaluate`` as one process of a torchrun job: join the group, check that every process was
+    given the same arguments, run; errors are reported by every process, results by the main one."""
+    _distributed.start()
+    try:
+        _distributed.check_same_everywhere(vars(args), "the command-line arguments")
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _finetune(args, _distributed.on_every_rank(lambda: _profile(args), "choosing the profile"))
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
+        rank, world = _distributed.rank_and_size()
+        print(f"cliplab {args.command} (rank {rank} of {world}): {error}", file=sys.stderr)
+        return 2
+    finally:
+        _distributed.stop()
 
 
 def _add_evaluate_parser(commands) -> None:
@@ -99,7 +125,9 @@ def _add_evaluate_parser(commands) -> None:
                           help="one prompt per class instead of the data set's prompt ensemble (a faster text head)")
     evaluate.add_argument("--eps", type=_radii, default=(1 / 255, 2 / 255, 4 / 255),
                           help="comma-separated L-inf radii, e.g. 1/255,2/255,4/255 (the default)")
-    evaluate.add_argument("--n", type=int, default=1000, help="the first N test images (default: 1000)")
+    evaluate.add_argument("--n", "--images", type=int, default=1000, dest="n",
+                          help="the first N test images (default: 1000; under torchrun write --images: torchrun "
+                               "takes --n for an abbreviation of its own options)")
     evaluate.add_argument("--attacks", type=_attack_names, default="standard",
                           help=f"an ensemble: {', '.join(ENSEMBLES)} (default: standard = "
                                f"{', '.join(ENSEMBLES['standard'])}; rand for randomised defences), or "
@@ -122,6 +150,19 @@ def _add_evaluate_parser(commands) -> None:
 
 def _evaluate(args) -> int:
     """``cliplab evaluate``: check everything, evaluate, print the Markdown table, write the JSON atomically."""
+    from . import report
+
+    settings = _distributed.on_every_rank(lambda: _report_settings(args), "cliplab evaluate's checks")
+    reports = report.evaluate(settings, progress=not args.quiet)
+    if _distributed.is_main():
+        print(report.markdown(reports))
+        if args.out is not None:
+            print(f"\nwritten: {report.write_json(args.out / 'evaluation.json', settings, reports)}")
+    return 0
+
+
+def _report_settings(args):
+    """``cliplab evaluate``'s settings, each checked, with the weights and the data, before any model is built."""
     import torch
 
     from . import report
@@ -144,11 +185,7 @@ def _evaluate(args) -> int:
     if args.out is not None:
         check_directory(args.out, "--out")
     report.check(settings)
-    reports = report.evaluate(settings, progress=not args.quiet)
-    print(report.markdown(reports))
-    if args.out is not None:
-        print(f"\nwritten: {report.write_json(args.out / 'evaluation.json', settings, reports)}")
-    return 0
+    return settings
 
 
 def _radii(text: str) -> tuple[float, ...]:
@@ -234,11 +271,13 @@ def _finetune(args, profile: Profile) -> int:
     """``cliplab finetune``: evaluate, fine-tune with checkpoints, evaluate, write final weights and metrics."""
     from .study import finetune_and_evaluate
 
-    given = dict(eps=args.eps, steps=args.steps, lr=args.lr, clean_weight=args.clean_weight,
+    given = dict(eps=args.eps, steps=args.steps, batch_size=args.batch_size, lr=args.lr, clean_weight=args.clean_weight,
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
     config = profile.finetune_config(args.method, args.adapter, block_size=args.block_size,
                                      **{k: v for k, v in given.items() if v is not None})
     metrics = finetune_and_evaluate(profile, config, args.out, resume=args.resume)
+    if not _distributed.is_main():
+        return 0
     for when in ("before", "after"):
         print(f"{when:>6}: clean {metrics[when]['clean']['text']}, robust at eps={255 * config.eps:g}/255 "
               f"{metrics[when]['robust']['text']}")

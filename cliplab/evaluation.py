@@ -1,6 +1,10 @@
 """Accuracy and attack success over many images, in batches, always with sample size and a 95% CI: ``predict``,
 ``accuracy``, ``attack_dataset`` (PGD over a data set, adversarial images returned), ``attack_success_rate``,
-``robust_accuracy`` (a PGD quick look), and ``evaluate_robustness`` (the worst case over an attack ensemble)."""
+``robust_accuracy`` (a PGD quick look), and ``evaluate_robustness`` (the worst case over an attack ensemble).
+
+Under ``torchrun`` the data-set level functions (all but ``predict`` and ``accuracy``) share the work: each process
+attacks every ``world``-th batch, with the seed that batch has in a single process, and the results are summed over
+the processes, so every process returns exactly the single-process result (for a deterministic model)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _torch
+from . import _distributed, _torch
 from ._checks import check_choice, check_images, check_int, check_labels, check_nonempty, check_positive, check_seed
 from ._stats import clopper_pearson
 from .apgd import apgd, apgd_targeted
@@ -208,7 +212,11 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     """
     _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs)
     autocast = attack_kwargs.get("autocast", False)
-    correct = predict(model, x, batch_size=batch_size, votes=votes, autocast=autocast) == y.cpu()
+
+    def judge(images):
+        return predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
+
+    correct = _judge_everything(judge, x, batch_size, x.device) == y.cpu()  # predict moves each batch itself
     success = torch.zeros(len(x), dtype=torch.bool)
     todo = correct.nonzero().squeeze(1)
     if len(todo):
@@ -259,19 +267,27 @@ def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs)
     device = _torch.device_of(model, x.device)
     autocast = attack_kwargs.get("autocast", False)
-    x_adv, prediction = torch.empty_like(x), torch.empty(len(x), dtype=torch.int64)
-    for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc=f"PGD eps={eps:.4f}"):
+    x_adv, prediction = torch.zeros_like(x), torch.zeros(len(x), dtype=torch.int64)  # zero: summed over processes
+    for start in _bar(_distributed.my_batches(range(0, len(x), batch_size)), progress, f"PGD eps={eps:.4f}"):
         batch = slice(start, start + batch_size)
         result = pgd(model if surrogate is None else surrogate, x[batch].to(device), y[batch].to(device), eps=eps,
                      targeted=targeted, **attack_kwargs)
         x_adv[batch] = result.x_adv.to(x.device)
         prediction[batch] = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
+    x_adv, prediction = _distributed.sum_over_ranks(x_adv), _distributed.sum_over_ranks(prediction)
     success = prediction == y.cpu() if targeted else prediction != y.cpu()
     return DatasetAttack(x_adv, prediction, success)
 
 
 def _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs) -> None:
-    """What ``pgd`` would check, checked before the first batch (and even when no image is attacked)."""
+    """What ``pgd`` would check, checked before the first batch (and even when no image is attacked), in every
+    process; and under torchrun, that every process was given the same task."""
+    _distributed.on_every_rank(lambda: _check_attack_arguments(model, x, y, eps, batch_size, attack_kwargs),
+                               "the attack's arguments")
+    _same_task(x, eps=eps, batch_size=batch_size, **attack_kwargs)
+
+
+def _check_attack_arguments(model, x, y, eps, batch_size, attack_kwargs) -> None:
     check_images(x)
     check_nonempty(x)
     check_labels(y, len(x), _torch.num_classes(model, x), "y")
@@ -353,25 +369,29 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     Returns:
         RobustnessReport with the clean, worst-case and per-attack accuracies, each with n and a 95% CI.
     """
-    names = _check_robustness_arguments(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget,
-                                        batch_size=batch_size, votes=votes, seed=seed)
+    names = _distributed.on_every_rank(lambda: _check_robustness_arguments(
+        model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
+        seed=seed), "the evaluation's arguments")
+    _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
     device = _torch.device_of(model, x.device)
     if judge is None:
         def judge(images):
             return predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
     labels = y.cpu()
     _check_finite_logits(model, x, device, autocast)
-    standing = _judged(judge, x, device) == labels
+    standing = _judge_everything(judge, x, batch_size, device) == labels
     clean = Proportion(int(standing.sum()), len(y))
     per_attack = {}
     for name in names:
         todo = standing.nonzero().squeeze(1)
-        batches = range(0, len(todo), batch_size)
-        for start in tqdm(batches, disable=not progress, desc=f"{name} eps={255 * eps:g}/255"):
+        fell = torch.zeros(len(y), dtype=torch.bool)  # the images this process's batches brought down
+        for start in _bar(_distributed.my_batches(range(0, len(todo), batch_size)), progress,
+                          f"{name} eps={255 * eps:g}/255"):
             index = todo[start:start + batch_size]
             x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
                                 budget=budget, seed=seed + start, autocast=autocast)
-            standing[index] = _judged(judge, x_adv, device) == labels[index]
+            fell[index] = _judged(judge, x_adv, device) != labels[index]
+        standing &= ~_distributed.sum_over_ranks(fell)
         per_attack[name] = Proportion(int(standing.sum()), len(y))
     return RobustnessReport(clean, per_attack[names[-1]] if names else clean, per_attack, standing, eps, norm)
 
@@ -446,6 +466,30 @@ def _check_finite_logits(model, x, device, autocast) -> None:
 
 def _judged(judge, images, device) -> torch.Tensor:
     return judge(images.to(device)).cpu()
+
+
+def _judge_everything(judge, x, batch_size, device) -> torch.Tensor:
+    """The judge's predictions on all of ``x``, on the CPU: one call in a single process (a judge may batch as it
+    likes); under torchrun each process judges its batches of ``batch_size`` and the predictions are summed."""
+    if _distributed.rank_and_size()[1] == 1:
+        return _judged(judge, x, device)
+    prediction = torch.zeros(len(x), dtype=torch.int64)
+    for start in _distributed.my_batches(range(0, len(x), batch_size)):
+        prediction[start:start + batch_size] = _judged(judge, x[start:start + batch_size], device)
+    return _distributed.sum_over_ranks(prediction)
+
+
+def _same_task(x, **settings) -> None:
+    """Under torchrun: refuse to start unless every process was given the same images and settings (otherwise they
+    would split different batch lists and wait for each other forever)."""
+    _distributed.check_same_everywhere({"images": tuple(x.shape), **{k: v for k, v in settings.items()
+                                                                      if not isinstance(v, torch.Tensor)}},
+                                       "the evaluation's images and settings")
+
+
+def _bar(batches, progress: bool, description: str):
+    """A tqdm bar over this process's batches, shown by the main process only."""
+    return tqdm(batches, disable=not (progress and _distributed.is_main()), desc=description)
 
 
 def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, autocast) -> torch.Tensor:

@@ -9,6 +9,10 @@ Either adapts all image-encoder weights (``adapter="full"``) or only orthogonal 
 (``adapter="oft"``, ``cliplab.oft``). Training is resumable: a run killed at any moment restarts from its
 last checkpoint and ends with exactly the weights of an uninterrupted run with the same seed.
 
+Under ``torchrun`` the same code runs data-parallel: every process draws the same global batch (and inner-attack
+random start) from the run's generator and trains on its own rows, DistributedDataParallel averages the gradients
+before they are clipped, and only rank 0 writes checkpoints; every rank reads them to resume.
+
 This module is the trainer and its checkpoints only; the study's settings (``Profile.finetune_config``) and the
 notebooks' cache of fine-tuned encoders (``cliplab.study``) build on it.
 """
@@ -28,11 +32,11 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from . import _torch
+from . import _distributed, _torch
 from ._checks import check_choice, check_directory, check_int, check_positive
 from ._io import TEMPORARY_GLOB, atomic_write, save_tensors
 from ._train import adamw
-from .attacks import pgd, pgd_maximize
+from .attacks import pgd, pgd_maximize, random_delta
 from .classifier import ZeroShotClassifier
 from .evaluation import robust_accuracy
 from .oft import apply_oft, oft_parameters
@@ -51,7 +55,7 @@ class FinetuneConfig:
     attack_steps: int = 10  # inner PGD steps
     clean_weight: float = 0.0  # FARE: weight of the clean term ||f(x) - f0(x)||^2
     steps: int = 300  # optimiser steps
-    batch_size: int = 64  # images per step
+    batch_size: int = 64  # images per step: the global batch, over all processes under torchrun
     lr: float = 1e-4  # peak AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay on matrices (not on 1-D parameters)
     warmup: int = 30  # linear warm-up steps before the cosine decay
@@ -76,6 +80,10 @@ class FinetuneConfig:
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         check_positive(self.clean_weight, "clean_weight", allow_zero=True)
         check_positive(self.grad_clip, "grad_clip")
+        world = _distributed.rank_and_size()[1]
+        if self.batch_size % world:
+            raise ValueError(f"batch_size is the global batch, split evenly over the {world} processes: it must be "
+                             f"a multiple of {world}, got {self.batch_size}")
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
@@ -109,17 +117,37 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
     Returns:
         The fine-tuned classifier (OFT rotations still unmerged; ``merge_oft`` folds them in).
     """
+    out = Path(out)
+    # every check passes in every process or fails in all of them (torchrun), before the model is touched
+    _distributed.on_every_rank(lambda: _check_arguments(config, eval_data), "fine-tuning's settings")
+    _distributed.check_same_everywhere(
+        {**run_settings(config), "images": tuple(x.shape), "resume": resume,
+         "eval_images": None if eval_data is None else tuple(eval_data[0].shape)}, "fine-tuning's settings")
+    with contextlib.ExitStack() as held:
+        checkpoint = _distributed.on_every_rank(lambda: _open_run(held, out, config, resume), f"opening {out}")
+        _train(classifier, x, y, config, out, checkpoint, eval_data)
+    return classifier
+
+
+def _check_arguments(config: FinetuneConfig, eval_data) -> None:
     config.validate()
     if config.eval_every and eval_data is None:
         raise ValueError("eval_every needs eval_data: pass held-out (images, labels), or set eval_every=0")
-    out = Path(out)
-    with run_lock(out):  # one run per directory, for the whole run
-        # everything is checked before the model is touched: a bad directory leaves the classifier as it was
-        check_out(out, config, resume)
-        checkpoint = _read_checkpoint(out) if resume else None
+
+
+def _open_run(held: contextlib.ExitStack, out: Path, config: FinetuneConfig, resume: bool):
+    """Lock ``out`` for the whole run, check it, and read the checkpoint to resume from (None for a new run).
+
+    Only the main process locks and writes ``out``; when resuming, every process checks it and reads the
+    checkpoint itself (a multi-node run needs ``out`` on a shared file system)."""
+    main = _distributed.is_main()
+    if main:
+        held.enter_context(run_lock(out))  # one run per directory, for the whole run
+    check_run_directory(out, config, resume)
+    checkpoint = _read_checkpoint(out) if resume else None
+    if main:
         _remove_temporary_files(out)  # what a killed run left half-written
-        _train(classifier, x, y, config, out, checkpoint, eval_data)
-    return classifier
+    return checkpoint
 
 
 def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
@@ -128,7 +156,7 @@ def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
     trainable = prepare(classifier, config)
     optimizer, schedule = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                 warmup=config.warmup, total=config.steps)
-    generator = torch.Generator().manual_seed(config.seed)  # batch order and attack starts
+    generator = torch.Generator().manual_seed(config.seed)  # batch order and attack starts, the same in every process
     start, history = 0, []  # history, per step: loss and the batch's clean / adversarial accuracy
     if checkpoint is not None:
         weights, state = checkpoint
@@ -137,54 +165,90 @@ def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         start, history = state["step"], state["history"]
+    objective = training_objective(classifier, original, config)
     device = x.device
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
-               desc=f"{config.method}-{config.adapter}")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               disable=not (config.progress and _distributed.is_main()), desc=f"{config.method}-{config.adapter}")
     running = {"clean": 0.0, "robust": 0.0}
     for step in bar:
-        index = torch.randint(len(x), (config.batch_size,), generator=generator)
+        # the global batch: every process draws the same indices and takes its own rows of them (train_step)
+        index = torch.randint(len(x), (config.batch_size,), generator=generator).to(device)
         attack_seed = int(torch.randint(2**62, (1,), generator=generator))
-        loss, clean_hit, robust_hit = train_step(classifier, original, x[index.to(device)], y[index.to(device)],
-                                                 config, optimizer, trainable, attack_seed)
+        loss, clean_hit, robust_hit = train_step(objective, x[index], y[index], optimizer, trainable, attack_seed)
         schedule.step()
         history.append({"step": step + 1, "loss": loss, "clean": clean_hit, "robust": robust_hit})
         if config.eval_every and (step + 1) % config.eval_every == 0:
             history[-1].update(_evaluate(classifier, *eval_data, config))
-            if config.progress:
+            if config.progress and _distributed.is_main():
                 bar.write(f"step {step + 1}: held-out clean {history[-1]['eval_clean']:.1%}, robust "
                           f"{history[-1]['eval_robust']:.1%} (n={history[-1]['eval_n']})")
         for key, value in (("clean", clean_hit), ("robust", robust_hit)):
             running[key] = 0.9 * running[key] + 0.1 * value if step > start else value
         bar.set_postfix(loss=f"{loss:.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+        if ((step + 1) % config.save_every == 0 or step + 1 == config.steps) and _distributed.is_main():
             _save_checkpoint(out, step + 1, classifier, optimizer, schedule, generator, config, history)
 
 
-def train_step(classifier: ZeroShotClassifier, original: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-               config: FinetuneConfig, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
-               attack_seed: int) -> tuple[float, float, float]:
-    """One optimiser step: inner attack, loss, backward, gradient clipping, update (no schedule step).
+class TrainingObjective(torch.nn.Module):
+    """One step's loss on a batch, inner attack included: a module, so that ``DistributedDataParallel`` can wrap it
+    (its forward is where DDP prepares the gradient all-reduce of the backward that follows).
+
+    ``forward(x, y, start)`` returns the loss and the batch's clean and adversarial zero-shot accuracy (0-d
+    tensors); ``start`` is the inner attack's random start."""
+
+    def __init__(self, classifier: ZeroShotClassifier, original: torch.nn.Module, config: FinetuneConfig):
+        super().__init__()
+        self.classifier, self.original, self.config = classifier, original, config
+
+    def forward(self, x, y, start):
+        return _loss(self.classifier, self.original, x, y, self.config, start)
+
+
+def training_objective(classifier: ZeroShotClassifier, original: torch.nn.Module,
+                       config: FinetuneConfig) -> torch.nn.Module:
+    """The ``TrainingObjective`` of ``classifier`` (``prepare``-d), wrapped in ``DistributedDataParallel`` in a
+    process group (torchrun, a group of one included): only the trained parameters take part, and their gradients
+    are averaged over the processes during the backward pass."""
+    objective = TrainingObjective(classifier, original, config)
+    if not _distributed.active():
+        return objective
+    device = _torch.device_of(classifier, torch.device("cpu"))
+    return torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+
+
+def train_step(objective: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               trainable: list[torch.nn.Parameter], attack_seed: int) -> tuple[float, float, float]:
+    """One optimiser step on a global batch: inner attack, loss, backward, gradient clipping, update (no schedule
+    step). Under ``torch.distributed`` each process takes its own rows of the batch; the gradients are averaged
+    over the processes before they are clipped, and the returned figures are those of the whole batch.
 
     Args:
-        classifier: the classifier being trained (``prepare``-d).
-        original: the frozen original image encoder f0.
-        x: (B, 3, H, W) images in [0, 1]; y: (B,) labels (TeCoA only).
-        config: the run's settings.
+        objective: ``training_objective(classifier, original, config)``.
+        x: (B, 3, H, W) the global batch's images in [0, 1]; y: (B,) labels (TeCoA only).
         optimizer: the optimizer of ``trainable``.
         trainable: the trained parameters, whose gradient norm is clipped.
-        attack_seed: seed of the inner attack's random start.
+        attack_seed: seeds the inner attack's random start, drawn for the whole batch (so that the processes share
+            one draw, that of a single process).
 
     Returns:
         The loss, and the batch's clean and adversarial zero-shot accuracy.
     """
+    config = _config(objective)
+    start = random_delta(x, config.eps, "linf", torch.Generator(x.device).manual_seed(attack_seed))
+    rows = _distributed.my_rows(len(x))
     with _torch.cast_cache(x.device):  # the inner attack's passes share one bf16 copy of each trained weight
-        loss, clean_hit, robust_hit = _loss(classifier, original, x, y, config, attack_seed)
+        loss, clean_hit, robust_hit = objective(x[rows], y[rows], start[rows])
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # under DDP, averages the gradients over the processes
     torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
     optimizer.step()
-    loss, clean_hit, robust_hit = torch.stack([loss.detach(), clean_hit, robust_hit]).tolist()  # one host sync
-    return loss, clean_hit, robust_hit
+    figures = torch.stack([loss.detach(), clean_hit, robust_hit])
+    loss, clean_hit, robust_hit = (_distributed.sum_over_ranks(figures) / _distributed.rank_and_size()[1]).tolist()
+    return loss, clean_hit, robust_hit  # one host sync
+
+
+def _config(objective: torch.nn.Module) -> FinetuneConfig:
+    return getattr(objective, "module", objective).config  # DDP keeps the wrapped module as .module
 
 
 def _evaluate(classifier, x, y, config) -> dict:
@@ -194,20 +258,17 @@ def _evaluate(classifier, x, y, config) -> dict:
     return {"eval_clean": result.clean.value, "eval_robust": result.robust.value, "eval_n": len(y)}
 
 
-def _loss(classifier, original, x, y, config, attack_seed):
+def _loss(classifier, original, x, y, config, start):
     """One training step's loss; also the batch's clean and adversarial zero-shot accuracy (0-d tensors)."""
-    attack_generator = torch.Generator(x.device).manual_seed(attack_seed)
     alpha = 2.5 * config.eps / config.attack_steps
     with torch.no_grad(), classifier.autocast(x.device):  # f0 in the classifier's precision
         target = original(classifier.preprocess(x)).float()  # f0(x), (B, D)
     with _torch.eval_mode(classifier), parametrize.cached():  # OFT: each rotation is built once for the whole attack
         if config.method == "fare":
             distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
-            x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps,
-                                 generator=attack_generator)
+            x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps, start=start)
         else:
-            x_adv = pgd(classifier, x, y, eps=config.eps, alpha=alpha, steps=config.attack_steps,
-                        seed=attack_seed).x_adv
+            x_adv = pgd(classifier, x, y, eps=config.eps, alpha=alpha, steps=config.attack_steps, start=start).x_adv
     features_clean = None  # f(x): part of the loss with FARE's clean term, else only for the statistics
     # image_features runs in the classifier's precision (bf16 autocast on CUDA); the losses stay fp32
     features_adv = classifier.image_features(x_adv)
@@ -274,6 +335,13 @@ def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> N
     except Exception as error:  # a truncated, foreign or malicious file: say which, not a deep trace
         raise ValueError(f"cannot resume: {state_file} is corrupted or not a cliplab checkpoint ({error})") from error
     check_same_run(stored, config, f"cannot resume from {out}")
+
+
+def check_run_directory(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
+    """``check_out`` as this process needs it: every process checks the run it resumes (each reads the checkpoint);
+    only the main process checks a new run's directory (it alone writes there)."""
+    if resume or _distributed.is_main():
+        check_out(out, config, resume)
 
 
 def _read_checkpoint(out: Path) -> tuple[dict, dict]:

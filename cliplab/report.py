@@ -12,6 +12,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import _distributed
 from ._checks import check_choice, check_int, check_seed
 from ._io import atomic_write
 from .evaluation import AttackBudget, RobustnessReport, check_attack_plan, evaluate_robustness, robustness_table
@@ -113,7 +114,7 @@ def markdown(reports: dict[float, RobustnessReport]) -> str:
 def write_json(path: str | os.PathLike, settings: ReportSettings, reports: dict[float, RobustnessReport]) -> Path:
     """Write the settings, versions and results to ``path`` atomically (a reader never sees half a file)."""
     path = Path(path)
-    document = {"settings": asdict(settings), "versions": _versions(),
+    document = {"settings": asdict(settings), "versions": _versions(), "processes": _distributed.rank_and_size()[1],
                 "results": [{"eps": eps, "eps_255": 255 * eps, "clean": report.clean.as_dict(),
                              "robust": report.robust.as_dict(),
                              "per_attack": {name: p.as_dict() for name, p in report.per_attack.items()}}

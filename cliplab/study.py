@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _distributed
 from ._io import atomic_write, save_tensors
 from .classifier import ZeroShotClassifier
 from .evaluation import (DatasetAttack, Proportion, RobustnessReport, attack_dataset, attack_success_rate,
                          robust_accuracy, robustness_vs_eps)
-from .finetune import FinetuneConfig, check_out, check_same_run, finetune, run_settings
+from .finetune import FinetuneConfig, check_run_directory, check_same_run, finetune, run_settings
 from .models import save_weights
 from .oft import check_block_size, merge_oft
 
@@ -188,12 +189,16 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
     Returns:
         The metrics written: the config, eps, and the clean and robust accuracy before and after.
     """
-    config.validate()
     out = Path(out)
-    check_out(out, config, resume)  # before the model, the data and the "before" evaluation
-    architecture = profile.check_inputs()
-    if config.adapter == "oft":
-        check_block_size(architecture.visual, config.block_size)
+
+    def check():  # before the model, the data and the "before" evaluation; in every process under torchrun
+        config.validate()
+        check_run_directory(out, config, resume)
+        architecture = profile.check_inputs()
+        if config.adapter == "oft":
+            check_block_size(architecture.visual, config.block_size)
+
+    _distributed.on_every_rank(check, "cliplab finetune's checks")
     classifier = profile.load_classifier()
     x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
     x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)
@@ -206,9 +211,10 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
     metrics = {"config": asdict(config), "eps": config.eps, "before": evaluate(classifier)}
     finetune(classifier, x, y, config, out, resume=resume, eval_data=(x_test, y_test))
     metrics["after"] = evaluate(classifier)
-    export_weights(classifier, out / "final.safetensors")
-    with atomic_write(out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    if _distributed.is_main():  # the one process that writes
+        export_weights(classifier, out / "final.safetensors")
+        with atomic_write(out / "metrics.json") as tmp:
+            Path(tmp).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cliplab"
 LAYERS = {  # lower number: lower layer
-    "helpers": (0, {"_checks", "_io", "_network", "_stats", "_torch", "_train"}),
+    "helpers": (0, {"_checks", "_distributed", "_io", "_network", "_stats", "_torch", "_train"}),
     "kernels": (1, {"attacks", "apgd", "square", "evaluation", "defences", "denoise", "oft", "finetune", "classifier",
                     "checks"}),
     "loading": (2, {"models", "data", "shapes_clip"}),
     "study": (3, {"profiles", "study", "report", "plots"}),
-    "command line": (4, {"cli", "runner", "__init__"}),
+    "command line": (4, {"cli", "runner", "__init__", "__main__"}),
 }
 LEVEL = {module: level for level, modules in LAYERS.values() for module in modules}
 READS_ENVIRONMENT = {"cli", "runner", "profiles", "data", "_network"}  # data/_network: CLIPLAB_DATA, offline flags
