@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1 CLIPLAB_OFFLINE=1 MPLBACKEND=Agg
   date -u; } | tee "$OUT/device.txt"
 
 # PARTS chooses what runs (default: all), e.g. PARTS="cuda autoattack" when device time is short
-PARTS=${PARTS:-"bench_gpu cuda smoke autoattack"}
+PARTS=${PARTS:-"bench_gpu cuda smoke autoattack distributed"}
 PYTEST=(python3 -m pytest -o addopts="" -m cuda -q -p no:cacheprovider)
 if [[ " $PARTS " == *" bench_gpu "* ]]; then
     (cd benchmarks && timeout "${BENCH_TIMEOUT:-300}" python3 bench_gpu.py --profile "$OUT/profiles" --sync-check "$@") \
@@ -42,4 +42,18 @@ if [[ " $PARTS " == *" autoattack "* ]]; then
         timeout "${AUTOATTACK_TIMEOUT:-180}" python3 benchmarks/bench_autoattack.py --model $model --device cuda \
             --n "${AUTOATTACK_N:-256}" 2>&1 | tee "$OUT/bench_autoattack_$model.txt"
     done
+fi
+if [[ " $PARTS " == *" distributed "* ]]; then
+    # the NCCL path: both commands under torchrun (one process on the one GPU) and in a plain process, same settings;
+    # their weights and reports land in $OUT to be compared, then DDP's own cost per fine-tuning step
+    TORCHRUN=(timeout "${DISTRIBUTED_TIMEOUT:-120}" python3 -m torch.distributed.run --standalone --nproc_per_node=1)
+    PLAIN=(timeout "${DISTRIBUTED_TIMEOUT:-120}" python3)
+    TUNE=(finetune --profile shapes --device cuda --steps 20 --batch-size 64 --save-every 10 --eval-every 10)
+    EVALUATE=(evaluate --dataset shapes --images 500 --eps 2/255,4/255 --queries 500 --device cuda --quiet)
+    for launcher in TORCHRUN PLAIN; do
+        declare -n run=$launcher
+        "${run[@]}" -m cliplab "${TUNE[@]}" --out "$OUT/finetune-$launcher"
+        "${run[@]}" -m cliplab "${EVALUATE[@]}" --out "$OUT/evaluate-$launcher"
+    done 2>&1 | tee "$OUT/distributed.txt"
+    (cd benchmarks && "${TORCHRUN[@]}" bench_distributed.py) 2>&1 | tee "$OUT/bench_distributed.txt"
 fi
