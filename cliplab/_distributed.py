@@ -46,7 +46,7 @@ def start(timeout: timedelta = timedelta(minutes=30)) -> None:
 
 
 def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.destroy_process_group()
 
 
