@@ -1,8 +1,8 @@
 """cliplab under torchrun, on the CPU: two processes (gloo) train like one, a killed rank resumes exactly, sharded
 evaluations give exactly the single-process counts, and bad launches fail on every rank without hanging.
 
-Every test launches real ``torchrun`` jobs (``python -m torch.distributed.run --standalone``) of
-``distributed_worker.py`` or of ``cliplab`` itself."""
+The tests marked ``distributed`` launch real ``torchrun`` jobs (``python -m torch.distributed.run --standalone``) of
+``distributed_worker.py`` or of ``cliplab`` itself; the last two check the helpers without a process group."""
 import json
 import os
 import shutil
