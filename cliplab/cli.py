@@ -16,6 +16,10 @@ from ._checks import check_directory, check_int
 from .profiles import PROFILES, Profile, get_profile
 from .runner import plan_reproduction, reproduce
 
+# what bad input raises: reported as one line and exit status 2, not as a traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.update, args.threads)
         print(job, flush=True)  # everything is checked: say what runs, then run it
         runs = reproduce(job)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
+    except USER_ERRORS as error:
         print(f"cliplab {args.command}: {error}", file=sys.stderr)
         return 2
     profile, out = job.profile, job.out
@@ -94,7 +98,7 @@ def _distributed_command(args) -> int:
         if args.command == "evaluate":
             return _evaluate(args)
         return _finetune(args, _distributed.on_every_rank(lambda: _profile(args), "choosing the profile"))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
+    except USER_ERRORS as error:
         rank, world = _distributed.rank_and_size()
         print(f"cliplab {args.command} (rank {rank} of {world}): {error}", file=sys.stderr)
         return 2
