@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(job, flush=True)  # everything is checked: say what runs, then run it
         runs = reproduce(job)
     except USER_ERRORS as error:
-        print(f"cliplab {args.command}: {error}", file=sys.stderr)
+        _print_error(f"cliplab {args.command}: {error}")
         return 2
     profile, out = job.profile, job.out
     print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
+
+
+def _print_error(line: str) -> None:
+    """Write ``line`` to stderr in one piece: under torchrun every process shares the launcher's stderr, and print's
+    two writes (the text, then the newline) let another process's line fall between them."""
+    sys.stderr.write(line + "\n")
 
 
 def _launched_by_torchrun() -> bool:
@@ -100,7 +106,7 @@ def _distributed_command(args) -> int:
         return _finetune(args, _distributed.on_every_rank(lambda: _profile(args), "choosing the profile"))
     except USER_ERRORS as error:
         rank, world = _distributed.rank_and_size()
-        print(f"cliplab {args.command} (rank {rank} of {world}): {error}", file=sys.stderr)
+        _print_error(f"cliplab {args.command} (rank {rank} of {world}): {error}")
         return 2
     finally:
         _distributed.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -185,6 +187,18 @@ def test_finetune_out_that_is_a_file(tmp_path, capsys):
     file.write_text("a user's file")
     assert cli.main(["finetune", "--out", str(file)]) == 2
     assert "out must be a directory" in capsys.readouterr().err and file.read_text() == "a user's file"
+
+
+def test_an_error_is_written_as_one_whole_line(tmp_path, monkeypatch):
+    """Under torchrun every process writes to the launcher's stderr: a line written in two pieces (print writes the
+    text, then the newline) can have another process's line land between them."""
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append))
+    file = tmp_path / "taken"
+    file.write_text("a user's file")
+    assert cli.main(["finetune", "--out", str(file)]) == 2
+    assert len(writes) == 1 and writes[0].startswith("cliplab finetune: ") and writes[0].count("\n") == 1
+    assert writes[0].endswith("\n")
 
 
 def test_finetune_resume_problems_are_found_before_anything_is_loaded(tmp_path, capsys, monkeypatch):
