@@ -221,9 +221,9 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     todo = correct.nonzero().squeeze(1)
     if len(todo):
         labels = (targets if targeted else y)[todo.to(y.device)]
-        success[todo] = attack_dataset(model, x[todo.to(x.device)], labels, eps=eps, targeted=targeted,
-                                       batch_size=batch_size, votes=votes, surrogate=surrogate, progress=progress,
-                                       **attack_kwargs).success
+        success[todo] = _attack_dataset(model, x[todo.to(x.device)], labels, eps=eps, targeted=targeted,
+                                        batch_size=batch_size, votes=votes, surrogate=surrogate, progress=progress,
+                                        **attack_kwargs).success
     return correct, success
 
 
@@ -265,6 +265,13 @@ def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
         progress: show a tqdm bar.
     """
     _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs)
+    return _attack_dataset(model, x, y, eps=eps, targeted=targeted, batch_size=batch_size, votes=votes,
+                           surrogate=surrogate, progress=progress, **attack_kwargs)
+
+
+def _attack_dataset(model, x, y, *, eps, targeted, batch_size, votes, surrogate, progress,
+                    **attack_kwargs) -> DatasetAttack:
+    """``attack_dataset`` on arguments already checked (``_attack_batches`` checked them on the whole data set)."""
     device = _torch.device_of(model, x.device)
     autocast = attack_kwargs.get("autocast", False)
     x_adv, prediction = torch.zeros_like(x), torch.zeros(len(x), dtype=torch.int64)  # zero: summed over processes
