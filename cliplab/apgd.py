@@ -22,7 +22,7 @@ RHO = 0.75  # a checkpoint halves the step unless the objective rose in more tha
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
          norm: str = "linf", restarts: int = 1, eot_samples: int = 1, seed: int | None = None,
-         autocast: bool = False) -> AttackResult:
+         autocast: bool = False, early_stop: bool = False) -> AttackResult:
     """Untargeted APGD: leave the label ``y``, ascending cross-entropy (APGD-CE) or the DLR loss (APGD-DLR).
 
     Args:
@@ -36,6 +36,9 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
         eot_samples: stochastic passes averaged per gradient, run as one batch (Athalye et al. 2018).
         seed: seeds the random starts (None: the global generator).
         autocast: bfloat16 autocast for the model (see ``cliplab.pgd``).
+        early_stop: stop attacking a sample once it is fooled: its success cannot change, only its adversarial
+            image could still grow stronger (which matters when success is judged otherwise, e.g. by a vote of a
+            randomised model). Cheaper; waits for the device once per step.
 
     Returns:
         AttackResult: success means misclassified; ``loss_history`` is (restarts, steps + 1, N), NaN where a
@@ -46,12 +49,12 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
                       seed=seed)
     objective = (lambda logits, labels: attack_objective(logits, labels, loss, targeted=False))
     return _run_restarts(model, x, y, [None] * restarts, objective, eps=eps, steps=steps, norm=norm,
-                         eot_samples=eot_samples, seed=seed, autocast=autocast)
+                         eot_samples=eot_samples, seed=seed, autocast=autocast, early_stop=early_stop)
 
 
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
                   num_targets: int = 9, norm: str = "linf", eot_samples: int = 1, seed: int | None = None,
-                  autocast: bool = False) -> AttackResult:
+                  autocast: bool = False, early_stop: bool = False) -> AttackResult:
     """APGD-T: targeted APGD on the targeted DLR loss, once towards each of the ``num_targets`` classes the model
     ranks highest after the label (Croce & Hein 2020, Eq. 8; AutoAttack's APGD-T with 9 targets).
 
@@ -59,7 +62,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     finds adversarial images that untargeted losses miss. Each target runs only on the samples not yet fooled.
 
     Args:
-        num_targets: target classes tried, at most C - 1; the other arguments as in ``apgd``.
+        num_targets: target classes tried, at most C - 1; the other arguments (``early_stop`` too) as in ``apgd``.
     """
     y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=1, eot_samples=eot_samples, seed=seed)
     check_int(num_targets, "num_targets")
@@ -73,7 +76,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     others = ranked.masked_select(ranked != y[:, None]).view(len(x), -1)  # (N, C - 1)
     targets = [others[:, k] for k in range(num_targets)]
     return _run_restarts(model, x, y, targets, targeted_dlr, eps=eps, steps=steps, norm=norm,
-                         eot_samples=eot_samples, seed=seed, autocast=autocast)
+                         eot_samples=eot_samples, seed=seed, autocast=autocast, early_stop=early_stop)
 
 
 def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -109,10 +112,10 @@ def _check_attack(model, x, y, *, eps, steps, norm, restarts, eot_samples, seed)
     return y.to(device=x.device, dtype=torch.int64)
 
 
-def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samples, seed, autocast):
+def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samples, seed, autocast, early_stop):
     """One APGD run per entry of ``targets`` (None: untargeted), each on the samples still standing.
 
-    Choosing the standing samples waits for the device once per run, never inside a run."""
+    Choosing the standing samples waits for the device once per run; inside a run only ``early_stop`` does."""
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
     best = Strongest(x)
     history = torch.full((len(targets), steps + 1, len(x)), float("nan"), device=x.device)
@@ -121,40 +124,53 @@ def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samp
             index = (~best.success).nonzero().squeeze(1)
             if len(index) == 0:
                 break
-            # the labels (and targets) of the (k * n,) flattened EOT logits, built once per run, not every step
-            labels = [y[index].repeat(eot_samples)] + ([] if target is None else [target[index].repeat(eot_samples)])
-            bound = (lambda logits, labels=labels: objective(logits, *labels))
-            history[run][:, index] = _apgd_run(model, x[index], y[index], index, best, bound, eps=eps,
-                                               steps=steps, norm=norm, eot_samples=eot_samples,
-                                               generator=generator, autocast=autocast)
+            labels = [y[index]] + ([] if target is None else [target[index]])
+            _apgd_run(model, x[index], index, labels, best, objective, history[run], eps=eps, steps=steps,
+                      norm=norm, eot_samples=eot_samples, generator=generator, autocast=autocast,
+                      early_stop=early_stop)
     return AttackResult(best.x, best.success, history, best.logits)
 
 
-def _apgd_run(model, x, y, index, best: Strongest, objective, *, eps, steps, norm, eot_samples, generator,
-              autocast) -> torch.Tensor:
-    """Algorithm 1 of Croce & Hein (2020) on one batch, offering every iterate to ``best`` (at ``index``).
+def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, eps, steps, norm, eot_samples,
+              generator, autocast, early_stop) -> None:
+    """Algorithm 1 of Croce & Hein (2020) on one batch, offering every iterate to ``best`` (at ``index``) and
+    writing the objective of every sample at every iterate into ``history`` (steps + 1, N) at ``index``.
 
-    Returns (steps + 1, N) objectives. Every decision is a per-sample tensor mask: no host sync inside the loop."""
+    ``labels``: the per-sample tensors the objective takes after the logits (the labels, then APGD-T's targets).
+    Every decision is a per-sample tensor mask, so nothing waits for the device, except ``early_stop``: after every
+    step, the samples ``best`` holds as fooled leave the batch (their result can no longer change), which costs one
+    wait per step and saves their passes."""
     n = len(x)
     step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device)  # the paper's eta^(0) = 2 eps
     x_adv = (x + random_delta(x, eps, norm, generator)).clamp(0, 1)
-    value, grad, logits = _value_and_gradient(model, x_adv, objective, eot_samples, autocast)
-    best.update(index, x_adv, value, logits, logits.argmax(dim=1) != y)
-    history = [value]
+    drawn = _repeat(labels, eot_samples)  # the labels of the (k * N,) flattened EOT logits, built once, not every step
+    value, grad, logits = _value_and_gradient(model, x_adv, objective, drawn, eot_samples, autocast)
+    best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
+    history[0, index] = value
     x_max, value_max, grad_max = x_adv.clone(), value.clone(), grad.clone()  # the best point of this run
-    x_previous = x_adv
+    x_previous, value_previous = x_adv, value
     value_at_checkpoint, halved_at_checkpoint = value_max.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
     rises = torch.zeros(n, device=x.device)  # steps since the last checkpoint where the objective rose
     marks, last_mark = set(checkpoints(steps)), 0
     for k in range(1, steps + 1):
+        if early_stop:
+            standing = ~best.success[index]
+            if not standing.all():  # every per-sample tensor of the run loses the fooled rows
+                if not standing.any():
+                    return
+                (x, index, step, x_adv, x_previous, value_previous, x_max, value_max, grad, grad_max,
+                 value_at_checkpoint, halved_at_checkpoint, rises, *labels) = (
+                    t[standing] for t in (x, index, step, x_adv, x_previous, value_previous, x_max, value_max, grad,
+                                          grad_max, value_at_checkpoint, halved_at_checkpoint, rises, *labels))
+                drawn = _repeat(labels, eot_samples)
         z = project(x, x_adv + ascent_direction(grad, norm) * step, eps, norm)
         momentum = MOMENTUM if k > 1 else 1.0
         x_next = project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
         x_previous, x_adv = x_adv, x_next
-        value, grad, logits = _value_and_gradient(model, x_adv, objective, eot_samples, autocast)
-        best.update(index, x_adv, value, logits, logits.argmax(dim=1) != y)
-        rises += (value > history[-1]).float()
-        history.append(value)
+        value, grad, logits = _value_and_gradient(model, x_adv, objective, drawn, eot_samples, autocast)
+        best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
+        rises += (value > value_previous).float()
+        history[k, index] = value_previous = value
         improved = value > value_max
         x_max = torch.where(improved.view(-1, 1, 1, 1), x_adv, x_max)
         grad_max = torch.where(improved.view(-1, 1, 1, 1), grad, grad_max)
@@ -168,14 +184,20 @@ def _apgd_run(model, x, y, index, best: Strongest, objective, *, eps, steps, nor
             halved_at_checkpoint, value_at_checkpoint = halve, value_max.clone()
             rises.zero_()
             last_mark = k
-    return torch.stack(history)
 
 
-def _value_and_gradient(model, x, objective, eot_samples, autocast):
-    """Mean objective over the EOT draws (N,), its input gradient (N, 3, H, W) and the mean logits (N, C)."""
+def _repeat(labels, eot_samples):
+    """Per-sample tensors (N,) repeated for the (k * N,) flattened logits of ``eot_logits``."""
+    return [t.repeat(eot_samples) for t in labels] if eot_samples > 1 else labels
+
+
+def _value_and_gradient(model, x, objective, drawn, eot_samples, autocast):
+    """Mean objective over the EOT draws (N,), its input gradient (N, 3, H, W) and the mean logits (N, C).
+
+    ``objective`` maps the (k*N, C) logits and ``drawn``, the (k*N,) labels (and targets) of the draws, to (k*N,)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
-        value = objective(logits.flatten(0, 1)).view(eot_samples, len(x)).mean(dim=0)  # objective: (k*N, C) -> (k*N,)
+        value = objective(logits.flatten(0, 1), *drawn).view(eot_samples, len(x)).mean(dim=0)
         grad = torch.autograd.grad(value.sum(), x)[0]
     return value.detach(), grad, logits.detach().mean(dim=0)

@@ -206,7 +206,11 @@ def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, rando
     x_adv = (x + _start(x, eps, norm, random_start, generator, start)).clamp(0, 1)
     history = torch.full((steps + 1, len(x)), float("nan"), device=x.device)
     active = torch.arange(len(x), device=x.device)  # samples still being updated
+    if early_stop:  # a restart skips the samples an earlier run fooled
+        active = active[~best.success]
     for step in range(steps + 1):
+        if len(active) == 0:
+            break
         last = step == steps  # the final iterate is only evaluated
         objective, grad, logits = _objective_and_gradient(model, x_adv[active], y[active], loss=loss,
                                                           targeted=targeted, eot_samples=eot_samples,
@@ -218,8 +222,6 @@ def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, rando
         x_adv[active] = _step(x[active], x_adv[active], grad, eps, alpha, norm)
         if early_stop:
             active = active[~best.success[active]]
-            if len(active) == 0:
-                break
     return history
 
 
