@@ -135,16 +135,6 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                           success=Proportion(int(fooled.sum()), n_correct))
 
 
-def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
-                      **kwargs) -> dict[float, RobustnessReport]:
-    """``evaluate_robustness`` at each radius of ``eps_values`` (each > 0, in [0, 1] pixel units).
-
-    Keyword arguments (attacks, budget, batch size, votes, seed, progress) go to ``evaluate_robustness``."""
-    if not eps_values or any(eps <= 0 for eps in eps_values):
-        raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
-    return {eps: evaluate_robustness(model, x, y, eps=eps, **kwargs) for eps in eps_values}
-
-
 def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
                     **kwargs) -> dict[float, Proportion]:
     """Clean accuracy (key 0) and worst-case robust accuracy at each radius of ``eps_values``.
@@ -308,6 +298,8 @@ def _check_attack_arguments(model, x, y, eps, batch_size, attack_kwargs) -> None
 # The attacks of a worst-case evaluation, and the named ensembles (AutoAttack's "standard" and "rand" versions)
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "pgd")
 ENSEMBLES = {"standard": ("apgd-ce", "apgd-t", "square"), "rand": ("apgd-ce", "apgd-dlr"), "pgd": ("pgd",)}
+# robustness_vs_eps's name, in a report's per_attack, for the images already broken at a smaller radius
+SMALLER_RADII = "smaller radii"
 
 
 @dataclass(frozen=True)
@@ -331,7 +323,9 @@ class RobustnessReport:
         clean: accuracy on the clean images.
         robust: worst-case robust accuracy: correct when clean and after every attack of the ensemble.
         per_attack: robust accuracy after each attack, in the order run; each attack only ran on the images
-            that all the earlier ones left standing (as in AutoAttack), so the last equals ``robust``.
+            that all the earlier ones left standing (as in AutoAttack), so the last equals ``robust``. In a report
+            of ``robustness_vs_eps`` the first entry, ``"smaller radii"``, leaves out the images already broken at
+            a smaller radius.
         standing: (N,) bool on the CPU, the images that survived every attack.
         eps, norm: the threat model.
     """
@@ -376,19 +370,51 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     Returns:
         RobustnessReport with the clean, worst-case and per-attack accuracies, each with n and a 95% CI.
     """
+    names = _check_evaluation(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size,
+                              votes=votes, seed=seed, autocast=autocast)
+    early_stop = _success_is_final(votes, judge, budget)
+    judge = judge or _vote(model, batch_size, votes, autocast)
+    correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
+    return _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
+                       batch_size=batch_size, early_stop=early_stop, seed=seed, autocast=autocast, progress=progress)
+
+
+def _success_is_final(votes, judge, budget: AttackBudget) -> bool:
+    """Whether an attack may stop on an image as soon as the model misclassifies it: when the model is judged by one
+    pass without EOT, the judge sees what the attack saw. A vote, a judge of its own or EOT draws judge a randomised
+    model by other draws, where an adversarial image pushed further is likelier to survive the judgement."""
+    return votes == 1 and judge is None and budget.eot_samples == 1
+
+
+def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed, autocast) -> list[str]:
+    """Every argument of ``evaluate_robustness`` checked in every process, the same task in every process, and a
+    model that returns finite logits; returns the attack names."""
     names = _distributed.on_every_rank(lambda: _check_robustness_arguments(
         model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
         seed=seed), "the evaluation's arguments")
     _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
+    _check_finite_logits(model, x, _torch.device_of(model, x.device), autocast)
+    return names
+
+
+def _vote(model, batch_size, votes, autocast) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The default judge: ``predict`` with ``votes``."""
+    return lambda images: predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
+
+
+def _worst_case(model, x, y, correct, judge, *, eps, names, norm, budget, batch_size, early_stop, seed, autocast,
+                progress, standing=None) -> RobustnessReport:
+    """The ensemble ``names`` at ``eps`` on the images ``standing`` (default: the ``correct`` ones, those the judge
+    classifies right when clean); the others count as broken (under "smaller radii" when ``standing`` was given)."""
     device = _torch.device_of(model, x.device)
-    if judge is None:
-        def judge(images):
-            return predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
     labels = y.cpu()
-    _check_finite_logits(model, x, device, autocast)
-    standing = _judge_everything(judge, x, batch_size, device) == labels
-    clean = Proportion(int(standing.sum()), len(y))
+    clean = Proportion(int(correct.sum()), len(y))
     per_attack = {}
+    if standing is None:
+        standing = correct.clone()
+    else:
+        standing = correct & standing
+        per_attack[SMALLER_RADII] = Proportion(int(standing.sum()), len(y))
     for name in names:
         todo = standing.nonzero().squeeze(1)
         fell = torch.zeros(len(y), dtype=torch.bool)  # the images this process's batches brought down
@@ -396,11 +422,44 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                           f"{name} eps={255 * eps:g}/255"):
             index = todo[start:start + batch_size]
             x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
-                                budget=budget, seed=seed + start, autocast=autocast)
+                                budget=budget, seed=seed + start, autocast=autocast, early_stop=early_stop)
             fell[index] = _judged(judge, x_adv, device) != labels[index]
         standing &= ~_distributed.sum_over_ranks(fell)
         per_attack[name] = Proportion(int(standing.sum()), len(y))
-    return RobustnessReport(clean, per_attack[names[-1]] if names else clean, per_attack, standing, eps, norm)
+    robust = Proportion(int(standing.sum()), len(y))
+    return RobustnessReport(clean, robust, per_attack, standing, eps, norm)
+
+
+def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float], *,
+                      attacks: str | Sequence[str] = "standard", norm: str = "linf",
+                      budget: AttackBudget = AttackBudget(), batch_size: int = 256, votes: int = 1,
+                      judge: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+                      autocast: bool = False, progress: bool = True) -> dict[float, RobustnessReport]:
+    """``evaluate_robustness`` at each radius of ``eps_values`` (each > 0, in [0, 1] pixel units), the radii nested.
+
+    The threat models are nested: an image broken at a radius is broken at every larger one by the same adversarial
+    image, so, from the smallest radius up, each radius attacks only the images that survived the one below it (the
+    others count as broken, reported as ``per_attack["smaller radii"]``) and the clean images are judged once. Each
+    worst case is thus the same or lower than an evaluation of that radius alone would give, for less work.
+
+    Keyword arguments as for ``evaluate_robustness``. Returns the reports in the order of ``eps_values``.
+    """
+    if not eps_values or any(not isinstance(eps, (int, float)) or eps <= 0 for eps in eps_values):
+        raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
+    if len(set(eps_values)) != len(eps_values):
+        raise ValueError(f"eps_values must not repeat a radius, got {eps_values!r}")
+    names = _check_evaluation(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm, budget=budget,
+                              batch_size=batch_size, votes=votes, seed=seed, autocast=autocast)
+    early_stop = _success_is_final(votes, judge, budget)
+    judge = judge or _vote(model, batch_size, votes, autocast)
+    correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
+    reports, standing = {}, None
+    for eps in sorted(eps_values):
+        reports[eps] = _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
+                                   batch_size=batch_size, early_stop=early_stop, seed=seed, autocast=autocast,
+                                   progress=progress, standing=standing)
+        standing = reports[eps].standing
+    return {eps: reports[eps] for eps in eps_values}
 
 
 def robustness_table(reports: Mapping[str, RobustnessReport]) -> str:
@@ -499,9 +558,10 @@ def _bar(batches, progress: bool, description: str):
     return tqdm(batches, disable=not (progress and _distributed.is_main()), desc=description)
 
 
-def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, autocast) -> torch.Tensor:
-    """The adversarial images of attack ``name`` on one batch."""
-    common = dict(eps=eps, seed=seed, autocast=autocast)
+def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, autocast, early_stop) -> torch.Tensor:
+    """The adversarial images of attack ``name`` on one batch; ``early_stop``: each attack drops an image from its
+    batch once fooled (for a model judged by one deterministic pass, where that success is final)."""
+    common = dict(eps=eps, seed=seed, autocast=autocast, early_stop=early_stop)
     if name == "square":
         return square(model, x, y, queries=budget.queries, **common).x_adv
     if name == "pgd":

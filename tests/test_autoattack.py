@@ -2,11 +2,14 @@
 torchattacks' ports of AutoAttack on the trained `shapes` CLIP, the ensemble's bookkeeping and bad input."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import cliplab
 from cliplab.apgd import apgd, apgd_targeted, checkpoints, targeted_dlr
+from cliplab import evaluation
 from cliplab.evaluation import AttackBudget, evaluate_robustness, robustness_table
 from cliplab.square import square
 from test_evaluation import Fixed  # a deterministic 4-class model
@@ -105,6 +108,47 @@ def test_eot_apgd_runs_on_a_randomised_defence(shapes_clf, batch):
     assert (result.x_adv - x).abs().amax() <= 4 / 255 + 1e-6
 
 
+# ------------------------------------------------------------------------ early stopping: less work, same result
+class Counted(torch.nn.Module):
+    """A model that counts the images its forward passes see."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+        self.num_classes = model.num_classes
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_early_stop_changes_the_cost_not_the_result(shapes_clf, standing, name):
+    """A fooled sample leaves the batch: the same samples are fooled, for fewer passes (the random starts, windows
+    and signs of every sample are drawn as without early stopping)."""
+    x, y = standing
+    attack = {"apgd-ce": lambda m, **kw: apgd(m, x, y, eps=2 / 255, steps=10, seed=0, **kw),
+              "apgd-dlr": lambda m, **kw: apgd(m, x, y, eps=2 / 255, steps=10, loss="dlr", restarts=2, seed=0, **kw),
+              "apgd-t": lambda m, **kw: apgd_targeted(m, x, y, eps=2 / 255, steps=10, num_targets=3, seed=0, **kw),
+              "square": lambda m, **kw: square(m, x, y, eps=2 / 255, queries=50, seed=0, **kw)}[name]
+    full, early = Counted(shapes_clf), Counted(shapes_clf)
+    everything, stopped = attack(full), attack(early, early_stop=True)
+    assert 0 < int(stopped.success.sum()) < len(x)
+    assert torch.equal(stopped.success, everything.success)
+    assert early.images < full.images
+    with torch.no_grad():  # each success is real: the returned image is misclassified
+        assert torch.equal(shapes_clf(stopped.x_adv).argmax(1) != y, stopped.success)
+    assert (stopped.x_adv - x).abs().amax() <= 2 / 255 + 1e-6
+
+
+def test_early_stop_ends_a_run_once_every_sample_is_fooled(shapes_clf, standing):
+    x, y = standing
+    model = Counted(shapes_clf)
+    result = apgd(model, x[:8], y[:8], eps=1.0, steps=20, seed=0, early_stop=True)
+    assert result.success.all() and model.images < 8 * 21
+    assert torch.isnan(result.loss_history[0, -1]).all()  # the last steps ran on no sample
+
+
 # ------------------------------------------------------------------- strength: parity with torchattacks
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_not_weaker_than_torchattacks(shapes_clf, standing, loss):
@@ -170,6 +214,48 @@ def test_worst_case_beats_pgd_on_the_original_model(shapes_clf, shapes_test):
     ensemble = evaluate_robustness(shapes_clf, x, y, eps=4 / 255, budget=budget, progress=False)
     quick = evaluate_robustness(shapes_clf, x, y, eps=4 / 255, attacks="pgd", budget=budget, progress=False)
     assert ensemble.robust.value <= 0.02 < quick.robust.value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", [None, "fare-oft128-cw2"])
+def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluation(shapes_clf, shapes_test, encoder,
+                                                                                     monkeypatch):
+    """On the committed models with 05/06's evaluation (the shapes profile's budget, PGD quick look first): each
+    attack stopping on the images it fooled finds the same images, and nesting the radii (each radius attacks only
+    the survivors of the one below) gives a worst case at most the per-radius one at every radius."""
+    from pathlib import Path
+
+    from cliplab.study import FinetuneStudy, load_encoder
+
+    model = copy.deepcopy(shapes_clf)
+    if encoder:
+        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "checkpoints" / "shapes" / f"{encoder}.safetensors")
+    x, y, _ = shapes_test
+    x, y = x[:48], y[:48]
+    settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
+                    batch_size=250, seed=0, progress=False)
+    nested = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
+    for eps in FinetuneStudy.eval_eps:
+        alone = evaluate_robustness(model, x, y, eps=eps, **settings)
+        assert nested[eps].robust.hits <= alone.robust.hits, eps
+        assert nested[eps].clean == alone.clean
+    with monkeypatch.context() as patch:  # every attack runs every step on every image
+        patch.setattr(evaluation, "_success_is_final", lambda *args: False)
+        every_step = evaluate_robustness(model, x, y, eps=eps, **settings)
+    assert torch.equal(alone.standing, every_step.standing)
+
+
+def test_nested_radii_attack_only_the_survivors_of_the_smaller_one(shapes_clf, batch):
+    x, y = batch
+    reports = evaluation.robustness_vs_eps(shapes_clf, x, y, [4 / 255, 1 / 255], budget=SMALL, progress=False)
+    assert list(reports) == [4 / 255, 1 / 255]  # the order asked for
+    small, large = reports[1 / 255], reports[4 / 255]
+    assert "smaller radii" not in small.per_attack
+    assert large.per_attack["smaller radii"] == small.robust  # the images broken at 1/255 count as broken at 4/255
+    assert not (large.standing & ~small.standing).any()
+    assert list(large.per_attack)[1:] == ["apgd-ce", "apgd-t", "square"]
+    with pytest.raises(ValueError, match="eps_values must not repeat a radius"):
+        evaluation.robustness_vs_eps(shapes_clf, x, y, [4 / 255, 4 / 255], budget=SMALL, progress=False)
 
 
 def test_same_seed_same_report(shapes_clf, batch):
