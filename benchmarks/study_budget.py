@@ -13,12 +13,15 @@ random-init ViT-B/32 at 224x224, 100 classes x 18 templates; benchmarks/RESULTS.
 
 An H100 SXM has the H200's compute (same GH100 chip, less and slower memory), so the bf16 column is the estimate
 for one H100 too. Attacks run on the correctly classified images only: the model assumes CLIP ViT-B/32's
-zero-shot CIFAR-100 accuracy of 65% (Radford et al. 2021) everywhere, and no early stopping (an upper bound).
+zero-shot CIFAR-100 accuracy of 65% (Radford et al. 2021) everywhere, and no early stopping in the PGD sweeps (an
+upper bound).
 
 A worst-case evaluation (``evaluate_robustness``) judges every image clean, then runs its first attack on the
-correctly classified ones and each later attack only on the images still standing. How many stand is unknown for
+correctly classified ones and each later attack only on the images still standing; over several radii
+(``robustness_vs_eps``) each radius attacks only the survivors of the one below. How many stand is unknown for
 the real model, so it is counted twice: the lower bound has the first attack fool every image (the later ones cost
-nothing), the upper bound has every correctly classified image survive every attack. Per image attacked, with S
+nothing), the upper bound has every correctly classified image survive every attack (``Cost.ensemble``; a test
+holds both against counted runs). Per image attacked, with S
 steps and k EOT draws: APGD-CE or APGD-DLR S + 1 B per restart, times k; APGD-T num_targets * (S + 1) B, times k,
 plus k F to rank the targets; Square its queries in F; PGD as below; and a judgement after each attack, one F per
 vote (randomized smoothing: per noise draw).
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 
 import cliplab
 from cliplab.evaluation import ENSEMBLES, AttackBudget
+from cliplab.study import FinetuneStudy
 
 B_PER_S = {"bf16": 105_000 / 9.17, "fp32": 105_000 / (9.585 * 10_000 / 2_048)}  # forward + input-backward passes per second
 STEP_S = {"bf16": {"full": 0.224, "oft": 0.497}, "fp32": {"full": 0.807, "oft": 0.807 * 0.497 / 0.224}}
@@ -46,6 +50,7 @@ class Cost:
     backward: float = 0.0  # B: forward + input-backward passes of one image
     finetune: dict = None  # adapter -> optimiser steps, scaled to batch 128 and a 10-step inner attack
     upper: bool = False  # the upper bound of a worst-case evaluation: every image survives every attack
+    accuracy: float = ACCURACY  # the clean accuracy: the share of the images a worst-case evaluation attacks
 
     def __post_init__(self):
         self.finetune = self.finetune or {}
@@ -58,22 +63,36 @@ class Cost:
         self.backward += n * restarts * steps * eot
         self.forward += n * restarts * eot
 
-    def ensemble(self, n, attacks, budget: AttackBudget, votes=1, noise=1):
-        """evaluate_robustness on ``n`` images, judged by ``votes`` passes; ``noise``: passes per model forward."""
-        self.predict(n, votes)
+    def ensemble(self, n, attacks, budget: AttackBudget, votes=1, noise=1, radii=1, early_stop=None):
+        """``evaluate_robustness`` (``radii`` == 1) or ``robustness_vs_eps`` over ``radii`` radii on ``n`` images,
+        judged by ``votes`` passes; ``noise``: passes per model forward.
+
+        It judges the images once (and runs 8 images to check the logits), then at each radius each attack on the
+        images still standing, judging what it attacked. Upper bound: every correctly classified image survives
+        every attack at every radius, so each attack runs its whole budget on all of them. Lower bound: the first
+        attack of the first radius fools them all, at its first pass when attacks stop early (a model judged by one
+        pass: ``evaluation._success_is_final``), and the larger radii, nested, attack nothing."""
+        if early_stop is None:
+            early_stop = votes == 1 and budget.eot_samples == 1 and noise == 1
+        self.predict(8 * noise + n, votes)
         k = budget.eot_samples * noise
-        for i, name in enumerate(attacks):
-            m = ACCURACY * n if i == 0 or self.upper else 0  # the images still standing
-            if name == "pgd":
-                self.attack(m, budget.pgd_steps, k, restarts=budget.pgd_restarts)
-            elif name == "apgd-t":
-                self.forward += m * k
-                self.backward += m * budget.num_targets * (budget.steps + 1) * k
-            elif name == "square":
-                self.forward += m * budget.queries * noise
-            else:  # apgd-ce, apgd-dlr
-                self.backward += m * budget.restarts * (budget.steps + 1) * k
-            self.predict(m, votes)
+        for radius in range(radii):
+            for i, name in enumerate(attacks):
+                first = radius == 0 and i == 0
+                m = self.accuracy * n if self.upper or first else 0  # the images still standing
+                if first and not self.upper and early_stop:  # each image falls at the attack's first pass
+                    self.forward += m * (name == "square") * noise
+                    self.backward += m * (name != "square") * k
+                elif name == "pgd":
+                    self.attack(m, budget.pgd_steps, k, restarts=budget.pgd_restarts)
+                elif name == "apgd-t":
+                    self.forward += m * k
+                    self.backward += m * budget.num_targets * (budget.steps + 1) * k
+                elif name == "square":
+                    self.forward += m * budget.queries * noise
+                else:  # apgd-ce, apgd-dlr
+                    self.backward += m * budget.restarts * (budget.steps + 1) * k
+                self.predict(m, votes)
 
     def masking_report(self, n, steps, eot=1, votes=1, transfer=True):
         """checks.gradient_masking_report: a gradient, attacks at eps/2, eps, 2 eps and 1, a 4x-steps attack with
@@ -140,8 +159,8 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
                                                                           {"oft": 4}, 6)):
         c = costs[name]
         c.finetune = {adapter: count * p.finetune_steps * scale for adapter, count in runs.items()}
-        for _ in range(models * 3):  # robustness_vs_eps at 1, 2, 4 / 255
-            c.ensemble(p.n_eval, ["pgd", "apgd-ce", "apgd-t", "square"], p.attack_budget())
+        for _ in range(models):  # FinetuneStudy.evaluate: robustness_vs_eps at 1, 2, 4 / 255
+            c.ensemble(p.n_eval, FinetuneStudy.attacks, p.attack_budget(), radii=len(FinetuneStudy.eval_eps))
     costs["05_adversarial_finetune"].masking_report(100, p.attack_steps)
     return costs
 
