@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         figures = out / "figures" / run_.name
         count = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
+        if run_.cell_seconds:  # where the time went (benchmarks/notebook_cells.py gives every cell)
+            cell = max(run_.cell_seconds, key=run_.cell_seconds.get)
+            status += f"; slowest: cell {cell}, {run_.cell_seconds[cell]:.0f} s"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
 

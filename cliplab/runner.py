@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -25,6 +25,7 @@ class NotebookRun:
     name: str  # notebook file stem, e.g. "01_attacks"
     seconds: float  # wall-clock execution time
     error: str | None  # "cell N: ErrorName: message" when a cell failed
+    cell_seconds: dict[int, float] = field(default_factory=dict)  # wall time of each code cell run (1-based index)
 
 
 def find_notebooks(directory: Path, only: list[str] | None) -> list[Path]:
@@ -108,16 +109,20 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
     notebook = nbformat.read(path, as_version=4)
     code_cells = sum(cell.cell_type == "code" for cell in notebook.cells)
     bar = tqdm(total=code_cells, desc=path.stem, unit="cell")
-    failed_cell = {}
+    failed_cell, cell_seconds, started = {}, {}, {}
+
+    def on_cell_start(cell, cell_index, **_):
+        started[cell_index] = time.perf_counter()
 
     def on_cell_executed(cell, cell_index, execute_reply, **_):
         bar.update(1)
+        cell_seconds[cell_index + 1] = time.perf_counter() - started.pop(cell_index, time.perf_counter())
         if execute_reply and execute_reply.get("content", {}).get("status") == "error":
             failed_cell.setdefault("index", cell_index + 1)  # 1-based, markdown cells counted
 
     client = _client_class()(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_executed=on_cell_executed)
+                            on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
     start, error = time.perf_counter(), None
     try:
         client.execute(env={**os.environ, **env})  # the kernel's environment carries the profile
@@ -128,7 +133,7 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
     clean_notebook(notebook)
     with atomic_write(out_dir / path.name) as tmp:
         nbformat.write(notebook, tmp)
-    return NotebookRun(path.stem, time.perf_counter() - start, error)
+    return NotebookRun(path.stem, time.perf_counter() - start, error, cell_seconds)
 
 
 def check_notebook_extra() -> None:

@@ -71,6 +71,7 @@ def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     # the summary names the failing notebook, the cell and the error
     lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ")}
     assert "FAILED" not in lines["01_ok"] and "1 figures" in lines["01_ok"]
+    assert re.search(r"slowest: cell [123], \d+ s", lines["01_ok"]), lines["01_ok"]  # one of its three cells
     assert "FAILED" in lines["02_fail"]
     assert re.search(r"cell \d+", lines["02_fail"]), lines["02_fail"]
     assert "ValueError: boom" in lines["02_fail"]
