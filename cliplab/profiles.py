@@ -233,11 +233,13 @@ def _flag(value, name: str) -> bool:
 
 
 def profile_environment(profile: Profile) -> dict[str, str]:
-    """The environment variables that make ``get_profile()`` in another process return ``profile``."""
+    """The environment variables that make ``get_profile()`` in another process return ``profile``: every one of
+    them, so that nothing is inherited from the caller's environment (a ``CLIPLAB_SMOKE=1`` left in a shell must not
+    shrink the budgets of a full run); an empty value means the profile's default."""
     environment = {"CLIPLAB_PROFILE": profile.name}
     for key, variable in ENVIRONMENT.items():
         value = getattr(profile, key)
-        if value is not None and value is not False:
-            environment[variable] = "1" if value is True else str(value)
+        environment[variable] = "" if value is None else {True: "1", False: "0"}.get(value, str(value)) \
+            if isinstance(value, bool) else str(value)
     return environment
 

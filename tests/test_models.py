@@ -170,6 +170,15 @@ def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_pa
         monkeypatch.setenv(variable, value)
     assert cliplab.get_profile() == profile
     assert profile.weights == str(tmp_path / "w.safetensors") and profile.checkpoint_dir == tmp_path / "ckpt"
+    # every setting is written, so nothing comes from the caller's environment (a smoke flag left in a shell)
+    full = cliplab.get_profile("shapes", device="cpu")
+    monkeypatch.setenv("CLIPLAB_SMOKE", "1")
+    monkeypatch.setenv("CLIPLAB_PRETRAINED", str(tmp_path / "other.safetensors"))
+    written = profile_environment(full)
+    assert set(written) == {"CLIPLAB_PROFILE", *ENVIRONMENT.values()}
+    for variable, value in written.items():
+        monkeypatch.setenv(variable, value)
+    assert cliplab.get_profile() == full
     monkeypatch.setenv("CLIPLAB_SMOKE", "maybe")  # a misspelt flag is an error, not silently False
     with pytest.raises(ValueError, match=r"^\$CLIPLAB_SMOKE must be one of 1/true/yes or 0/false/no, got 'maybe'"):
         cliplab.get_profile()
