@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import tempfile
 from pathlib import Path
 
 import torch
@@ -79,12 +80,28 @@ def check_int(value: int, name: str, *, minimum: int = 1) -> None:
 
 
 def check_directory(path: Path, name: str) -> None:
-    """``path`` is a directory, or can be made one: its nearest existing ancestor must be a directory."""
+    """``path`` is a directory this process can write in, or can be made one: its nearest existing ancestor must be a
+    directory where a probe file can be created (and is removed at once), so that an output location that cannot be
+    written fails before the work that would fill it, not after."""
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
                 raise FileExistsError(f"{name} must be a directory, but {existing} is a file")
+            try:
+                with tempfile.NamedTemporaryFile(dir=existing, prefix=".cliplab-probe-"):
+                    pass
+            except OSError as error:
+                raise PermissionError(f"{name}: cannot write in {existing} ({error.strerror or error})") from None
             return
+
+
+def check_new_file(path: Path, name: str, overwrite: bool) -> None:
+    """``path`` may be written: a file that is not there yet (or ``overwrite``), in a directory that can be written."""
+    if path.is_dir():
+        raise FileExistsError(f"{name} must be a file, but {path} is a directory")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{name}: {path} exists; choose another path, or pass --overwrite to replace it")
+    check_directory(path.parent, name)
 
 
 def check_choice(value: str, name: str, choices) -> None:

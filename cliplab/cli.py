@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from . import _distributed
-from ._checks import check_directory, check_int
+from ._checks import check_int, check_new_file
 from .profiles import PROFILES, Profile, get_profile
 from .runner import plan_reproduction, reproduce
 
 # what bad input raises: reported as one line and exit status 2, not as a traceback
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ModuleNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_evaluate_parser(commands)
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
     train.add_argument("--out", type=_path, required=True, help="where to write the .safetensors weights")
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     train.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command in ("finetune", "evaluate") and _launched_by_torchrun():
         return _distributed_command(args)
     try:
         if args.command == "train-shapes-clip":
-            return _train_shapes_clip(args.out, args.steps)
+            return _train_shapes_clip(args.out, args.steps, args.overwrite)
         if args.command == "finetune":
             return _finetune(args, _profile(args))
         if args.command == "evaluate":
@@ -158,6 +159,8 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
     evaluate.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bf16 autocast)")
     evaluate.add_argument("--out", type=_path, help="directory for evaluation.json")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an evaluation.json already in --out (default: refuse, before any work)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -196,7 +199,7 @@ def _report_settings(args):
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         precision="fp32" if args.fp32 else "auto")
     if args.out is not None:
-        check_directory(args.out, "--out")
+        check_new_file(args.out / "evaluation.json", "--out", args.overwrite)
     report.check(settings)
     return settings
 
@@ -305,13 +308,14 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-def _train_shapes_clip(out: Path, steps: int | None) -> int:
+def _train_shapes_clip(out: Path, steps: int | None, overwrite: bool) -> int:
     import torch
 
     from .models import save_weights
     from .shapes_clip import ShapesCLIPConfig, train_shapes_clip
 
     config = ShapesCLIPConfig() if steps is None else ShapesCLIPConfig(steps=steps)
+    check_new_file(out, "--out", overwrite)  # before the training, whose model would otherwise be lost
     save_weights(train_shapes_clip(config), out, dtype=torch.float16)
     print(f"saved {out}")
     return 0

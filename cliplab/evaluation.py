@@ -509,6 +509,8 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
         names = list(attacks)
         for name in names:
             check_choice(name, "each of attacks", ATTACKS)
+        if len(set(names)) != len(names):  # a second run would look like a second attack in the report
+            raise ValueError(f"attacks must not repeat an attack, got {', '.join(names)}")
     if "square" in names and norm != "linf":
         raise ValueError(f"attacks: square is an L-inf attack; with norm={norm!r} leave it out")
     if not isinstance(budget, AttackBudget):

@@ -70,8 +70,9 @@ class FinetuneConfig:
         check_choice(self.adapter, "adapter", ADAPTERS)
         check_int(self.block_size, "block_size")
         check_positive(self.eps, "eps", allow_zero=True)
-        if self.eps > 1:
-            raise ValueError(f"eps must be in [0, 1] (pixel values are in [0, 1]), got {self.eps}")
+        if not 0 < self.eps <= 1:  # radius 0 would train on clean images and call the result adversarial
+            raise ValueError(f"eps must be in (0, 1] (pixel values are in [0, 1]; adversarial fine-tuning needs a "
+                             f"radius), got {self.eps}")
         for name in ("attack_steps", "steps", "batch_size", "save_every"):
             check_int(getattr(self, name), name)
         check_int(self.warmup, "warmup", minimum=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import _distributed
 from ._checks import check_choice, check_int, check_seed
 from ._io import atomic_write
-from .evaluation import AttackBudget, RobustnessReport, check_attack_plan, evaluate_robustness, robustness_table
+from .evaluation import AttackBudget, RobustnessReport, check_attack_plan, robustness_table, robustness_vs_eps
 
 DATASET_TEST_SIZES = {"shapes": 10_000, "cifar100": 10_000}
 
@@ -54,6 +54,8 @@ def check(settings: ReportSettings) -> None:
                          f"{settings.dataset} test split, got {settings.n}")
     if not settings.eps or any(not 0 < eps <= 1 for eps in settings.eps):
         raise ValueError(f"eps must be one or more radii in (0, 1] (pixel values are in [0, 1]), got {settings.eps}")
+    if len(set(settings.eps)) != len(settings.eps):
+        raise ValueError(f"eps must not repeat a radius, got {', '.join(f'{255 * e:g}/255' for e in settings.eps)}")
     check_int(settings.votes, "votes")
     check_int(settings.batch_size, "batch_size")
     check_seed(settings.seed)
@@ -85,7 +87,8 @@ def _check_encoder(path: str, architecture) -> None:
 
 
 def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, RobustnessReport]:
-    """Load the model and the first ``n`` test images, then ``evaluate_robustness`` at each radius."""
+    """Load the model and the first ``n`` test images, then the worst case at each radius (``robustness_vs_eps``:
+    the radii nested, each attacking only the survivors of the one below)."""
     from . import data
     from .models import load_classifier
 
@@ -100,10 +103,9 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
 
         load_encoder(model, settings.encoder)
     attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
-    return {eps: evaluate_robustness(model, x, y, eps=eps, attacks=attacks, budget=settings.budget,
-                                     batch_size=settings.batch_size, votes=settings.votes, seed=settings.seed,
-                                     progress=progress)
-            for eps in settings.eps}
+    return robustness_vs_eps(model, x, y, settings.eps, attacks=attacks, budget=settings.budget,
+                             batch_size=settings.batch_size, votes=settings.votes, seed=settings.seed,
+                             progress=progress)
 
 
 def markdown(reports: dict[float, RobustnessReport]) -> str:

@@ -82,6 +82,9 @@ def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor
     ``y``'s device (so a run is reproducible and independent of the global RNG). (N,) -> (N,)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2 for a target other than the label, got {num_classes}")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ValueError(f"y must hold labels in [0, num_classes) = [0, {num_classes}), got labels from "
+                         f"{int(y.min())} to {int(y.max())}")
     generator = torch.Generator(y.device).manual_seed(seed)
     return (y + torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)) % num_classes
 
@@ -258,6 +261,9 @@ def certified_accuracy(classes: torch.Tensor, radii: torch.Tensor, y: torch.Tens
                        at: Sequence[float]) -> list[Proportion]:
     """Certified accuracy at each L2 radius of ``at``: the images certified as their label with a radius at least
     that large (``RandomizedSmoothing.certify``'s classes and radii; an abstention, -1, is never right)."""
+    if not classes.shape == radii.shape == y.shape or classes.dim() != 1:
+        raise ValueError(f"classes, radii and y must be (N,) tensors of one length (one entry per image), got shapes "
+                         f"{tuple(classes.shape)}, {tuple(radii.shape)} and {tuple(y.shape)}")
     right = classes.cpu() == y.cpu()
     radii = radii.cpu()
     return [Proportion.of(right & (radii >= r)) for r in at]

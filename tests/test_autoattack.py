@@ -293,6 +293,7 @@ def test_table_names_every_attack_n_and_interval(shapes_clf, batch):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(attacks="autoattack"), "attacks must be one of"),
     (dict(attacks=["apgd-ce", "fab"]), "each of attacks must be one of"),
+    (dict(attacks=["apgd-ce", "apgd-ce"]), "attacks must not repeat an attack, got apgd-ce, apgd-ce"),
     (dict(eps=2.0), "eps must be in [0, 1]"),
     (dict(eps=-0.1), "eps must be >= 0"),
     (dict(norm="l1"), "norm must be one of"),

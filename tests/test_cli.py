@@ -334,3 +334,48 @@ def test_committed_notebooks_show_their_figures_and_diff_cleanly():
         outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
         assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no inline figure"
         assert not any(runner.WIDGET_VIEW in o.get("data", {}) for o in outputs), path.name
+
+
+# ------------------------------------------------------------------ outputs: checked before the work, never replaced
+UNWRITABLE = "/proc/self/cliplab-out"  # a directory nobody can create files in, root included (CI runs as root)
+
+
+class Started(Exception):
+    """Raised where the heavy work would start: the checks before it have passed."""
+
+
+@pytest.fixture()
+def no_work(monkeypatch):
+    """Every command's heavy work raises ``Started``: a test sees whether the checks let it begin."""
+    from cliplab import report, shapes_clip
+    from cliplab.profiles import Profile
+
+    def started(*args, **kwargs):
+        raise Started
+
+    for owner, name in ((Profile, "load_classifier"), (Profile, "load_dataset"), (runner, "execute_notebook"),
+                        (report, "evaluate"), (shapes_clip, "train_shapes_clip")):
+        monkeypatch.setattr(owner, name, started)
+
+
+@pytest.mark.parametrize("argv", [["reproduce", "--results", UNWRITABLE], ["finetune", "--out", UNWRITABLE],
+                                  ["evaluate", "--out", UNWRITABLE], ["train-shapes-clip", "--out", f"{UNWRITABLE}/w"]])
+def test_an_output_location_that_cannot_be_written_fails_before_the_work(argv, no_work, notebooks, capsys):
+    if argv[0] == "reproduce":
+        argv += ["--notebooks", str(notebooks)]
+    assert cli.main(argv) == 2  # not Started
+    error = capsys.readouterr().err
+    assert "cannot write in /proc/self" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("argv, existing", [(["evaluate", "--out", "{tmp}"], "evaluation.json"),
+                                            (["train-shapes-clip", "--out", "{tmp}/w.safetensors"], "w.safetensors")])
+def test_an_existing_output_is_replaced_only_with_overwrite(argv, existing, no_work, tmp_path, capsys):
+    (tmp_path / existing).write_text("the user's earlier result")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{existing} exists" in error and "--overwrite" in error
+    assert (tmp_path / existing).read_text() == "the user's earlier result"
+    with pytest.raises(Started):  # asked for: the checks pass and the work begins
+        cli.main([*argv, "--overwrite"])

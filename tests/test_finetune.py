@@ -217,6 +217,7 @@ def test_oft_trains_only_rotations_and_export_merges(data, tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"), (dict(steps=0), "steps"), (dict(eps=1.5), "eps"),
+    (dict(eps=0.0), r"eps must be in \(0, 1\].*adversarial fine-tuning needs a radius"),
     (dict(eps=-0.1), "eps"), (dict(method="pgd"), "method"), (dict(adapter="lora"), "adapter"),
     (dict(save_every=0), "save_every"), (dict(eval_every=-1), "eval_every"),
 ])

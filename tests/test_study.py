@@ -74,6 +74,14 @@ def test_certified_accuracy_counts_right_classes_with_large_enough_radii():
     assert [p.hits for p in curve] == [3, 3, 2, 1, 0] and {p.n for p in curve} == {5}
 
 
+def test_bad_input_to_the_study_helpers_is_named():
+    y = torch.tensor([0, 5, 9])
+    with pytest.raises(ValueError, match=r"y must hold labels in \[0, num_classes\) = \[0, 5\), got labels from 0 to 9"):
+        study.random_targets(y, 5, seed=0)
+    with pytest.raises(ValueError, match=r"classes, radii and y must be \(N,\) tensors of one length"):
+        study.certified_accuracy(torch.tensor([0, 1]), torch.tensor([0.5, 0.5]), y, at=[0.0])
+
+
 def test_oft_keeps_the_neuron_geometry_that_full_fine_tuning_changes(random_shapes_clf):
     reference = study.neuron_geometry(random_shapes_clf)
     assert reference and all(name.endswith(study.ADAPTED_WEIGHTS) for name in reference)
