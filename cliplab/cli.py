@@ -6,15 +6,18 @@ fine-tuning workflow ``study.finetune_and_evaluate``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import _distributed
 from ._checks import check_int, check_new_file
 from .profiles import PROFILES, Profile, get_profile
-from .runner import plan_reproduction, reproduce
+from .runner import Terminated, plan_reproduction, reproduce
 
 # what bad input raises: reported as one line and exit status 2, not as a traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ModuleNotFoundError)
@@ -61,20 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command in ("finetune", "evaluate") and _launched_by_torchrun():
         return _distributed_command(args)
+    runs = []  # the notebooks that ran to the end, for the message of an interrupted reproduce
+    stop = _StopSignals()
     try:
-        if args.command == "train-shapes-clip":
-            return _train_shapes_clip(args.out, args.steps, args.overwrite)
-        if args.command == "finetune":
-            return _finetune(args, _profile(args))
-        if args.command == "evaluate":
-            return _evaluate(args)
-        job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
-                                args.update, args.threads)
-        print(job, flush=True)  # everything is checked: say what runs, then run it
-        runs = reproduce(job)
-    except USER_ERRORS as error:
-        _print_error(f"cliplab {args.command}: {error}")
-        return 2
+        with stop:
+            if args.command == "train-shapes-clip":
+                return _train_shapes_clip(args.out, args.steps, args.overwrite)
+            if args.command == "finetune":
+                return _finetune(args, _profile(args))
+            if args.command == "evaluate":
+                return _evaluate(args)
+            job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
+                                    args.update, args.threads)
+            print(job, flush=True)  # everything is checked: say what runs, then run it
+            runs.extend(reproduce(job))
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt) or stop.received is not None:
+            _print_error(f"cliplab {args.command}: {_interrupted(args, runs)}")
+            return 143 if isinstance(error, Terminated) or stop.received == signal.SIGTERM else 130
+        if isinstance(error, USER_ERRORS):
+            _print_error(f"cliplab {args.command}: {error}")
+            return 2
+        raise
     profile, out = job.profile, job.out
     print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
     for run_ in runs:
@@ -86,6 +97,44 @@ def main(argv: list[str] | None = None) -> int:
             status += f"; slowest: cell {cell}, {run_.cell_seconds[cell]:.0f} s"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     return 1 if any(run_.error for run_ in runs) else 0
+
+
+class _StopSignals:
+    """While active, SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` in the main thread, and ``received``
+    keeps the signal: an error that the stop causes further down (a kernel or a socket torn down half-way) is then
+    reported as the interruption it is."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._stop)
+        return self
+
+    def _stop(self, signum, frame):
+        self.received = signum
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(args, runs) -> str:
+    """One line for a stopped command: what finished, what did not, and that nothing was half-written."""
+    if args.command == "reproduce":
+        done = ", ".join(run.name for run in runs) or "none"
+        return (f"interrupted; notebooks finished: {done}; the one running was stopped and not written "
+                f"(its earlier copy, if any, is unchanged)")
+    if args.command == "finetune":
+        return (f"interrupted; {args.out} keeps the last saved checkpoint: continue with the same command and "
+                f"--resume")
+    if args.command == "evaluate":
+        return "interrupted; nothing was written" + (f" ({args.out} is unchanged)" if args.out else "")
+    return f"interrupted; nothing was saved to {args.out}"
 
 
 def _print_error(line: str) -> None:
@@ -184,6 +233,7 @@ def _report_settings(args):
     from . import report
     from .evaluation import AttackBudget
 
+    _check_device(args.device)
     eot = args.eot_samples if args.eot_samples is not None else (20 if args.attacks == "rand" else 1)
     for name in ("n", "steps", "targets", "queries", "votes", "batch_size"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}")
@@ -239,8 +289,19 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run in float32 on CUDA too (default there: bfloat16 autocast)")
 
 
+def _check_device(device: str | None) -> None:
+    """One rule for every command: an explicit ``--device cuda`` without a GPU is an error, before any work; only a
+    device nobody asked for (the cifar100 profile's default) falls back to the CPU, with a warning."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available to torch here (torch.cuda.is_available() is "
+                         "False); use --device cpu, or leave --device out")
+
+
 def _profile(args, smoke: bool = False) -> Profile:
     """The profile the command line names, with local paths made absolute (notebooks run elsewhere)."""
+    _check_device(args.device)
     return get_profile(args.profile, args.device, precision="fp32" if args.fp32 else None,
                        weights=_weights(args.pretrained),
                        data_root=args.data.expanduser().resolve() if args.data else None, smoke=smoke)

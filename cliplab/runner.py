@@ -2,9 +2,15 @@
 with its profile's settings and its own torch threads, and write the executed copies (or update them in place)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import logging
 import os
+import signal
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -72,12 +78,42 @@ def _client_class():
     from nbclient import NotebookClient
 
     class SlicedPollClient(NotebookClient):
+        stopped_by = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+
         async def async_start_new_kernel_client(self):
             client = await super().async_start_new_kernel_client()
             _poll_in_slices(client.shell_channel)
             return client
 
+        @contextlib.asynccontextmanager
+        async def async_setup_kernel(self, **kwargs):
+            """nbclient's, with its SIGINT/SIGTERM handlers (which shut the kernel down) replaced by the same
+            shutdown that also remembers the signal, so the caller can tell an interruption from a crash."""
+            async with super().async_setup_kernel(**kwargs):
+                loop = asyncio.get_event_loop()
+                with contextlib.suppress(RuntimeError, NotImplementedError):  # not the main thread; Windows
+                    for signum in (signal.SIGINT, signal.SIGTERM):
+                        loop.add_signal_handler(signum, self._stop, signum)
+                yield
+
+        def _stop(self, signum):
+            self.stopped_by = signum
+            self._async_cleanup_kernel_future = asyncio.ensure_future(self._async_cleanup_kernel())
+
     return SlicedPollClient
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a run as Ctrl-C does (exit status 143 instead of 130)."""
+
+
+def _local_kernel_manager(sockets: Path):
+    """A kernel manager whose kernel talks over Unix sockets in ``sockets`` rather than TCP on the loopback: no port
+    another local user could connect to, and no "Kernel is running over TCP without encryption" warning on every
+    notebook (the sockets go with the directory)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    return AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(sockets / "kernel"))
 
 
 def _poll_in_slices(channel, slice_s: float = 1.0) -> None:
@@ -120,16 +156,32 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
         if execute_reply and execute_reply.get("content", {}).get("status") == "error":
             failed_cell.setdefault("index", cell_index + 1)  # 1-based, markdown cells counted
 
-    client = _client_class()(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
     start, error = time.perf_counter(), None
-    try:
-        client.execute(env={**os.environ, **env})  # the kernel's environment carries the profile
-    except CellExecutionError as exc:
-        error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
-    finally:
-        bar.close()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with tempfile.TemporaryDirectory(prefix="cliplab-kernel-") as scratch:
+        client = _client_class()(notebook, km=_local_kernel_manager(Path(scratch)), timeout=timeout,
+                                 kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                                 on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
+        log = Path(scratch) / "kernel.log"
+        try:
+            with open(log, "w") as kernel_output:  # the kernel's own messages, shown only if it dies
+                # the kernel's environment carries the profile
+                client.execute(env={**os.environ, **env}, stdout=kernel_output, stderr=kernel_output)
+        except CellExecutionError as exc:
+            error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
+        except Exception as exc:  # a kernel that died (a failed notebook), or one a signal stopped
+            last_words = " | ".join(log.read_text().strip().splitlines()[-3:]) or "nothing"
+            error = f"{type(exc).__name__}: {exc} (the kernel's last output: {last_words})"
+        finally:
+            bar.close()
+            for signum, handler in handlers.items():  # nbclient reset them to the defaults
+                signal.signal(signum, handler)
+    if client.stopped_by is not None:  # interrupted: finish shutting the kernel down, and write no half-run copy
+        with contextlib.suppress(Exception):
+            client._cleanup_kernel()
+        # the kernel client, collected at exit with its channels half-closed, would log a harmless warning
+        logging.getLogger("traitlets").setLevel(logging.ERROR)
+        raise Terminated if client.stopped_by == signal.SIGTERM else KeyboardInterrupt
     clean_notebook(notebook)
     with atomic_write(out_dir / path.name) as tmp:
         nbformat.write(notebook, tmp)
@@ -207,16 +259,15 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     return Reproduction(profile, paths, out, update, threads)
 
 
-def reproduce(job: Reproduction) -> list[NotebookRun]:
-    """Execute the notebooks of ``job`` headless, one fresh kernel each, in order."""
+def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
+    """Execute the notebooks of ``job`` headless, one fresh kernel each, in order, yielding each run as it ends (so
+    that a caller interrupted half-way knows which finished)."""
     # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
     env = {**thread_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    runs = []
     for path in job.notebooks:
         figures = str((job.out / "figures" / path.stem).resolve())
-        runs.append(execute_notebook(path, path.parent if job.update else job.out,
-                                     {**env, **profile_environment(replace(job.profile, figures=figures))}))
-    return runs
+        yield execute_notebook(path, path.parent if job.update else job.out,
+                               {**env, **profile_environment(replace(job.profile, figures=figures))})
 
 
 def results_dir(results: Path, profile: Profile) -> Path:

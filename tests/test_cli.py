@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import nbformat
@@ -379,3 +382,68 @@ def test_an_existing_output_is_replaced_only_with_overwrite(argv, existing, no_w
     assert (tmp_path / existing).read_text() == "the user's earlier result"
     with pytest.raises(Started):  # asked for: the checks pass and the work begins
         cli.main([*argv, "--overwrite"])
+
+
+@pytest.mark.parametrize("command", [["reproduce"], ["finetune", "--out", "{tmp}/run"], ["evaluate"]])
+def test_an_explicit_cuda_device_without_a_gpu_is_refused_by_every_command(command, no_work, notebooks, tmp_path,
+                                                                          capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [arg.format(tmp=tmp_path) for arg in command] + ["--device", "cuda"]
+    if command[0] == "reproduce":
+        argv += ["--notebooks", str(notebooks), "--results", str(tmp_path / "results")]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU is available" in error and "Traceback" not in error
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_half_run(signum, status, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, kernels included, as a terminal sends it) or SIGTERM (to cliplab
+    alone) stops the run: exit 130 / 143, one line naming the notebooks that finished, no traceback, and no executed
+    copy of the notebook that was running."""
+    directory = tmp_path / "notebooks"
+    directory.mkdir()
+    marker = tmp_path / "started"
+    _write_notebook(directory / "01_ok.ipynb", ["print('fast')"])
+    _write_notebook(directory / "02_slow.ipynb", [f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(120)"])
+    process = subprocess.Popen([sys.executable, "-m", "cliplab.cli", "reproduce", "--notebooks", str(directory),
+                                "--results", str(tmp_path / "results")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), process.communicate(timeout=5)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == status, error
+    assert "Traceback" not in error, error
+    assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: 01_ok;")
+    assert sorted(p.name for p in (tmp_path / "results" / "shapes").glob("*.ipynb")) == ["01_ok.ipynb"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["evaluate", "--out", "{tmp}/eval"], "interrupted; nothing was written ({tmp}/eval is unchanged)"),
+    (["finetune", "--out", "{tmp}/run"], "interrupted; {tmp}/run keeps the last saved checkpoint: continue with the "
+                                         "same command and --resume"),
+    (["train-shapes-clip", "--out", "{tmp}/w.safetensors"], "interrupted; nothing was saved to {tmp}/w.safetensors"),
+])
+def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, monkeypatch):
+    from cliplab import report, shapes_clip, study
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for owner, name in ((report, "evaluate"), (study, "finetune_and_evaluate"), (shapes_clip, "train_shapes_clip")):
+        monkeypatch.setattr(owner, name, interrupted)
+    assert cli.main([arg.format(tmp=tmp_path) for arg in argv]) == 130
+    assert capsys.readouterr().err == f"cliplab {argv[0]}: {says.format(tmp=tmp_path)}\n"
