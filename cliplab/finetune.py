@@ -24,6 +24,7 @@ import fnmatch
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -330,12 +331,26 @@ def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> N
     if not resume:
         _check_fresh(out)
         return
-    state_file = _latest(out).with_suffix(".state.pt")
+    weights = _latest(out)
+    state_file = weights.with_suffix(".state.pt")
     try:  # weights_only: a state file holding pickled objects is refused, not executed; mmap: no tensor is read
         stored = torch.load(state_file, weights_only=True, mmap=True)["config"]
     except Exception as error:  # a truncated, foreign or malicious file: say which, not a deep trace
         raise ValueError(f"cannot resume: {state_file} is corrupted or not a cliplab checkpoint ({error})") from error
+    _check_weights_file(weights)
     check_same_run(stored, config, f"cannot resume from {out}")
+
+
+def _check_weights_file(weights: Path) -> None:
+    """A checkpoint's weights file whose header and size agree (safetensors reads the header alone and checks that
+    the file covers every tensor), so a truncated file is refused before any model loads, not after."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except Exception as error:
+        raise ValueError(f"cannot resume: {weights} is corrupted or truncated ({error})") from error
 
 
 def check_run_directory(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
@@ -382,13 +397,21 @@ class RunLocked(FileExistsError):
     """Another process is training into the same directory (a run that exists, in progress)."""
 
 
+_HELD: set[tuple[Path, int]] = set()  # (run directory, thread) for each lock this process holds
+
+
 @contextlib.contextmanager
 def run_lock(out: Path):
     """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
     second run into the same directory fails at once, naming the holder. The kernel drops the lock when the
-    holder exits, killed or not."""
+    holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it before loading
+    anything, and the ``finetune`` it calls finds it held; another thread, like another process, is refused."""
     import fcntl
 
+    key = (Path(out).resolve(), threading.get_ident())
+    if key in _HELD:
+        yield
+        return
     check_directory(out, "out")
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -401,7 +424,11 @@ def run_lock(out: Path):
                             f"or choose another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)
 

@@ -14,6 +14,7 @@ here or below, each tested:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -32,7 +33,7 @@ from ._io import atomic_write, save_tensors
 from .classifier import ZeroShotClassifier
 from .evaluation import (DatasetAttack, Proportion, RobustnessReport, attack_dataset, attack_success_rate,
                          robust_accuracy, robustness_vs_eps)
-from .finetune import FinetuneConfig, check_run_directory, check_same_run, finetune, run_settings
+from .finetune import FinetuneConfig, check_run_directory, check_same_run, finetune, run_lock, run_settings
 from .models import save_weights
 from .oft import check_block_size, merge_oft
 
@@ -202,22 +203,24 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
             check_block_size(architecture.visual, config.block_size)
 
     _distributed.on_every_rank(check, "cliplab finetune's checks")
-    classifier = profile.load_classifier()
-    x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
-    x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)
+    # the run's lock, taken before anything loads: a second run into ``out`` fails at once (finetune re-enters it)
+    with run_lock(out) if _distributed.is_main() else contextlib.nullcontext():
+        classifier = profile.load_classifier()
+        x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
+        x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)
 
-    def evaluate(model):
-        result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps,
-                                 restarts=profile.restarts, loss="margin", seed=0, progress=False)
-        return {"clean": result.clean.as_dict(), "robust": result.robust.as_dict()}
+        def evaluate(model):
+            result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps,
+                                     restarts=profile.restarts, loss="margin", seed=0, progress=False)
+            return {"clean": result.clean.as_dict(), "robust": result.robust.as_dict()}
 
-    metrics = {"config": asdict(config), "eps": config.eps, "before": evaluate(classifier)}
-    finetune(classifier, x, y, config, out, resume=resume, eval_data=(x_test, y_test))
-    metrics["after"] = evaluate(classifier)
-    if _distributed.is_main():  # the one process that writes
-        export_weights(classifier, out / "final.safetensors")
-        with atomic_write(out / "metrics.json") as tmp:
-            Path(tmp).write_text(json.dumps(metrics, indent=2))
+        metrics = {"config": asdict(config), "eps": config.eps, "before": evaluate(classifier)}
+        finetune(classifier, x, y, config, out, resume=resume, eval_data=(x_test, y_test))
+        metrics["after"] = evaluate(classifier)
+        if _distributed.is_main():  # the one process that writes
+            export_weights(classifier, out / "final.safetensors")
+            with atomic_write(out / "metrics.json") as tmp:
+                Path(tmp).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

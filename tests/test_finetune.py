@@ -119,10 +119,25 @@ def test_a_new_run_refuses_a_directory_of_other_files_or_another_run(tmp_path, d
 
 
 def test_a_second_run_into_the_same_directory_fails_at_once_naming_the_holder(tmp_path, data):
+    import threading
+
     x, y = data
-    with ft.run_lock(tmp_path / "run"):  # as a running training job holds it
+    held, release = threading.Event(), threading.Event()
+
+    def running_job():  # holds the lock as a training job in another thread of this process would
+        with ft.run_lock(tmp_path / "run"):
+            held.set()
+            release.wait(30)
+
+    job = threading.Thread(target=running_job)
+    job.start()
+    try:
+        assert held.wait(30)
         with pytest.raises(ft.RunLocked, match=rf"in use by another fine-tuning run \(pid {os.getpid()}\)"):
             ft.finetune(fresh(), x, y, tiny_config(), tmp_path / "run")
+    finally:
+        release.set()
+        job.join()
     ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path / "run")  # free again once the holder is done
 
 
@@ -162,6 +177,16 @@ def test_a_failed_resume_leaves_the_classifier_untouched(tmp_path, data):
         ft.finetune(classifier, x, y, tiny_config(steps=2, adapter="oft"), tmp_path, resume=True)
     assert weights(classifier).keys() == before.keys(), "no OFT modules may have been added"
     assert all(torch.equal(before[k], v) for k, v in weights(classifier).items())
+
+
+def test_truncated_weights_are_refused_by_the_checks_before_any_model_loads(tmp_path, data):
+    """check_out (what cliplab finetune runs before loading anything) reads the weights file's header too."""
+    x, y = data
+    ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path)
+    weights_file = tmp_path / "checkpoint-2.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"cannot resume: .*checkpoint-2\.safetensors is corrupted or truncated"):
+        ft.check_out(tmp_path, tiny_config(steps=2), resume=True)
 
 
 def test_state_files_are_named_when_corrupt_and_pickles_are_refused(tmp_path, data):
