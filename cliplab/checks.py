@@ -14,7 +14,7 @@ from torch import nn
 from . import _torch
 from ._checks import check_images, check_labels
 from .attacks import eot_gradient, pgd
-from .evaluation import accuracy
+from .evaluation import accuracy, looks_like_probabilities
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         2. accuracy does not rise with eps (eps/2, eps, 2 eps);
         3. an unbounded attack (eps = 1) brings accuracy to ~0 (<= 5%, or <= 10% with votes);
         4. more steps and restarts (4x steps, 2 restarts) are never weaker;
-        5. white-box is at least as strong as transfer from ``undefended`` (when given).
+        5. white-box is at least as strong as transfer from ``undefended`` (when given);
+        and, listed only when it fails, that the model returns logits rather than probabilities.
 
     Args:
         model: the model under test, defence included. x, y: a batch of images and labels.
@@ -67,6 +68,11 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         return accuracy(model, x_adv, y, votes=votes).value, x_adv
 
     report = MaskingReport()
+    with torch.no_grad(), _torch.eval_mode(model):
+        outputs = model(x[:8]).float()
+    if looks_like_probabilities(outputs):  # listed only when it fails, so a report on logits reads as before
+        report.checks.append(Check("the model returns logits", False, "its rows are probabilities (in [0, 1], "
+                                   "summing to 1): cross-entropy attacks on them understate robustness"))
     report.checks.append(_gradient_check(model, x, y, eot_samples))
     curve = [robust(e)[0] for e in (eps / 2, eps, 2 * eps)]
     report.checks.append(Check("accuracy falls as eps grows", all(b <= a + tolerance for a, b in zip(curve, curve[1:])),

@@ -7,6 +7,7 @@ attacks every ``world``-th batch, with the seed that batch has in a single proce
 the processes, so every process returns exactly the single-process result (for a deterministic model)."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -87,6 +88,9 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     check_int(batch_size, "batch_size")
     check_int(votes, "votes")
     device = _torch.device_of(model, x.device)
+    if device.type == "meta":
+        raise ValueError("model is on the meta device, which holds no weights and computes no predictions: load it "
+                         "on a real device (cpu, cuda)")
     out = []
     with torch.no_grad(), _torch.eval_mode(model), _torch.cast_cache(device):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
@@ -393,7 +397,7 @@ def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, vo
         model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
         seed=seed), "the evaluation's arguments")
     _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
-    _check_finite_logits(model, x, _torch.device_of(model, x.device), autocast)
+    _check_logits(model, x, _torch.device_of(model, x.device), autocast)
     return names
 
 
@@ -523,13 +527,27 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
     return names
 
 
-def _check_finite_logits(model, x, device, autocast) -> None:
-    """A model that returns NaN would make every attack and accuracy meaningless: refuse it at once."""
+def _check_logits(model, x, device, autocast) -> None:
+    """A model that returns NaN would make every attack and accuracy meaningless: refuse it at once. One that
+    returns probabilities instead of logits is evaluated, with a warning: cross-entropy on probabilities is flat
+    where the model is confident, so gradient attacks find less than they should (the worst case still counts every
+    attack, but read its APGD-CE and PGD columns with care)."""
     with torch.no_grad(), _torch.eval_mode(model), _torch.autocast(device, autocast):
-        logits = model(x[:8].to(device))
+        logits = model(x[:8].to(device)).float()
     if not torch.isfinite(logits).all():
         raise ValueError("model returned NaN or infinite logits on the clean images: no attack can be evaluated "
                          "against it")
+    if looks_like_probabilities(logits):
+        warnings.warn("model returns probabilities (every row in [0, 1], summing to 1), not logits: attacks on "
+                      "cross-entropy understate what they can do; evaluate a model that returns logits (e.g. the "
+                      "log of these probabilities)", stacklevel=3)
+
+
+def looks_like_probabilities(outputs: torch.Tensor) -> bool:
+    """Whether (N, C) model outputs are rows of probabilities rather than logits."""
+    return bool(((outputs >= 0) & (outputs <= 1)).all() and torch.allclose(outputs.sum(dim=1),
+                                                                          torch.ones(len(outputs), device=outputs.device),
+                                                                          atol=1e-3))
 
 
 def _judged(judge, images, device) -> torch.Tensor:

@@ -51,6 +51,14 @@ def test_images_on_another_device_get_a_clear_error(random_shapes_clf, toy_model
             attack()
 
 
+def test_predicting_with_a_model_on_the_meta_device_is_named(random_shapes_clf, batch):
+    x, y = batch
+    on_meta = copy.deepcopy(random_shapes_clf).to("meta")
+    for call in (lambda: cliplab.predict(on_meta, x), lambda: cliplab.accuracy(on_meta, x, y)):
+        with pytest.raises(ValueError, match=r"^model is on the meta device, which holds no weights"):
+            call()
+
+
 def test_smoothing_moves_images_to_its_classifier(random_shapes_clf, batch):
     """predict/certify return CPU tensors whatever the devices, so they take images from anywhere."""
     x, _ = batch
