@@ -9,6 +9,7 @@ notebooks' cached encoders (``notebooks/checkpoints/<profile>/``): the figures a
 Usage:
     python benchmarks/count_passes.py                      # shapes, 06's six models (05's three are among them)
     python benchmarks/count_passes.py --n 200 --models original,FARE-full
+    python benchmarks/count_passes.py --n 200 --precision bf16    # bf16 autocast on the CPU, against the default
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=None, help="test images (default: the profile's n_eval)")
     parser.add_argument("--models", default=None, help="comma-separated model names (default: all)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--precision", default="auto", help="the classifier's: auto (fp32 on a CPU), fp32 or bf16")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    profile = cliplab.get_profile(args.profile, checkpoints=NOTEBOOKS / "checkpoints" / args.profile)
+    profile = cliplab.get_profile(args.profile, checkpoints=NOTEBOOKS / "checkpoints" / args.profile,
+                                  precision=args.precision)
     study = FinetuneStudy(profile)
     if args.n:
         study.x_test, study.y_test = study.x_test[:args.n], study.y_test[:args.n]
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             after = report.per_attack.get(attack, report.clean).value
             rows.append((name, f"{255 * eps:g}/255" if eps else "-", attack, forward, backward,
                          counter.seconds[eps, attack], after))
-    print(f"profile {profile.name}, n={len(study.y_test)}, threads {args.threads}, "
+    print(f"profile {profile.name}, n={len(study.y_test)}, threads {args.threads}, precision {profile.precision}, "
           f"{time.perf_counter() - started:.0f} s in all\n")
     print("| model | eps | attack | F images | B images | seconds | robust after |")
     print("|---|---|---|---:|---:|---:|---:|")
