@@ -3,6 +3,7 @@ with its profile's settings and its own torch threads, and write the executed co
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib.util
 import logging
@@ -96,9 +97,10 @@ def _client_class():
                         loop.add_signal_handler(signum, self._stop, signum)
                 yield
 
-        def _stop(self, signum):
+        def _stop(self, signum):  # as nbclient's own handler, remembering the signal
             self.stopped_by = signum
             self._async_cleanup_kernel_future = asyncio.ensure_future(self._async_cleanup_kernel())
+            atexit.unregister(self._cleanup_kernel)
 
     return SlicedPollClient
 
@@ -166,7 +168,10 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
         try:
             with open(log, "w") as kernel_output:  # the kernel's own messages, shown only if it dies
                 # the kernel's environment carries the profile
-                client.execute(env={**os.environ, **env}, stdout=kernel_output, stderr=kernel_output)
+                # cleanup_kc: shut the kernel down afterwards, which nbclient does on its own only for a kernel
+                # manager it made itself
+                client.execute(env={**os.environ, **env}, stdout=kernel_output, stderr=kernel_output,
+                               cleanup_kc=True)
         except CellExecutionError as exc:
             error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
         except Exception as exc:  # a kernel that died (a failed notebook), or one a signal stopped
@@ -176,9 +181,7 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
             bar.close()
             for signum, handler in handlers.items():  # nbclient reset them to the defaults
                 signal.signal(signum, handler)
-    if client.stopped_by is not None:  # interrupted: finish shutting the kernel down, and write no half-run copy
-        with contextlib.suppress(Exception):
-            client._cleanup_kernel()
+    if client.stopped_by is not None:  # interrupted: write no half-run copy
         # the kernel client, collected at exit with its channels half-closed, would log a harmless warning
         logging.getLogger("traitlets").setLevel(logging.ERROR)
         raise Terminated if client.stopped_by == signal.SIGTERM else KeyboardInterrupt

@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 import nbformat
+import psutil
 import pytest
 
 from cliplab import cli, runner
@@ -79,8 +80,10 @@ def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     assert re.search(r"cell \d+", lines["02_fail"]), lines["02_fail"]
     assert "ValueError: boom" in lines["02_fail"]
     assert "README" not in printed
-    # the profile never leaks into the calling process
+    # the profile never leaks into the calling process, nor does a kernel outlive its notebook
     assert "CLIPLAB_PROFILE" not in os.environ
+    kernels = [p for p in psutil.Process().children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+    assert not kernels, f"kernels left running: {kernels}"
 
 
 @pytest.mark.notebooks
