@@ -84,7 +84,7 @@ def peer_attack(peer: str, model, eps: float, device: str):
     from pyautoattack import AutoAttack
 
     attack = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=0)
-    return lambda x, y: attack.run_standard_evaluation(x, y, batch_size=len(x))
+    return lambda x, y: attack.run_standard_evaluation(x, y, batch_size=len(x))[0]  # (x_adv, y_adv)
 
 
 def main() -> None:
