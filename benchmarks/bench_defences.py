@@ -61,7 +61,7 @@ import torch
 import cliplab
 from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, naive_full_clip_logits, setup, timed
 from cliplab.defences import RandomizedSmoothing
-from cliplab.denoise import bilateral, bilateral_sweep
+from cliplab.defences import bilateral, bilateral_sweep
 
 SIGMA = 0.25  # randomized smoothing noise, [0, 1] pixel units
 SWEEP_SIGMAS = tuple(round(0.2 * k, 1) for k in range(1, 16))  # 0.2, 0.4, ..., 3.0

@@ -45,7 +45,7 @@ import torch
 import cliplab
 from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, setup
 from cliplab import finetune as ft
-from cliplab.oft import apply_oft, merge_oft, oft_parameters
+from cliplab.training import apply_oft, merge_oft, oft_parameters
 
 EPS = 4 / 255
 

@@ -2,7 +2,7 @@
 
 One PGD workload (the shapes CLIP, 256 images, 3 x PGD-5) runs in a fresh process, the way a notebook kernel
 runs it, under each thread setting: quiet, then beside ``--busy`` processes that each spin one core. Prints each
-time and its ratio to the quiet run with ``cliplab.runner.thread_environment``'s setting (the baseline, measured in
+time and its ratio to the quiet run with ``cliplab.cli.reproduce.thread_environment``'s setting (the baseline, measured in
 the same invocation).
 
     python benchmarks/bench_threads.py [--busy 1] [--repeats 2]
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from cliplab.runner import default_threads, thread_environment
+from cliplab.cli.reproduce import default_threads, thread_environment
 
 WORKLOAD = """
 import time, torch, cliplab

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 
 import cliplab
-from cliplab import runner
+from cliplab.cli import reproduce as runner
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {**runner.thread_environment(args.threads), "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as out:
         for path in runner.find_notebooks(NOTEBOOKS, args.only):
-            run = runner.execute_notebook(path, Path(out), {**env, **cliplab.profiles.profile_environment(
+            run = runner.execute_notebook(path, Path(out), {**env, **cliplab.study.profiles.profile_environment(
                 replace(profile, figures=str(Path(out) / "figures")))})
             cells = nbformat.read(path, as_version=4).cells
             print(f"\n{path.stem}: {run.seconds:.0f} s, {args.threads} threads"

@@ -197,9 +197,9 @@ def _range(low: float, high: float, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="cifar100", choices=sorted(cliplab.profiles.PROFILES))
+    parser.add_argument("--profile", default="cifar100", choices=sorted(cliplab.study.profiles.PROFILES))
     args = parser.parse_args(argv)
-    profile = cliplab.profiles.PROFILES[args.profile]
+    profile = cliplab.study.profiles.PROFILES[args.profile]
     print(format_table(notebook_costs(profile), notebook_costs(profile, upper=True)))
 
 

@@ -3,13 +3,12 @@
 Images are float NCHW tensors in [0, 1] at native resolution; every classifier and defence maps them to
 logits, so every attack here is end to end.
 
-Layers (README, "Architecture"): kernels (attacks, defences, denoisers, OFT, the trainer, evaluation) below loading
-(models, data) below the study (profiles, ``study``, ``report``, ``plots``) below the command line and its notebook
-``runner``; a module imports only from its own layer or the ones below.
+Layers (README, "Layout"), each a folder or a few modules, each importing only from its own layer or the ones below:
+private helpers (``_*.py``); kernels (``attacks/``, ``defences/``, ``evaluation/``, ``training/``, ``classifier``);
+loading (``models``, ``data``, ``shapes_clip``); the study (``study/``: profiles, 05/06's setup, the report card,
+plots); the command line (``cli/``: commands and the notebook runner).
 """
-from .apgd import apgd, apgd_targeted
-from .attacks import AttackResult, attack_objective, eot_gradient, pgd
-from . import checks, denoise, finetune, study
+from .attacks import AttackResult, apgd, apgd_targeted, attack_objective, eot_gradient, pgd, square
 from .classifier import ZeroShotClassifier, build_text_head
 from .data import load_dataset
 from .defences import ABSTAIN, Denoised, GaussianNoise, RandomizedSmoothing
@@ -17,9 +16,14 @@ from .evaluation import (AttackBudget, DatasetAttack, Proportion, RobustAccuracy
                          accuracy_vs_eps, attack_dataset, attack_success_rate, evaluate_robustness, predict,
                          robust_accuracy)
 from .models import load_classifier, save_weights
-from .oft import apply_oft, merge_oft
-from .profiles import Profile, get_profile
-from .square import square
+from .study import Profile, get_profile
+from .training import apply_oft, merge_oft
+# modules the public API has always had under these names
+from . import study
+from .defences import denoise
+from .evaluation import gradient_masking as checks
+from .study import plots
+from . import training as finetune
 
 __all__ = [
     "ABSTAIN", "AttackBudget", "AttackResult", "DatasetAttack", "Denoised", "GaussianNoise", "Profile", "Proportion",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_images
+from ._arguments import check_choice, check_images
 from ._torch import PRECISIONS, PatchEmbedding, autocast, check_device, device_of
 
 

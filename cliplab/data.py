@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import check_choice, check_int
+from ._arguments import check_choice, check_int
 from ._network import ensure_reachable
 
 # (name, RGB) in [0, 1]; far enough apart to stay distinguishable under the per-image jitter below.

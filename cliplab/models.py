@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import data
-from ._checks import check_choice
+from ._arguments import check_choice
 from ._io import save_tensors
 from ._network import ensure_reachable
 from ._torch import PRECISIONS

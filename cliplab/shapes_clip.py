@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._checks import check_int
-from ._train import adamw
+from ._arguments import check_int
+from .training.optimizer import adamw
 from .data import SHAPES100_CLASSES, SHAPES100_TEMPLATES, load_dataset
 
 MODEL_NAME = "cliplab-shapes-tiny"  # registered with open_clip from cliplab/model_configs/

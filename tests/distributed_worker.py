@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import cliplab
 from cliplab import _distributed, evaluation, finetune as ft
+from cliplab.training import objectives
 from cliplab.study import random_targets
 
 
@@ -39,7 +40,7 @@ def finetune(args, rank: int) -> None:
         config.seed = args.rank1_seed
     out = Path(args.rank1_out if rank == 1 and args.rank1_out else args.out)
     if rank == 1 and args.kill_at_step:
-        real_loss, calls = ft._loss, []
+        real_loss, calls = objectives.adversarial_loss, []
 
         def killed(*loss_args):
             calls.append(1)
@@ -47,7 +48,7 @@ def finetune(args, rank: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no cleanup, no exception, mid-run
             return real_loss(*loss_args)
 
-        ft._loss = killed
+        objectives.adversarial_loss = killed
     x, y = training_data()
     ft.finetune(random_classifier(), x, y, config, out, resume=args.resume, eval_data=(x[:16], y[:16]))
 

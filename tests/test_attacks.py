@@ -111,7 +111,8 @@ def test_same_seed_same_result(shapes_clf, batch):
 def test_a_given_start_replaces_the_random_one_and_can_be_split_by_rows(shapes_clf, batch):
     """What distributed training relies on: a start drawn for a whole batch, then split, attacks each part exactly
     as the seeded attack of the whole batch would (PGD's random start, and pgd_maximize's)."""
-    from cliplab.attacks import pgd_maximize, random_delta
+    from cliplab.attacks.pgd import pgd_maximize
+    from cliplab.attacks.common import random_delta
 
     x, y = batch
     start = random_delta(x, 4 / 255, "linf", torch.Generator().manual_seed(123))

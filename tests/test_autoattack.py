@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import cliplab
-from cliplab.apgd import apgd, apgd_targeted, checkpoints, targeted_dlr
+from cliplab.attacks import apgd, apgd_targeted
+from cliplab.attacks.apgd import checkpoints, targeted_dlr
 from cliplab import evaluation
 from cliplab.evaluation import AttackBudget, evaluate_robustness, robustness_table
-from cliplab.square import square
+from cliplab.attacks import square
 from test_evaluation import Fixed  # a deterministic 4-class model
 
 ATTACKS = {

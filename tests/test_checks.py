@@ -5,7 +5,7 @@ from torch import nn
 
 import cliplab
 
-from cliplab.checks import gradient_masking_report
+from cliplab.evaluation import gradient_masking_report
 from cliplab.defences import Denoised
 
 

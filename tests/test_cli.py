@@ -15,7 +15,8 @@ import nbformat
 import psutil
 import pytest
 
-from cliplab import cli, runner
+from cliplab.cli import commands as cli
+from cliplab.cli import reproduce as runner
 
 OK_CELLS = [
     "import os\nimport matplotlib.pyplot as plt\nimport cliplab.plots as P",
@@ -113,7 +114,7 @@ def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
 def test_bad_arguments_fail_before_anything_runs(argv, message, notebooks, tmp_path, capsys, monkeypatch):
     """Each is refused with a message naming the argument, before a notebook, a model or data is loaded (the
     block size is checked against the architecture built on the meta device)."""
-    from cliplab.profiles import Profile
+    from cliplab.study import Profile
 
     def never(*args, **kwargs):
         raise AssertionError("started work before the arguments were checked")
@@ -211,7 +212,7 @@ def test_an_error_is_written_as_one_whole_line(tmp_path, monkeypatch):
 def test_finetune_resume_problems_are_found_before_anything_is_loaded(tmp_path, capsys, monkeypatch):
     """A bad --resume directory fails before the model, the data and the "before" evaluation (minutes on
     cifar100): the profile's loaders must never be called."""
-    from cliplab.profiles import Profile
+    from cliplab.study import Profile
 
     def never(*args, **kwargs):
         raise AssertionError("loaded before the resume directory was checked")
@@ -353,8 +354,9 @@ class Started(Exception):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Every command's heavy work raises ``Started``: a test sees whether the checks let it begin."""
-    from cliplab import report, shapes_clip
-    from cliplab.profiles import Profile
+    from cliplab import shapes_clip
+    from cliplab.study import report
+    from cliplab.study import Profile
 
     def started(*args, **kwargs):
         raise Started
@@ -441,12 +443,13 @@ def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_h
     (["train-shapes-clip", "--out", "{tmp}/w.safetensors"], "interrupted; nothing was saved to {tmp}/w.safetensors"),
 ])
 def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, monkeypatch):
-    from cliplab import report, shapes_clip, study
+    from cliplab import shapes_clip
+    from cliplab.study import finetuning, report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    for owner, name in ((report, "evaluate"), (study, "finetune_and_evaluate"), (shapes_clip, "train_shapes_clip")):
+    for owner, name in ((report, "evaluate"), (finetuning, "finetune_and_evaluate"), (shapes_clip, "train_shapes_clip")):
         monkeypatch.setattr(owner, name, interrupted)
     assert cli.main([arg.format(tmp=tmp_path) for arg in argv]) == 130
     assert capsys.readouterr().err == f"cliplab {argv[0]}: {says.format(tmp=tmp_path)}\n"

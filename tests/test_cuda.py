@@ -16,6 +16,7 @@ import cliplab
 from cliplab import Denoised, GaussianNoise, RandomizedSmoothing, apply_oft, merge_oft
 from cliplab import denoise
 from cliplab import finetune as ft
+from cliplab.training import objectives
 
 pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("CLIPLAB_TEST_DEVICE", "cuda")
@@ -137,7 +138,7 @@ def test_finetune_steps_save_and_resume(clf, images, tmp_path, monkeypatch, meth
     config = ft.FinetuneConfig(method=method, adapter=adapter, block_size=8, steps=4, batch_size=16, attack_steps=2,
                                save_every=2, warmup=1, lr=1e-4, progress=False)
     straight = ft.finetune(copy.deepcopy(clf), x, y, config, tmp_path / "straight")
-    real_loss, calls = ft._loss, []
+    real_loss, calls = objectives.adversarial_loss, []
 
     def killed_at_step_three(*args):
         calls.append(1)
@@ -145,10 +146,10 @@ def test_finetune_steps_save_and_resume(clf, images, tmp_path, monkeypatch, meth
             raise _Killed
         return real_loss(*args)
 
-    monkeypatch.setattr(ft, "_loss", killed_at_step_three)
+    monkeypatch.setattr(objectives, "adversarial_loss", killed_at_step_three)
     with pytest.raises(_Killed):
         ft.finetune(copy.deepcopy(clf), x, y, config, tmp_path / "resumed")
-    monkeypatch.setattr(ft, "_loss", real_loss)
+    monkeypatch.setattr(objectives, "adversarial_loss", real_loss)
     resumed = ft.finetune(copy.deepcopy(clf), x, y, config, tmp_path / "resumed", resume=True)
     assert _devices(straight) == _devices(resumed) == {torch.device(DEVICE).type}
     for (name, a), (_, b) in zip(straight.model.visual.state_dict().items(), resumed.model.visual.state_dict().items()):
@@ -187,9 +188,10 @@ def test_worst_case_evaluation_agrees_with_the_cpu(shapes_clf, clf, images, prec
 
 def test_apgd_and_square_loops_never_wait_for_the_gpu(clf, images):
     """Inside a run every decision is a tensor mask: with sync debugging set to error, a host sync would raise."""
-    from cliplab.apgd import _apgd_run
-    from cliplab.attacks import Strongest, attack_objective
-    from cliplab.square import _square_run
+    from cliplab.attacks.apgd import _apgd_run
+    from cliplab.attacks.common import Strongest
+    from cliplab.attacks import attack_objective
+    from cliplab.attacks.square import _square_run
 
     if torch.device(DEVICE).type != "cuda":
         pytest.skip("host syncs exist only on CUDA")

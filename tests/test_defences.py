@@ -187,7 +187,7 @@ class PlainWrapper(nn.Module):
 
 
 def test_noise_then_denoise_chains_attack_cleanly(random_shapes_clf, batch):
-    from cliplab.denoise import Bilateral, Median
+    from cliplab.defences import Bilateral, Median
 
     x, y = batch
     for denoiser in (Bilateral(), Median()):

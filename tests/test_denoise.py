@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from cliplab.denoise import (Bilateral, Guided, Median, RandomBilateral, bilateral, bilateral_sweep, guided,
-                             median)
+from cliplab.defences import Bilateral, Guided, Median, RandomBilateral, bilateral, bilateral_sweep, guided, median
 
 
 def small(dtype=torch.float64):

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import cliplab
-from cliplab import _distributed, cli, finetune as ft
+from cliplab import _distributed, finetune as ft
+from cliplab.cli import commands as cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab import cli
+from cliplab.cli import commands as cli
 
 NOTEBOOK_CHECKPOINTS = Path(__file__).resolve().parents[1] / "notebooks" / "checkpoints" / "shapes"
 FAST = ["--steps", "3", "--targets", "2", "--queries", "5", "--quiet"]
@@ -108,7 +108,7 @@ def test_bad_settings_fail_before_any_work(argv, message, tmp_path, capsys, monk
 def test_the_attack_plan_is_checked_before_any_model_like_the_librarys():
     """report.check and evaluate_robustness share one check of the attacks against the budget: targets count only
     where APGD-T runs, Square refuses L2, and a bad budget field is named, all before any model is built."""
-    from cliplab import report
+    from cliplab.study import report
     from cliplab.evaluation import check_attack_plan
 
     many_targets = cliplab.AttackBudget(num_targets=150)

@@ -9,7 +9,8 @@ import torch
 
 import cliplab
 from cliplab import finetune as ft, study
-from cliplab.oft import oft_parameters
+from cliplab.training import objectives
+from cliplab.training import oft_parameters
 
 
 def tiny_config(**overrides):
@@ -85,7 +86,7 @@ def test_checkpoint_clean_up_deletes_only_its_own_files(tmp_path, data):
 
 def _killed_at_step(step, run) -> bool:
     """Run ``run()`` with the step function raising at training step ``step``; True if it was killed."""
-    real_loss, calls = ft._loss, []
+    real_loss, calls = objectives.adversarial_loss, []
 
     def dies(*args):
         calls.append(1)
@@ -93,13 +94,13 @@ def _killed_at_step(step, run) -> bool:
             raise Killed
         return real_loss(*args)
 
-    ft._loss = dies
+    objectives.adversarial_loss = dies
     try:
         run()
     except Killed:
         return True
     finally:
-        ft._loss = real_loss
+        objectives.adversarial_loss = real_loss
     return False
 
 
@@ -203,7 +204,7 @@ def test_state_files_are_named_when_corrupt_and_pickles_are_refused(tmp_path, da
 
 def adversarial_distance(classifier, target, x, eps):
     """Mean ||f(x_adv) - f0(x)||^2 under a fixed-seed FARE attack: what FARE minimises."""
-    from cliplab.attacks import pgd_maximize
+    from cliplab.attacks.pgd import pgd_maximize
 
     distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
     x_adv = pgd_maximize(distance, x, eps=eps, alpha=eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
@@ -285,7 +286,7 @@ def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, t
     def no_training(*args, **kwargs):
         raise AssertionError("a cached encoder must not be retrained")
 
-    monkeypatch.setattr(ft, "finetune", no_training)
+    monkeypatch.setattr(study.finetuning, "finetune", no_training)  # the trainer the cache calls
     loaded, loaded_history = study.load_or_finetune(fresh(), "fare", tiny_config(steps=2, progress=True), x, y,
                                                  tmp_path)
     assert loaded_history == history

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cliplab.runner import thread_environment
+from cliplab.cli.reproduce import thread_environment
 
 pytestmark = pytest.mark.browser
 

@@ -160,7 +160,7 @@ def test_profiles(monkeypatch):
 
 def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_path):
     """What `cliplab reproduce` sets in a notebook's kernel is what get_profile() there returns."""
-    from cliplab.profiles import ENVIRONMENT, profile_environment
+    from cliplab.study.profiles import ENVIRONMENT, profile_environment
 
     for variable in [*ENVIRONMENT.values(), "CLIPLAB_PROFILE"]:
         monkeypatch.delenv(variable, raising=False)
@@ -185,7 +185,7 @@ def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_pa
 
 
 def test_smoke_shrinks_every_budget_of_either_profile():
-    from cliplab.profiles import SMOKE_BUDGETS
+    from cliplab.study.profiles import SMOKE_BUDGETS
 
     for name in ("shapes", "cifar100"):
         full, smoke = cliplab.get_profile(name, device="cpu"), cliplab.get_profile(name, device="cpu", smoke=True)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from cliplab.oft import OrthogonalRotation, apply_oft, merge_oft, oft_parameters
+from cliplab.training.oft import OrthogonalRotation
+from cliplab.training import apply_oft, merge_oft, oft_parameters
 
 
 def perturb(module, scale=0.3):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -72,10 +73,25 @@ def test_environment_yml_installs_the_extras_under_the_pins():
 
 def test_import_cliplab_needs_no_notebook_packages():
     """The library is the core install; the notebook machinery is the `notebooks` extra."""
-    from cliplab.runner import NOTEBOOK_MODULES
+    from cliplab.cli.reproduce import NOTEBOOK_MODULES
 
     core = {canonicalize_name(Requirement(text).name) for text in _project()["dependencies"]}
     assert not core & {canonicalize_name(m) for m in NOTEBOOK_MODULES}
     loaded = subprocess.run([sys.executable, "-c", "import sys, cliplab, cliplab.cli; print(sorted(sys.modules))"],
                             capture_output=True, text=True, check=True).stdout
     assert not [m for m in NOTEBOOK_MODULES if f"'{m}'" in loaded]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_module_the_weights_and_the_model_config(tmp_path):
+    """A non-editable install gets every subpackage and the data files the shapes model needs."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("cliplab-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packed = set(archive.namelist())
+    package = ROOT / "cliplab"
+    expected = {path.relative_to(ROOT).as_posix() for pattern in ("**/*.py", "weights/*.safetensors",
+                                                                   "model_configs/*.json")
+                for path in package.glob(pattern) if "__pycache__" not in path.parts}
+    assert expected - packed == set()

@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from cliplab import plots  # noqa: E402
+from cliplab import plots
 from cliplab.evaluation import Proportion  # noqa: E402
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import cliplab
-from cliplab import cli, runner
+from cliplab.cli import commands as cli
+from cliplab.cli import reproduce as runner
 from standins import accept_checksums, kernel_startup, relabel, write_cifar100
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

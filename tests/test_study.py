@@ -10,7 +10,8 @@ import torch
 
 import cliplab
 from cliplab import study
-from cliplab.oft import apply_oft, merge_oft, oft_parameters
+from cliplab.evaluation import Sweep
+from cliplab.training import apply_oft, merge_oft, oft_parameters
 
 
 def test_random_targets_are_seeded_other_classes_on_the_labels_device():
@@ -56,10 +57,10 @@ def test_sweep_is_attack_success_rate_with_the_profiles_settings(shapes_clf, bat
     x, y = batch
     profile = cliplab.get_profile("shapes")
     settings = profile.sweep(votes=True, early_stop=True)
-    assert settings == study.Sweep(steps=profile.attack_steps, batch_size=profile.batch_size, votes=profile.votes,
+    assert settings == Sweep(steps=profile.attack_steps, batch_size=profile.batch_size, votes=profile.votes,
                                    early_stop=True, seed=0)
     assert profile.sweep().votes == 1
-    fast = study.Sweep(steps=2, batch_size=8, early_stop=True)
+    fast = Sweep(steps=2, batch_size=8, early_stop=True)
     assert fast.success_rate(shapes_clf, x, y, eps=2 / 255) == cliplab.attack_success_rate(
         shapes_clf, x, y, eps=2 / 255, steps=2, batch_size=8, early_stop=True, seed=0, progress=False)
     attack = fast.attack(shapes_clf, x, y, eps=2 / 255)

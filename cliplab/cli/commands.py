@@ -1,12 +1,11 @@
 """Command line: ``cliplab reproduce`` runs the notebooks headless; ``cliplab evaluate`` writes a robustness report
 card; ``cliplab finetune``; ``cliplab train-shapes-clip``.
 
-This module only parses arguments and dispatches: the notebook runner is ``runner``, the evaluation ``report``, the
-fine-tuning workflow ``study.finetune_and_evaluate``."""
+This module only parses arguments and dispatches: the notebook runner is ``cli.reproduce``, the evaluation
+``study.report``, the fine-tuning workflow ``study.finetuning.finetune_and_evaluate``."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import signal
@@ -14,16 +13,17 @@ import sys
 import threading
 from pathlib import Path
 
-from . import _distributed
-from ._checks import check_int, check_new_file
-from .profiles import PROFILES, Profile, get_profile
-from .runner import Terminated, plan_reproduction, reproduce
+from .. import _distributed
+from .._arguments import check_int, check_new_file
+from ..study.profiles import PROFILES, Profile, get_profile
+from .reproduce import Terminated, plan_reproduction, reproduce
 
 # what bad input raises: reported as one line and exit status 2, not as a traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ModuleNotFoundError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (the docs' commands are checked against it: tests/test_docs.py)."""
     parser = argparse.ArgumentParser(prog="cliplab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("reproduce", help="execute the notebooks headless and collect their figures")
@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", type=_path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     train.add_argument("--steps", type=int, default=None)
-    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command in ("finetune", "evaluate") and _launched_by_torchrun():
         return _distributed_command(args)
     runs = []  # the notebooks that ran to the end, for the message of an interrupted reproduce
@@ -166,7 +170,7 @@ def _distributed_command(args) -> int:
 
 
 def _add_evaluate_parser(commands) -> None:
-    from .evaluation import ATTACKS, ENSEMBLES, AttackBudget
+    from ..evaluation.ensemble import ATTACKS, ENSEMBLES, AttackBudget
 
     default = AttackBudget()
     evaluate = commands.add_parser(
@@ -215,7 +219,7 @@ def _add_evaluate_parser(commands) -> None:
 
 def _evaluate(args) -> int:
     """``cliplab evaluate``: check everything, evaluate, print the Markdown table, write the JSON atomically."""
-    from . import report
+    from ..study import report
 
     settings = _distributed.on_every_rank(lambda: _report_settings(args), "cliplab evaluate's checks")
     reports = report.evaluate(settings, progress=not args.quiet)
@@ -230,8 +234,8 @@ def _report_settings(args):
     """``cliplab evaluate``'s settings, each checked, with the weights and the data, before any model is built."""
     import torch
 
-    from . import report
-    from .evaluation import AttackBudget
+    from ..evaluation.ensemble import AttackBudget
+    from ..study import report
 
     _check_device(args.device)
     eot = args.eot_samples if args.eot_samples is not None else (20 if args.attacks == "rand" else 1)
@@ -264,7 +268,7 @@ def _radii(text: str) -> tuple[float, ...]:
 
 def _attack_names(text: str) -> str | tuple[str, ...]:
     """An ensemble name, or comma-separated attack names (argparse type)."""
-    from .evaluation import ATTACKS, ENSEMBLES
+    from ..evaluation.ensemble import ATTACKS, ENSEMBLES
 
     if text in ENSEMBLES:
         return text
@@ -346,7 +350,7 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 
 def _finetune(args, profile: Profile) -> int:
     """``cliplab finetune``: evaluate, fine-tune with checkpoints, evaluate, write final weights and metrics."""
-    from .study import finetune_and_evaluate
+    from ..study.finetuning import finetune_and_evaluate
 
     given = dict(eps=args.eps, steps=args.steps, batch_size=args.batch_size, lr=args.lr, clean_weight=args.clean_weight,
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
@@ -372,8 +376,8 @@ def _path(text: str) -> Path:
 def _train_shapes_clip(out: Path, steps: int | None, overwrite: bool) -> int:
     import torch
 
-    from .models import save_weights
-    from .shapes_clip import ShapesCLIPConfig, train_shapes_clip
+    from ..models import save_weights
+    from ..shapes_clip import ShapesCLIPConfig, train_shapes_clip
 
     config = ShapesCLIPConfig() if steps is None else ShapesCLIPConfig(steps=steps)
     check_new_file(out, "--out", overwrite)  # before the training, whose model would otherwise be lost

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _torch
-from ._checks import check_images, check_labels
-from .attacks import eot_gradient, pgd
-from .evaluation import accuracy, looks_like_probabilities
+from .. import _torch
+from .._arguments import check_images, check_labels
+from ..attacks.common import eot_gradient
+from ..attacks.pgd import pgd
+from .prediction import accuracy, looks_like_probabilities
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _torch
-from ._checks import check_choice, check_int, check_labels
-from .attacks import AttackResult, Strongest, ascent_direction, attack_objective, check_threat_model, eot_logits, \
-    project, random_delta
+from .. import _torch
+from .._arguments import check_choice, check_int, check_labels
+from .common import (
+    AttackResult,
+    Strongest,
+    ascent_direction,
+    attack_objective,
+    check_threat_model,
+    eot_logits,
+    project,
+    random_delta,
+)
 
 APGD_LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # weight of the new step against the previous one (the paper's alpha)

@@ -8,8 +8,8 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import torch
 
-from ._io import atomic_write
-from .evaluation import Proportion
+from .._io import atomic_write
+from ..evaluation.statistics import Proportion
 
 
 def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None) -> Path | None:
@@ -122,7 +122,7 @@ def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int,
                    sigma_space: float = 1.0, sigma_color: float = 0.1, kernel_size: int = 5) -> plt.Figure:
     """One (3, H, W) image before and after a bilateral filter, what the filter removed (amplified), and the
     classifier's top-5 probabilities on both (notebook 04's explorer)."""
-    from .denoise import bilateral
+    from ..defences.denoise import bilateral
 
     example = image[None]
     denoised = bilateral(example, sigma_space=sigma_space, sigma_color=sigma_color, kernel_size=kernel_size)

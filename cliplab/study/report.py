@@ -12,10 +12,11 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import _distributed
-from ._checks import check_choice, check_int, check_seed
-from ._io import atomic_write
-from .evaluation import AttackBudget, RobustnessReport, check_attack_plan, robustness_table, robustness_vs_eps
+from .. import _distributed
+from .._arguments import check_choice, check_int, check_seed
+from .._io import atomic_write
+from ..evaluation.ensemble import AttackBudget, RobustnessReport, check_attack_plan, robustness_vs_eps
+from ..evaluation.tables import robustness_table
 
 DATASET_TEST_SIZES = {"shapes": 10_000, "cifar100": 10_000}
 
@@ -43,8 +44,8 @@ class ReportSettings:
 
 def check(settings: ReportSettings) -> None:
     """Every setting, the weights and the data checked before any model is built (a bad one fails in seconds)."""
-    from .data import DATASETS, check_dataset, class_names
-    from .models import check_weights
+    from ..data import DATASETS, check_dataset, class_names
+    from ..models import check_weights
 
     check_choice(settings.dataset, "dataset", DATASETS)
     check_attack_plan(settings.attacks, "linf", settings.budget, len(class_names(settings.dataset)))
@@ -89,8 +90,8 @@ def _check_encoder(path: str, architecture) -> None:
 def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, RobustnessReport]:
     """Load the model and the first ``n`` test images, then the worst case at each radius (``robustness_vs_eps``:
     the radii nested, each attacking only the survivors of the one below)."""
-    from . import data
-    from .models import load_classifier
+    from .. import data
+    from ..models import load_classifier
 
     check(settings)
     weights = {} if settings.pretrained is None else {"pretrained": settings.pretrained}
@@ -99,7 +100,7 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
     model = load_classifier(settings.model, class_names=class_names, templates=templates, device=settings.device,
                             precision=settings.precision, **weights)
     if settings.encoder is not None:
-        from .study import load_encoder
+        from .finetuning import load_encoder
 
         load_encoder(model, settings.encoder)
     attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
@@ -127,10 +128,10 @@ def write_json(path: str | os.PathLike, settings: ReportSettings, reports: dict[
 
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import open_clip
     import torch
 
-    from . import __version__
-
-    return {"cliplab": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+    return {"cliplab": version("cliplab"), "torch": torch.__version__, "open_clip": open_clip.__version__,
             "python": platform.python_version()}

@@ -1,55 +1,20 @@
-"""Inference-time defences as modules that wrap a classifier, so that attacking them is adaptive.
-
-- ``Denoised(classifier, denoiser)``: x -> classifier(denoiser(x)).
-- ``GaussianNoise(sigma)``: a random input transformation (x + N(0, sigma^2)).
-- ``RandomizedSmoothing``: Cohen et al. (2019) prediction with abstention and certified L2 radius, plus the
-  soft smoothed classifier (mean softmax over noise draws, Salman et al. 2019) as its differentiable forward.
+"""Randomized smoothing: Cohen et al. (2019) prediction with abstention and certified L2 radius, plus the soft
+smoothed classifier (mean softmax over noise draws, Salman et al. 2019) as its differentiable forward.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import numpy as np
 from scipy.stats import binom, norm
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _torch
-from ._checks import check_images, check_int, check_positive
-from ._stats import clopper_pearson
+from .. import _torch
+from .._arguments import check_images, check_int, check_positive
+from .._stats import clopper_pearson
 
 ABSTAIN = -1
-
-
-class Denoised(nn.Module):
-    """A defence that transforms the input before classifying it: ``classifier(denoiser(x))``.
-
-    Any module (a denoiser, ``GaussianNoise``, a random filter) fits; gradients flow through it, so
-    ``pgd(Denoised(...))`` attacks the whole pipeline.
-    """
-
-    def __init__(self, classifier: nn.Module, denoiser: nn.Module):
-        super().__init__()
-        self.classifier, self.denoiser = classifier, denoiser
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.denoiser(x))
-
-
-class GaussianNoise(nn.Module):
-    """Adds N(0, sigma^2) noise to every pixel, without clipping (as randomized smoothing requires)."""
-
-    def __init__(self, sigma: float):
-        super().__init__()
-        check_positive(sigma, "sigma")
-        self.sigma = sigma
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.sigma * torch.randn_like(x)
 
 
 class RandomizedSmoothing(nn.Module):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._checks import check_directory, check_int
-from ._io import atomic_write
-from .profiles import Profile, profile_environment
+from .._arguments import check_directory, check_int
+from .._io import atomic_write
+from ..study.profiles import Profile, profile_environment
 
 # what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra
 NOTEBOOK_MODULES = ("nbclient", "nbformat", "ipykernel", "ipywidgets")

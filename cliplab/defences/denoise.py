@@ -14,7 +14,7 @@ import torch
 from kornia.filters import bilateral_blur, guided_blur, median_blur
 from torch import nn
 
-from ._checks import check_images, check_positive
+from .._arguments import check_images, check_positive
 
 
 def check_kernel_size(kernel_size: int) -> None:

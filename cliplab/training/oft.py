@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import check_int
+from .._arguments import check_int
 
 
 class OrthogonalRotation(nn.Module):

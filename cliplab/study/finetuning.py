@@ -1,16 +1,7 @@
-"""The study layer: what the notebooks and the command line do with the kernels, for a profile.
-
-The kernels (``attacks``, ``apgd``, ``square``, ``defences``, ``denoise``, ``oft``, ``finetune``, ``evaluation``)
-know nothing of profiles or notebooks; this module does, and every number a notebook prints comes from a function
-here or below, each tested:
-
-- ``Sweep``: the PGD settings of the success-rate sweeps and data-set attacks, typed (``Profile.sweep()``);
-- ``random_targets``: the seeded target classes of the targeted attacks;
-- ``FinetuneStudy``: 05 and 06's shared setup (classifier, splits, worst-case evaluation, cached fine-tuned models);
-- the encoder cache and export: ``load_or_finetune``, ``save_encoder``, ``load_encoder``, ``export_weights``;
-- ``finetune_and_evaluate``: ``cliplab finetune``'s workflow (before, train, after, final weights, metrics);
-- ``neuron_geometry`` / ``geometry_change``: 06's claim that OFT keeps the angles between neurons;
-- ``certified_accuracy``: 03's certified-accuracy curve.
+"""Notebooks 05 and 06's shared setup (``FinetuneStudy``: classifier, splits, worst-case evaluation, cached
+fine-tuned encoders), the encoder cache and export (``load_or_finetune``, ``save_encoder``, ``load_encoder``,
+``export_weights``), and ``finetune_and_evaluate``, ``cliplab finetune``'s workflow (before, train, after, final
+weights, metrics).
 """
 from __future__ import annotations
 
@@ -19,78 +10,29 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import _distributed
-from ._io import atomic_write, save_tensors
-from .classifier import ZeroShotClassifier
-from .evaluation import (DatasetAttack, Proportion, RobustnessReport, attack_dataset, attack_success_rate,
-                         robust_accuracy, robustness_vs_eps)
-from .finetune import FinetuneConfig, check_run_directory, check_same_run, finetune, run_lock, run_settings
-from .models import save_weights
-from .oft import check_block_size, merge_oft
+from .. import _distributed
+from .._io import atomic_write, save_tensors
+from ..classifier import ZeroShotClassifier
+from ..evaluation.ensemble import RobustnessReport, robustness_vs_eps
+from ..evaluation.sweeps import robust_accuracy
+from ..models import save_weights
+from ..training.config import FinetuneConfig
+from ..training.oft import check_block_size, merge_oft
+from ..training.runs import check_run_directory, check_same_run, run_lock, run_settings
+from ..training.trainer import finetune
 
 if TYPE_CHECKING:  # the profile calls into this module (Profile.sweep): no import back, no circle
     from .profiles import Profile
 
 # ------------------------------------------------------------------------------------------ attack settings
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """The PGD settings of the study's success-rate sweeps (01, 02) and data-set attacks (04).
-
-    Attributes:
-        steps: PGD steps.
-        batch_size: images per attack batch.
-        votes: judge each attack by the majority vote of this many stochastic passes (randomised defences).
-        early_stop: stop updating an image once the attack succeeds (faster; the same success rate).
-        seed: seed of every batch's random start.
-    """
-
-    steps: int
-    batch_size: int
-    votes: int = 1
-    early_stop: bool = False
-    seed: int = 0
-
-    def _pgd(self) -> dict:
-        return dict(steps=self.steps, batch_size=self.batch_size, votes=self.votes, early_stop=self.early_stop,
-                    seed=self.seed, progress=False)
-
-    def success_rate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                     targets: torch.Tensor | None = None, eot_samples: int = 1,
-                     surrogate: nn.Module | None = None) -> Proportion:
-        """``attack_success_rate`` with these settings: among the images ``model`` classifies correctly."""
-        return attack_success_rate(model, x, y, eps=eps, targets=targets, eot_samples=eot_samples,
-                                   surrogate=surrogate, **self._pgd())
-
-    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, targeted: bool = False,
-               eot_samples: int = 1) -> DatasetAttack:
-        """``attack_dataset`` with these settings: every image, adversarial images and predictions returned."""
-        return attack_dataset(model, x, y, eps=eps, targeted=targeted, eot_samples=eot_samples, **self._pgd())
-
-
-def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
-    """A target class for each label, uniform over the other classes, drawn from a generator seeded ``seed`` on
-    ``y``'s device (so a run is reproducible and independent of the global RNG). (N,) -> (N,)."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2 for a target other than the label, got {num_classes}")
-    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
-        raise ValueError(f"y must hold labels in [0, num_classes) = [0, {num_classes}), got labels from "
-                         f"{int(y.min())} to {int(y.max())}")
-    generator = torch.Generator(y.device).manual_seed(seed)
-    return (y + torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)) % num_classes
-
-
-# ------------------------------------------------------------------------------------------ fine-tuning
 
 
 class FinetuneStudy:
@@ -225,48 +167,3 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
 
 
 # ------------------------------------------------------------------------------------------ analyses
-
-
-# the weight matrices OFT rotates in an open_clip ViT: attention in/out projections and the MLP's two layers
-ADAPTED_WEIGHTS = ("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")
-
-
-def neuron_geometry(classifier: ZeroShotClassifier) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per adapted weight of the image encoder (``ADAPTED_WEIGHTS``): the norm of each neuron (row) and the angle
-    in degrees between every pair of neurons, in float64 on the weight's device. OFT rotates every neuron by the
-    same orthogonal matrix, so it keeps both; full fine-tuning changes them."""
-    geometry = {}
-    for name, weight in classifier.model.visual.state_dict().items():
-        if name.endswith(ADAPTED_WEIGHTS):
-            weight = weight.double()  # (out, in): one neuron per row
-            directions = F.normalize(weight, dim=1)
-            pairs = torch.triu_indices(len(weight), len(weight), offset=1, device=weight.device)
-            cosines = (directions @ directions.T)[pairs[0], pairs[1]]
-            geometry[name] = weight.norm(dim=1), torch.rad2deg(torch.arccos(cosines.clamp(-1, 1)))
-    if not geometry:
-        raise ValueError(f"no weight named *{', *'.join(ADAPTED_WEIGHTS)} in the image encoder: an open_clip ViT is "
-                         f"needed, with OFT rotations merged (cliplab.merge_oft) if it has any")
-    return geometry
-
-
-def geometry_change(reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                    geometry: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far ``geometry`` is from ``reference`` (both from ``neuron_geometry``), over all adapted weights: the
-    relative change of every neuron's norm (a fraction) and the absolute change of every angle (degrees)."""
-    if reference.keys() != geometry.keys():
-        raise ValueError("geometry and reference must come from the same architecture (different adapted weights)")
-    norm_change = torch.cat([(geometry[k][0] / reference[k][0] - 1).abs() for k in reference])
-    angle_change = torch.cat([(geometry[k][1] - reference[k][1]).abs() for k in reference])
-    return norm_change, angle_change
-
-
-def certified_accuracy(classes: torch.Tensor, radii: torch.Tensor, y: torch.Tensor,
-                       at: Sequence[float]) -> list[Proportion]:
-    """Certified accuracy at each L2 radius of ``at``: the images certified as their label with a radius at least
-    that large (``RandomizedSmoothing.certify``'s classes and radii; an abstention, -1, is never right)."""
-    if not classes.shape == radii.shape == y.shape or classes.dim() != 1:
-        raise ValueError(f"classes, radii and y must be (N,) tensors of one length (one entry per image), got shapes "
-                         f"{tuple(classes.shape)}, {tuple(radii.shape)} and {tuple(y.shape)}")
-    right = classes.cpu() == y.cpu()
-    radii = radii.cpu()
-    return [Proportion.of(right & (radii >= r)) for r in at]

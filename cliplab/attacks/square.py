@@ -11,9 +11,9 @@ import math
 import torch
 from torch import nn
 
-from . import _torch
-from ._checks import check_int, check_labels
-from .attacks import AttackResult, attack_objective, check_threat_model
+from .. import _torch
+from .._arguments import check_int, check_labels
+from .common import AttackResult, attack_objective, check_threat_model
 
 P_INIT = 0.8  # fraction of the pixels the first windows cover (the paper's ImageNet setting)
 # the window's fraction halves at these points of a 10,000-query run (rescaled to the run's length)

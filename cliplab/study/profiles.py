@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ._checks import check_choice
-from ._torch import PRECISIONS
+from .._arguments import check_choice
+from .._torch import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Profile:
     def sweep(self, *, votes: bool = False, early_stop: bool = False):
         """The ``study.Sweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
         ``votes``: judged by the profile's vote (randomised defences); ``early_stop``: stop at success."""
-        from .study import Sweep
+        from ..evaluation.sweeps import Sweep
 
         return Sweep(steps=self.attack_steps, batch_size=self.batch_size, votes=self.votes if votes else 1,
                      early_stop=early_stop)
@@ -76,7 +76,7 @@ class Profile:
         ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's: bf16
         autocast on CUDA unless it was loaded with ``precision="fp32"``.)
         """
-        from .finetune import FinetuneConfig
+        from ..training.config import FinetuneConfig
 
         if block_size is not None and adapter != "oft":
             raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
@@ -94,7 +94,7 @@ class Profile:
 
     def attack_budget(self, randomised: bool = False):
         """The ``AttackBudget`` of the worst-case evaluations; ``randomised``: with ``eot_samples`` EOT draws."""
-        from .evaluation import AttackBudget
+        from ..evaluation.ensemble import AttackBudget
 
         return AttackBudget(steps=self.eval_steps, num_targets=self.eval_targets, queries=self.eval_queries,
                             eot_samples=self.eot_samples if randomised else 1, pgd_steps=self.attack_steps,
@@ -112,8 +112,8 @@ class Profile:
 
     def load_classifier(self):
         """The profile's zero-shot classifier: its weights, on its device, in its precision."""
-        from . import data
-        from .models import load_classifier
+        from .. import data
+        from ..models import load_classifier
 
         templates = data.templates(self.name, single=self.single_template)
         return load_classifier(self.name, device=self.device, precision=self.precision, templates=templates,
@@ -121,7 +121,7 @@ class Profile:
 
     def load_dataset(self, split: str = "test", n: int | None = None):
         """``(x, y, class_names)`` of the profile's data set, the tensors on the profile's device."""
-        from .data import load_dataset
+        from ..data import load_dataset
 
         x, y, class_names = load_dataset(self.name, split=split, n=n, root=self.data_root)
         return x.to(self.device), y.to(self.device), class_names
@@ -129,8 +129,8 @@ class Profile:
     def check_inputs(self):
         """Fail within seconds, naming the file, when the weights or data this profile names cannot be loaded;
         return the open_clip model on the ``meta`` device (shapes only) for checks that need its architecture."""
-        from .data import check_dataset
-        from .models import check_weights
+        from ..data import check_dataset
+        from ..models import check_weights
 
         model = check_weights(self.name, **self._pretrained)
         check_dataset(self.name, self.data_root)
@@ -242,4 +242,3 @@ def profile_environment(profile: Profile) -> dict[str, str]:
         environment[variable] = "" if value is None else {True: "1", False: "0"}.get(value, str(value)) \
             if isinstance(value, bool) else str(value)
     return environment
-

@@ -1,0 +1,50 @@
+"""``FinetuneConfig``: every setting of a robust fine-tuning run (``validate`` checks them all)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import _distributed
+from .._arguments import check_choice, check_int, check_positive
+
+METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "fare"  # "fare" (unsupervised) or "tecoa" (supervised)
+    adapter: str = "full"  # "full": every image-encoder weight; "oft": orthogonal fine-tuning
+    block_size: int = 8  # OFT block size (must divide the encoder's widths)
+    eps: float = 4 / 255  # L-inf radius of the inner attack, on [0, 1] images
+    attack_steps: int = 10  # inner PGD steps
+    clean_weight: float = 0.0  # FARE: weight of the clean term ||f(x) - f0(x)||^2
+    steps: int = 300  # optimiser steps
+    batch_size: int = 64  # images per step: the global batch, over all processes under torchrun
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay on matrices (not on 1-D parameters)
+    warmup: int = 30  # linear warm-up steps before the cosine decay
+    grad_clip: float = 1.0  # maximum gradient norm
+    save_every: int = 50  # checkpoint period in steps
+    eval_every: int = 0  # clean and robust accuracy on held-out images every this many steps (0: never)
+    seed: int = 0  # seeds batch order and attack starts
+    progress: bool = True  # tqdm bar with loss and running clean/robust accuracy
+
+    def validate(self) -> None:
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.adapter, "adapter", ADAPTERS)
+        check_int(self.block_size, "block_size")
+        check_positive(self.eps, "eps", allow_zero=True)
+        if not 0 < self.eps <= 1:  # radius 0 would train on clean images and call the result adversarial
+            raise ValueError(f"eps must be in (0, 1] (pixel values are in [0, 1]; adversarial fine-tuning needs a "
+                             f"radius), got {self.eps}")
+        for name in ("attack_steps", "steps", "batch_size", "save_every"):
+            check_int(getattr(self, name), name)
+        check_int(self.warmup, "warmup", minimum=0)
+        check_int(self.eval_every, "eval_every", minimum=0)
+        check_positive(self.lr, "lr")
+        check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        check_positive(self.clean_weight, "clean_weight", allow_zero=True)
+        check_positive(self.grad_clip, "grad_clip")
+        world = _distributed.rank_and_size()[1]
+        if self.batch_size % world:
+            raise ValueError(f"batch_size is the global batch, split evenly over the {world} processes: it must be "
+                             f"a multiple of {world}, got {self.batch_size}")

@@ -1,0 +1,183 @@
+"""A fine-tuning run's directory: its checkpoints (written atomically, fsynced, old ones pruned), the check that a
+directory holds this run and nothing else, and the lock that keeps a second run out.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import _distributed
+from .._arguments import check_directory
+from .._io import TEMPORARY_GLOB, atomic_write, save_tensors
+from .config import FinetuneConfig
+
+_CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
+_LOCK = ".lock"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, generator, config, history) -> None:
+    """Write weights (safetensors) and optimiser/scheduler/RNG state atomically, then point
+    ``latest.json`` at them, then drop older checkpoints: a crash at any moment leaves a complete one."""
+    save_tensors(classifier.model.state_dict(), out / f"checkpoint-{step}.safetensors")
+    with atomic_write(out / f"checkpoint-{step}.state.pt") as tmp:
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(), "config": asdict(config), "history": history}, tmp)
+    with atomic_write(out / "history.json") as tmp:  # training curves, readable without torch
+        Path(tmp).write_text(json.dumps(history))
+    with atomic_write(out / "latest.json") as tmp:
+        Path(tmp).write_text(json.dumps({"step": step}))
+    for old in out.glob("checkpoint-*"):  # only this trainer's own files: a user's checkpoint-best.pt stays
+        if _CHECKPOINT_FILE.fullmatch(old.name) and not old.name.startswith(f"checkpoint-{step}."):
+            old.unlink()
+
+
+def _latest(out: Path) -> Path:
+    """The weights file of ``out``'s last complete checkpoint, with clear errors when there is none."""
+    latest = out / "latest.json"
+    if not latest.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {out} (missing {latest.name})")
+    try:
+        step = int(json.loads(latest.read_text())["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot resume: {latest} is corrupted ({error})") from error
+    weights = out / f"checkpoint-{step}.safetensors"
+    if not weights.is_file() or not weights.with_suffix(".state.pt").is_file():
+        raise FileNotFoundError(f"cannot resume: {latest} names step {step}, whose files are missing in {out}")
+    return weights
+
+
+def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
+    """What ``finetune`` checks of ``out`` before it touches the model, cheap enough to run before any model or
+    data is loaded (the CLI does): a directory; when resuming, a complete run trained with ``config``'s settings
+    whose state file loads; otherwise no other run and no files of the user's in it."""
+    out = Path(out)
+    check_directory(out, "out")
+    if not resume:
+        _check_fresh(out)
+        return
+    weights = _latest(out)
+    state_file = weights.with_suffix(".state.pt")
+    try:  # weights_only: a state file holding pickled objects is refused, not executed; mmap: no tensor is read
+        stored = torch.load(state_file, weights_only=True, mmap=True)["config"]
+    except Exception as error:  # a truncated, foreign or malicious file: say which, not a deep trace
+        raise ValueError(f"cannot resume: {state_file} is corrupted or not a cliplab checkpoint ({error})") from error
+    _check_weights_file(weights)
+    check_same_run(stored, config, f"cannot resume from {out}")
+
+
+def _check_weights_file(weights: Path) -> None:
+    """A checkpoint's weights file whose header and size agree (safetensors reads the header alone and checks that
+    the file covers every tensor), so a truncated file is refused before any model loads, not after."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except Exception as error:
+        raise ValueError(f"cannot resume: {weights} is corrupted or truncated ({error})") from error
+
+
+def check_run_directory(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
+    """``check_out`` as this process needs it: every process checks the run it resumes (each reads the checkpoint);
+    only the main process checks a new run's directory (it alone writes there)."""
+    if resume or _distributed.is_main():
+        check_out(out, config, resume)
+
+
+def _read_checkpoint(out: Path) -> tuple[dict, dict]:
+    """The weights and optimiser/scheduler/RNG state of ``out``'s last checkpoint (checked by ``check_out``)."""
+    from safetensors.torch import load_file
+
+    weights = _latest(out)
+    try:
+        tensors = load_file(weights)
+    except Exception as error:
+        raise ValueError(f"cannot resume: {weights} is corrupted or not a cliplab checkpoint ({error})") from error
+    return tensors, torch.load(weights.with_suffix(".state.pt"), weights_only=True)
+
+
+def _check_fresh(out: Path) -> None:
+    """A new run goes into a new, empty or half-started directory; never over another run or a user's files."""
+    if (out / "latest.json").exists():
+        raise FileExistsError(f"{out} already holds a run: resume it (resume=True, --resume) or choose another out")
+    foreign = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name)) if out.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"{out} holds files that are not a cliplab run ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}): choose an empty or new directory")
+
+
+def _is_run_file(name: str) -> bool:
+    """Files a run writes: its checkpoints, history, pointer, lock and temporary files."""
+    return (bool(_CHECKPOINT_FILE.fullmatch(name)) or name in ("latest.json", "history.json", _LOCK)
+            or fnmatch.fnmatch(name, TEMPORARY_GLOB))
+
+
+def _remove_temporary_files(out: Path) -> None:
+    for tmp in out.glob(TEMPORARY_GLOB):
+        tmp.unlink(missing_ok=True)
+
+
+class RunLocked(FileExistsError):
+    """Another process is training into the same directory (a run that exists, in progress)."""
+
+
+_HELD: set[tuple[Path, int]] = set()  # (run directory, thread) for each lock this process holds
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
+    second run into the same directory fails at once, naming the holder. The kernel drops the lock when the
+    holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it before loading
+    anything, and the ``finetune`` it calls finds it held; another thread, like another process, is refused."""
+    import fcntl
+
+    key = (Path(out).resolve(), threading.get_ident())
+    if key in _HELD:
+        yield
+        return
+    check_directory(out, "out")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLocked(f"{out} is in use by another fine-tuning run (pid {holder}): wait for it to end, "
+                            f"or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)
+
+
+def run_settings(config: FinetuneConfig | dict) -> dict:
+    """The settings that define a run: all but how often it saves or evaluates and whether it shows a bar. Older
+    records also hold a ``bf16`` flag, ignored: precision is the classifier's now, and it changes rounding, not
+    the method (a run cached on a CPU stays usable on a GPU)."""
+    settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
+    return {k: v for k, v in settings.items() if k not in ("save_every", "eval_every", "progress", "bf16")}
+
+
+def check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:
+    """Refuse to mix runs: ``stored`` (a saved config) must match ``config`` in every weight-relevant setting."""
+    stored, wanted = run_settings(stored), run_settings(config)
+    if stored != wanted:
+        differing = ", ".join(f"{k}={stored.get(k)!r} there, {wanted.get(k)!r} now"
+                              for k in sorted(stored.keys() | wanted.keys()) if stored.get(k) != wanted.get(k))
+        raise ValueError(f"{context}: it was trained with other settings ({differing})")
