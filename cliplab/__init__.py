@@ -30,6 +30,6 @@ __all__ = [
     "RandomizedSmoothing", "RobustAccuracy", "RobustnessReport", "ZeroShotClassifier", "accuracy", "accuracy_vs_eps",
     "apgd", "apgd_targeted", "apply_oft", "attack_dataset", "attack_objective", "attack_success_rate", "build_text_head", "checks",
     "denoise", "eot_gradient", "evaluate_robustness", "finetune", "get_profile", "load_classifier", "load_dataset",
-    "merge_oft", "pgd", "predict", "robust_accuracy", "save_weights", "square", "study",
+    "merge_oft", "pgd", "plots", "predict", "robust_accuracy", "save_weights", "square", "study",
 ]
 __version__ = "0.1.0"

@@ -65,6 +65,16 @@ def test_checkpoints_follow_autoattack():
     assert checkpoints(1) == [1]
 
 
+def test_targeted_dlr_is_the_papers_eq_8():
+    """Croce & Hein (2020), Eq. 8, the loss APGD-T ascends: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), the z_pi
+    sorted in decreasing order, computed here by hand for each row."""
+    logits = torch.tensor([[3.0, 9.0, -2.0, 4.5, 1.0], [0.5, -1.0, 2.0, 7.0, 6.0]])
+    y, target = torch.tensor([1, 3]), torch.tensor([3, 4])
+    # row 0: sorted 9, 4.5, 3, 1, -2; row 1: sorted 7, 6, 2, 0.5, -1
+    expected = torch.tensor([-(9.0 - 4.5) / (9.0 - (3.0 + 1.0) / 2), -(7.0 - 6.0) / (7.0 - (2.0 + 0.5) / 2)])
+    torch.testing.assert_close(targeted_dlr(logits, y, target), expected)
+
+
 def test_targeted_dlr_is_positive_once_the_target_wins():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0], [5.0, 4.0, 1.0, 0.0, -1.0]])
     y, target = torch.tensor([0, 1]), torch.tensor([1, 0])

@@ -12,16 +12,8 @@ from torch import nn
 
 from .. import _torch
 from .._arguments import check_choice, check_int, check_labels
-from .common import (
-    AttackResult,
-    Strongest,
-    ascent_direction,
-    attack_objective,
-    check_threat_model,
-    eot_logits,
-    project,
-    random_delta,
-)
+from .common import (AttackResult, Strongest, ascent_direction, attack_objective, check_threat_model, eot_logits,
+                     objective_and_gradient, project, random_delta, repeat_labels)
 
 APGD_LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # weight of the new step against the previous one (the paper's alpha)
@@ -151,8 +143,9 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
     n = len(x)
     step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device)  # the paper's eta^(0) = 2 eps
     x_adv = (x + random_delta(x, eps, norm, generator)).clamp(0, 1)
-    drawn = _repeat(labels, eot_samples)  # the labels of the (k * N,) flattened EOT logits, built once, not every step
-    value, grad, logits = _value_and_gradient(model, x_adv, objective, drawn, eot_samples, autocast)
+    drawn = repeat_labels(labels, eot_samples)  # built once, not every step
+    value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples,
+                                                 autocast=autocast)
     best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
     history[0, index] = value
     x_max, value_max, grad_max = x_adv.clone(), value.clone(), grad.clone()  # the best point of this run
@@ -170,12 +163,13 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
                  value_at_checkpoint, halved_at_checkpoint, rises, *labels) = (
                     t[standing] for t in (x, index, step, x_adv, x_previous, value_previous, x_max, value_max, grad,
                                           grad_max, value_at_checkpoint, halved_at_checkpoint, rises, *labels))
-                drawn = _repeat(labels, eot_samples)
+                drawn = repeat_labels(labels, eot_samples)
         z = project(x, x_adv + ascent_direction(grad, norm) * step, eps, norm)
         momentum = MOMENTUM if k > 1 else 1.0
         x_next = project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
         x_previous, x_adv = x_adv, x_next
-        value, grad, logits = _value_and_gradient(model, x_adv, objective, drawn, eot_samples, autocast)
+        value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples,
+                                                     autocast=autocast)
         best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
         rises += (value > value_previous).float()
         history[k, index] = value_previous = value
@@ -192,20 +186,3 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
             halved_at_checkpoint, value_at_checkpoint = halve, value_max.clone()
             rises.zero_()
             last_mark = k
-
-
-def _repeat(labels, eot_samples):
-    """Per-sample tensors (N,) repeated for the (k * N,) flattened logits of ``eot_logits``."""
-    return [t.repeat(eot_samples) for t in labels] if eot_samples > 1 else labels
-
-
-def _value_and_gradient(model, x, objective, drawn, eot_samples, autocast):
-    """Mean objective over the EOT draws (N,), its input gradient (N, 3, H, W) and the mean logits (N, C).
-
-    ``objective`` maps the (k*N, C) logits and ``drawn``, the (k*N,) labels (and targets) of the draws, to (k*N,)."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
-        value = objective(logits.flatten(0, 1), *drawn).view(eot_samples, len(x)).mean(dim=0)
-        grad = torch.autograd.grad(value.sum(), x)[0]
-    return value.detach(), grad, logits.detach().mean(dim=0)

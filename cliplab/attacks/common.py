@@ -48,7 +48,9 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted:
     - ``margin``: Carlini & Wagner (2017) logit margin, best other class minus ``y`` (``y`` minus best
       other when targeted). Positive exactly when the attack has succeeded.
     - ``dlr``: Croce & Hein (2020) difference of logits ratio, the margin divided by the spread of the
-      top logits, so it is invariant to the logit scale; the targeted form uses the 1st, 3rd and 4th.
+      top logits (1st minus 3rd), so it is invariant to the logit scale. Targeted, ``y`` is the target and the true
+      label is not known here, so it is a label-free variant (``label_free_targeted_dlr``), not the paper's
+      targeted DLR (Eq. 8, ``attacks.apgd.targeted_dlr``, which APGD-T uses).
     """
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
@@ -58,10 +60,18 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted:
     margin = own - best_other if targeted else best_other - own
     if loss == "margin":
         return margin
+    if targeted:
+        return label_free_targeted_dlr(logits, margin)
     top = logits.sort(dim=1, descending=True).values
-    if targeted:  # Croce & Hein (2020), Eq. 8
-        return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
     return margin / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def label_free_targeted_dlr(logits: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """A targeted DLR for when only the target is known: ``margin`` (z_t minus the best other logit) over the spread
+    z_pi1 - (z_pi3 + z_pi4) / 2 of the paper's Eq. 8, whose numerator is z_t - z_y with the true label y instead.
+    (N, C), (N,) -> (N,)."""
+    top = logits.sort(dim=1, descending=True).values
+    return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
 def check_threat_model(model: nn.Module, x: torch.Tensor, eps: float, norm: str, seed: int | None) -> None:
@@ -158,19 +168,32 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: st
     check_int(eot_samples, "eot_samples")
     check_choice(loss, "loss", LOSSES)
     check_labels(y, len(x), _torch.num_classes(model, x), "y")
-    return _objective_and_gradient(model, x, y, loss=loss, targeted=targeted, eot_samples=eot_samples,
-                                   autocast=autocast, gradient=True)[1]
+    return objective_and_gradient(model, x, _loss_function(loss, targeted), repeat_labels([y], eot_samples),
+                                  eot_samples=eot_samples, autocast=autocast)[1]
 
 
-def _objective_and_gradient(model, x, y, *, loss, targeted, eot_samples, autocast, gradient):
-    """Mean per-draw objective (N,), its input gradient (N, 3, H, W) or None, and the mean logits (N, C)."""
+def _loss_function(loss: str, targeted: bool):
+    """``attack_objective`` with ``loss`` and ``targeted`` fixed: (logits, labels) -> (N,)."""
+    return lambda logits, labels: attack_objective(logits, labels, loss, targeted)
+
+
+def repeat_labels(labels, eot_samples: int) -> list[torch.Tensor]:
+    """Per-sample tensors (N,) repeated for the (k * N,) flattened logits of ``eot_logits``."""
+    return [t.repeat(eot_samples) for t in labels] if eot_samples > 1 else list(labels)
+
+
+def objective_and_gradient(model, x, objective, drawn, *, eot_samples, autocast, gradient=True):
+    """The objective's mean over the EOT draws (N,), its input gradient (N, 3, H, W) or None (``gradient=False``:
+    a forward pass only), and the mean logits (N, C); every attack's one evaluation of ``model``.
+
+    ``objective`` maps the (k*N, C) logits of the draws and ``drawn``, their (k*N,) labels (and targets) from
+    ``repeat_labels``, to (k*N,)."""
     x = x.detach().requires_grad_(gradient)
     with torch.set_grad_enabled(gradient):
         logits = eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
-        objective = attack_objective(logits.flatten(0, 1), y.repeat(eot_samples), loss, targeted)
-        objective = objective.view(eot_samples, len(x)).mean(dim=0)  # (N,)
-        grad = torch.autograd.grad(objective.sum(), x)[0] if gradient else None
-    return objective.detach(), grad, logits.detach().mean(dim=0)
+        value = objective(logits.flatten(0, 1), *drawn).view(eot_samples, len(x)).mean(dim=0)
+        grad = torch.autograd.grad(value.sum(), x)[0] if gradient else None
+    return value.detach(), grad, logits.detach().mean(dim=0)
 
 
 def _succeeded(logits, y, targeted):

@@ -8,18 +8,8 @@ from torch import nn
 
 from .. import _torch
 from .._arguments import check_choice, check_int, check_labels, check_positive
-from .common import (
-    LOSSES,
-    AttackResult,
-    Strongest,
-    _objective_and_gradient,
-    _succeeded,
-    ascent_direction,
-    check_threat_model,
-    eot_logits,
-    project,
-    random_delta,
-)
+from .common import (LOSSES, AttackResult, Strongest, _loss_function, _succeeded, ascent_direction, check_threat_model,
+                     eot_logits, objective_and_gradient, project, random_delta, repeat_labels)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
@@ -132,9 +122,10 @@ def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, rando
         if len(active) == 0:
             break
         last = step == steps  # the final iterate is only evaluated
-        objective, grad, logits = _objective_and_gradient(model, x_adv[active], y[active], loss=loss,
-                                                          targeted=targeted, eot_samples=eot_samples,
-                                                          autocast=autocast, gradient=not last)
+        objective, grad, logits = objective_and_gradient(model, x_adv[active], _loss_function(loss, targeted),
+                                                         repeat_labels([y[active]], eot_samples),
+                                                         eot_samples=eot_samples, autocast=autocast,
+                                                         gradient=not last)
         history[step, active] = objective
         best.update(active, x_adv[active], objective, logits, _succeeded(logits, y[active], targeted))
         if last:

@@ -1,4 +1,4 @@
-"""Edge-preserving denoisers on [0, 1] images, built on kornia, and the ``Denoised`` defence.
+"""Edge-preserving denoisers on [0, 1] images, built on kornia: functions, and modules for ``Denoised`` to wrap.
 
 Every denoiser is differentiable, so ``pgd(Denoised(classifier, denoiser), ...)`` is an adaptive attack
 through the denoiser (Athalye et al. 2018); a random denoiser plus ``eot_samples`` is EOT.

@@ -2,28 +2,13 @@
 (predictions and majority votes), ``sweeps`` (PGD over a data set: success rates, adversarial images, the quick
 look), ``ensemble`` (the worst case over an AutoAttack-style ensemble), ``tables`` (plain-text and Markdown tables)
 and ``gradient_masking`` (the checks that a robust number is not an artefact of broken gradients)."""
-from .ensemble import (
-                       ATTACKS,
-                       ENSEMBLES,
-                       SMALLER_RADII,
-                       AttackBudget,
-                       RobustnessReport,
-                       check_attack_plan,
-                       evaluate_robustness,
-                       robustness_vs_eps,
-)
+from .ensemble import (ATTACKS, ENSEMBLES, SMALLER_RADII, AttackBudget, RobustnessReport, check_attack_plan,
+                       evaluate_robustness, robustness_vs_eps)
 from .gradient_masking import Check, MaskingReport, gradient_masking_report
 from .prediction import accuracy, looks_like_probabilities, predict
 from .statistics import Proportion
-from .sweeps import (
-                       DatasetAttack,
-                       RobustAccuracy,
-                       Sweep,
-                       accuracy_vs_eps,
-                       attack_dataset,
-                       attack_success_rate,
-                       robust_accuracy,
-)
+from .sweeps import (DatasetAttack, RobustAccuracy, Sweep, accuracy_vs_eps, attack_dataset, attack_success_rate,
+                     robust_accuracy)
 from .tables import accuracy_curve, format_accuracy_table, robustness_table
 
 __all__ = ["ATTACKS", "ENSEMBLES", "SMALLER_RADII", "AttackBudget", "Check", "DatasetAttack", "MaskingReport",

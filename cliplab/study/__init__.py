@@ -9,14 +9,8 @@
 
 Every number a notebook prints comes from a function here or below, each tested.
 """
-from .finetuning import (
-                         FinetuneStudy,
-                         export_weights,
-                         finetune_and_evaluate,
-                         load_encoder,
-                         load_or_finetune,
-                         save_encoder,
-)
+from .finetuning import (FinetuneStudy, export_weights, finetune_and_evaluate, load_encoder, load_or_finetune,
+                         save_encoder)
 from .measures import ADAPTED_WEIGHTS, certified_accuracy, geometry_change, neuron_geometry, random_targets
 from .profiles import Profile, get_profile
 

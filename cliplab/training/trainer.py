@@ -29,14 +29,8 @@ from .config import FinetuneConfig
 from .objectives import _config, training_objective
 from .oft import apply_oft, oft_parameters
 from .optimizer import adamw
-from .runs import (
-    _read_checkpoint,
-    _remove_temporary_files,
-    _save_checkpoint,
-    check_run_directory,
-    run_lock,
-    run_settings,
-)
+from .runs import (_read_checkpoint, _remove_temporary_files, _save_checkpoint, check_run_directory, run_lock,
+                   run_settings)
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
