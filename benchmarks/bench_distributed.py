@@ -9,7 +9,7 @@ Both steps are ``cliplab.finetune.train_step`` (FARE, full fine-tuning, PGD-10 i
 initialised classifier and the same random images; one goes through ``DistributedDataParallel`` (what a torchrun job
 of any size runs: gradient hooks, bucketing, one all-reduce per bucket), the other does not. They alternate, and the
 table gives the median of ``--repeats`` steps each and their ratio. With one process the all-reduce moves nothing, so
-this is DDP's own overhead; the cost of moving the gradients between GPUs comes on top (see the README's scaling).
+this is DDP's own overhead; the cost of moving the gradients between GPUs comes on top (see docs/torchrun.md, "Expected scaling").
 """
 from __future__ import annotations
 
