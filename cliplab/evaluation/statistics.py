@@ -41,6 +41,11 @@ class Proportion:
         """The proportion for a JSON file: value, hits, n, the 95% interval, and the text ``str`` gives."""
         return {"value": self.value, "hits": self.hits, "n": self.n, "ci95": list(self.ci95), "text": str(self)}
 
-    def __str__(self) -> str:
+    def percent(self, digits: int = 1, unit: str = "") -> str:
+        """``value [low, high]``: the value and its 95% interval in percent, with ``digits`` decimals; every table's
+        cell. ``unit`` follows the value (``str`` writes ``%``)."""
         low, high = self.ci95
-        return f"{100 * self.value:.1f}% [{100 * low:.1f}, {100 * high:.1f}] (n={self.n})"
+        return f"{100 * self.value:.{digits}f}{unit} [{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
+
+    def __str__(self) -> str:
+        return f"{self.percent(unit='%')} (n={self.n})"

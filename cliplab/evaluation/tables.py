@@ -23,8 +23,7 @@ def format_accuracy_table(rows: Mapping[str, Mapping[float, Proportion]]) -> str
     radii = list(next(iter(rows.values())))
     sizes = sorted({p.n for row in rows.values() for p in row.values()})
     header = ["clean" if eps == 0 else f"{255 * eps:g}/255" for eps in radii]
-    cells = {name: [f"{100 * p.value:.0f} [{100 * p.ci95[0]:.0f}, {100 * p.ci95[1]:.0f}]" for p in row.values()]
-             for name, row in rows.items()}
+    cells = {name: [p.percent(digits=0) for p in row.values()] for name, row in rows.items()}
     width = max(len(c) for row in cells.values() for c in row)
     name_width = max(len(name) for name in rows)
     lines = [f"accuracy in % [95% CI], n={', '.join(map(str, sizes))} images",
@@ -45,12 +44,5 @@ def robustness_table(reports: Mapping[str, RobustnessReport]) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, report in reports.items():
         cells = [report.clean, *[report.per_attack.get(name) for name in attacks], report.robust]
-        lines.append(f"| {label} | " + " | ".join(_cell(p) for p in cells) + " |")
+        lines.append(f"| {label} | " + " | ".join("-" if p is None else p.percent() for p in cells) + " |")
     return "\n".join(lines)
-
-
-def _cell(proportion: Proportion | None) -> str:
-    if proportion is None:
-        return "-"
-    low, high = proportion.ci95
-    return f"{100 * proportion.value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"

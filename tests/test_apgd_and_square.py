@@ -1,8 +1,7 @@
-"""APGD, APGD-T, Square and the worst-case evaluation: the threat model, the step-size schedule, parity with
-torchattacks' ports of AutoAttack on the trained `shapes` CLIP, the ensemble's bookkeeping and bad input."""
+"""APGD, APGD-T and Square (``cliplab.attacks.apgd``, ``cliplab.attacks.square``): the threat model, the step-size
+schedule, the paper's targeted DLR, early stopping, and parity with torchattacks' ports on the trained `shapes`
+CLIP."""
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -10,10 +9,7 @@ import torch
 import cliplab
 from cliplab.attacks import apgd, apgd_targeted
 from cliplab.attacks.apgd import checkpoints, targeted_dlr
-from cliplab import evaluation
-from cliplab.evaluation import AttackBudget, evaluate_robustness, robustness_table
 from cliplab.attacks import square
-from test_evaluation import Fixed  # a deterministic 4-class model
 
 ATTACKS = {
     "apgd-ce": lambda m, x, y, eps: apgd(m, x, y, eps=eps, steps=5, seed=0),
@@ -193,144 +189,3 @@ def test_square_fools_the_model_without_gradients(shapes_clf, standing):
     assert result.success.float().mean() >= 0.5
     # the margin never falls: a query is only kept when it helps
     assert (result.loss_history[0].diff(dim=0) >= 0).all()
-
-
-# ------------------------------------------------------------------------------ worst-case evaluation
-SMALL = AttackBudget(steps=5, num_targets=2, queries=20, pgd_steps=3)
-
-
-def test_worst_case_is_below_every_attack_and_per_attack_is_monotone(shapes_clf, shapes_test):
-    x, y, _ = shapes_test
-    x, y = x[:120], y[:120]
-    report = evaluate_robustness(shapes_clf, x, y, eps=2 / 255, budget=SMALL, batch_size=50, progress=False)
-    assert list(report.per_attack) == ["apgd-ce", "apgd-t", "square"]
-    values = [report.clean.value, *(p.value for p in report.per_attack.values())]
-    assert values == sorted(values, reverse=True)
-    assert report.robust == report.per_attack["square"]
-    assert report.robust.n == report.clean.n == len(y)
-    assert report.standing.dtype == torch.bool and int(report.standing.sum()) == report.robust.hits
-    # the worst case is at most any single attack run alone on the same images
-    alone = evaluate_robustness(shapes_clf, x, y, eps=2 / 255, attacks=["apgd-ce"], budget=SMALL, batch_size=50,
-                                progress=False)
-    assert report.robust.value <= alone.robust.value
-    assert report.clean == alone.clean
-
-
-@pytest.mark.slow
-def test_worst_case_beats_pgd_on_the_original_model(shapes_clf, shapes_test):
-    """The measurement behind the worst-case rule: PGD-10 reports more robustness than the ensemble finds."""
-    x, y, _ = shapes_test
-    x, y = x[:100], y[:100]
-    budget = AttackBudget(steps=20, num_targets=9, queries=20)
-    ensemble = evaluate_robustness(shapes_clf, x, y, eps=4 / 255, budget=budget, progress=False)
-    quick = evaluate_robustness(shapes_clf, x, y, eps=4 / 255, attacks="pgd", budget=budget, progress=False)
-    assert ensemble.robust.value <= 0.02 < quick.robust.value
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("encoder", [None, "fare-oft128-cw2"])
-def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluation(shapes_clf, shapes_test, encoder,
-                                                                                     monkeypatch):
-    """On the committed models with 05/06's evaluation (the shapes profile's budget, PGD quick look first): each
-    attack stopping on the images it fooled finds the same images, and nesting the radii (each radius attacks only
-    the survivors of the one below) gives a worst case at most the per-radius one at every radius."""
-    from pathlib import Path
-
-    from cliplab.study import FinetuneStudy, load_encoder
-
-    model = copy.deepcopy(shapes_clf)
-    if encoder:
-        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "checkpoints" / "shapes" / f"{encoder}.safetensors")
-    x, y, _ = shapes_test
-    x, y = x[:48], y[:48]
-    settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
-                    batch_size=250, seed=0, progress=False)
-    nested = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
-    for eps in FinetuneStudy.eval_eps:
-        alone = evaluate_robustness(model, x, y, eps=eps, **settings)
-        assert nested[eps].robust.hits <= alone.robust.hits, eps
-        assert nested[eps].clean == alone.clean
-    with monkeypatch.context() as patch:  # every attack runs every step on every image
-        patch.setattr(evaluation, "_success_is_final", lambda *args: False)
-        every_step = evaluate_robustness(model, x, y, eps=eps, **settings)
-    assert torch.equal(alone.standing, every_step.standing)
-
-
-def test_nested_radii_attack_only_the_survivors_of_the_smaller_one(shapes_clf, batch):
-    x, y = batch
-    reports = evaluation.robustness_vs_eps(shapes_clf, x, y, [4 / 255, 1 / 255], budget=SMALL, progress=False)
-    assert list(reports) == [4 / 255, 1 / 255]  # the order asked for
-    small, large = reports[1 / 255], reports[4 / 255]
-    assert "smaller radii" not in small.per_attack
-    assert large.per_attack["smaller radii"] == small.robust  # the images broken at 1/255 count as broken at 4/255
-    assert not (large.standing & ~small.standing).any()
-    assert list(large.per_attack)[1:] == ["apgd-ce", "apgd-t", "square"]
-    with pytest.raises(ValueError, match="eps_values must not repeat a radius"):
-        evaluation.robustness_vs_eps(shapes_clf, x, y, [4 / 255, 4 / 255], budget=SMALL, progress=False)
-
-
-def test_same_seed_same_report(shapes_clf, batch):
-    x, y = batch
-    first, second = (evaluate_robustness(shapes_clf, x, y, eps=2 / 255, budget=SMALL, progress=False)
-                     for _ in range(2))
-    assert first.per_attack == second.per_attack and torch.equal(first.standing, second.standing)
-
-
-def test_rand_ensemble_scores_by_the_vote(shapes_clf, batch):
-    x, y = batch
-    model = cliplab.Denoised(shapes_clf, cliplab.GaussianNoise(0.03))
-    report = evaluate_robustness(model, x, y, eps=4 / 255, attacks="rand", votes=3,
-                                 budget=AttackBudget(steps=3, eot_samples=2), progress=False)
-    assert list(report.per_attack) == ["apgd-ce", "apgd-dlr"]
-    assert report.robust.value <= report.clean.value
-
-
-def test_a_judge_replaces_the_vote(batch):
-    x, y = batch
-    model = Fixed()
-    always_wrong = evaluate_robustness(model, x, y % 4, eps=1 / 255, attacks=["apgd-ce"], budget=SMALL,
-                                       judge=lambda images: torch.full((len(images),), -1), progress=False)
-    assert always_wrong.clean.hits == 0 and always_wrong.robust.hits == 0
-
-
-def test_table_names_every_attack_n_and_interval(shapes_clf, batch):
-    x, y = batch
-    report = evaluate_robustness(shapes_clf, x, y, eps=2 / 255, budget=SMALL, progress=False)
-    table = robustness_table({"2/255": report})
-    assert "| 2/255 |" in table and "after apgd-t" in table and "worst case" in table
-    assert f"n={len(y)}" in table and "[" in table
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(attacks="autoattack"), "attacks must be one of"),
-    (dict(attacks=["apgd-ce", "fab"]), "each of attacks must be one of"),
-    (dict(attacks=["apgd-ce", "apgd-ce"]), "attacks must not repeat an attack, got apgd-ce, apgd-ce"),
-    (dict(eps=2.0), "eps must be in [0, 1]"),
-    (dict(eps=-0.1), "eps must be >= 0"),
-    (dict(norm="l1"), "norm must be one of"),
-    (dict(norm="l2", eps=0.5), "square is an L-inf attack"),
-    (dict(budget=AttackBudget(num_targets=5)), "budget.num_targets must be at most"),
-    (dict(budget=AttackBudget(steps=0)), "budget.steps must be >= 1"),
-    (dict(votes=0), "votes must be >= 1"),
-])
-def test_bad_arguments_are_named_before_any_attack(batch, kwargs, message):
-    x, y = batch
-    arguments = dict(eps=1 / 255, budget=SMALL, progress=False) | kwargs
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        evaluate_robustness(Fixed(), x, y % 4, **arguments)
-
-
-def test_labels_out_of_range_are_named(batch):
-    x, y = batch
-    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 3\]"):
-        evaluate_robustness(Fixed(), x, y % 4 + 4, eps=1 / 255, budget=SMALL, progress=False)
-
-
-def test_nan_logits_are_refused():
-    class Broken(Fixed):
-        def forward(self, x):
-            return super().forward(x) * float("nan")
-
-    with pytest.raises(ValueError, match="NaN or infinite logits"):
-        evaluate_robustness(Broken(), torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64), eps=1 / 255,
-                            budget=SMALL, progress=False)
