@@ -78,7 +78,24 @@ def test_str_reports_value_interval_and_n():
     assert text.startswith("50.0%") and "n=1000" in text and "46.9" in text and "53.1" in text
 
 
+def test_percent_is_the_tables_cell_and_str_adds_the_unit_and_n():
+    proportion = Proportion(17, 100)
+    assert proportion.percent(digits=0) == "17 [10, 26]" and proportion.percent() == "17.0 [10.2, 25.8]"
+    assert str(proportion) == "17.0% [10.2, 25.8] (n=100)"
+
+
 # ------------------------------------------------------------------------------ predict / accuracy
+def test_predict_each_is_predict_on_every_set_of_a_stack():
+    from cliplab.evaluation import predict_each
+
+    model = Fixed()
+    stack = torch.rand(3, 5, 3, 8, 8)  # 3 sets of 5 images
+    expected = torch.stack([cliplab.predict(model, images) for images in stack])
+    assert torch.equal(predict_each(model, stack, batch_size=4), expected)
+    with pytest.raises(ValueError, match=r"images must be a \(S, N, 3, H, W\) stack"):
+        predict_each(model, stack[0])
+
+
 def test_accuracy_matches_manual_argmax():
     model = Fixed()
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from cliplab import plots
+from cliplab import plots  # noqa: E402
 from cliplab.evaluation import Proportion  # noqa: E402
 
 
@@ -43,4 +43,26 @@ def test_held_out_evaluations_are_drawn_as_points():
     points = fig.axes[2].get_lines()[1]
     assert list(points.get_xdata()) == [2] and list(points.get_ydata()) == [40.0]
     assert "n=16" in points.get_label() and len(fig.axes[0].get_lines()) == 1  # no held-out loss
+    plt.close(fig)
+
+
+def test_the_smoothing_explorer_shows_the_vote_and_the_certificate(shapes_clf, batch):
+    from cliplab.defences import RandomizedSmoothing
+
+    x, y = batch
+    smoothed = RandomizedSmoothing(shapes_clf, sigma=0.06, num_noise=8)
+    fig = plots.show_smoothing(smoothed, x[0], y[0].item(), [f"class {i}" for i in range(100)], n=32, seed=0)
+    vote = fig.axes[2]
+    counts = smoothed.sample_counts(x[:1], 32, seed=0)[0]
+    assert [bar.get_width() for bar in vote.patches] == pytest.approx((100 * counts.topk(5).values / 32).tolist())
+    classes, radii = smoothed.certify(x[:1], n0=32, n=32, seed=0)
+    expected = "abstains" if classes[0] < 0 else f"certifies class {classes[0]}, L2 radius {radii[0]:.2f}"
+    assert vote.get_title().endswith(expected)
+    plt.close(fig)
+
+
+def test_the_denoising_explorer_names_its_image(shapes_clf, batch):
+    x, y = batch
+    fig = plots.show_denoising(shapes_clf, x[0], y[0].item(), [f"class {i}" for i in range(100)], name="plain attack")
+    assert fig.axes[0].get_title() == f"plain attack\n(label: class {y[0].item()})"
     plt.close(fig)

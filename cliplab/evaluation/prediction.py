@@ -40,6 +40,14 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
+def predict_each(model: nn.Module, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``predict`` on a stack of image sets, e.g. one set per denoiser setting (``bilateral_sweep``), as one
+    sequence of batches. (S, N, 3, H, W) -> (S, N); ``kwargs`` as for ``predict``."""
+    if images.dim() != 5:
+        raise ValueError(f"images must be a (S, N, 3, H, W) stack of image sets, got shape {tuple(images.shape)}")
+    return predict(model, images.flatten(0, 1), **kwargs).view(images.shape[:2])
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> Proportion:
     """Top-1 accuracy with its sample size. Keyword arguments go to ``predict``."""
     check_images(x)

@@ -119,9 +119,11 @@ def show_attack(clean: torch.Tensor, adversarial: torch.Tensor, p_clean: torch.T
 
 
 def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int, class_names: Sequence[str], *,
-                   sigma_space: float = 1.0, sigma_color: float = 0.1, kernel_size: int = 5) -> plt.Figure:
+                   sigma_space: float = 1.0, sigma_color: float = 0.1, kernel_size: int = 5,
+                   name: str = "image") -> plt.Figure:
     """One (3, H, W) image before and after a bilateral filter, what the filter removed (amplified), and the
-    classifier's top-5 probabilities on both (notebook 04's explorer)."""
+    classifier's top-5 probabilities on both, the true ``label`` in red (notebook 04's explorer). ``name`` says
+    what the image is (clean, or which attack made it)."""
     from ..defences.denoise import bilateral
 
     example = image[None]
@@ -130,10 +132,32 @@ def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int,
         p_clean, p_denoised = classifier(example).softmax(1)[0], classifier(denoised).softmax(1)[0]
     fig, axes = plt.subplots(1, 5, figsize=(15, 3), gridspec_kw={"width_ratios": [1, 1, 1, 1.6, 1.6]})
     removed = image - denoised[0]
-    show_image(axes[0], image, f"image: {class_names[label]}")
+    show_image(axes[0], image, f"{name}\n(label: {class_names[label]})")
     show_image(axes[1], denoised[0], f"denoised\ns={sigma_space:.2g}, c={sigma_color:.2g}, k={kernel_size}")
     show_image(axes[2], 0.5 + 0.5 * removed / removed.abs().max().clamp_min(1e-8), "removed (amplified)")
     show_top5(axes[3], p_clean, class_names, title="top-5, image", highlight=[label])
     show_top5(axes[4], p_denoised, class_names, title="top-5, denoised", highlight=[label])
     fig.tight_layout()
     return fig
+
+
+def show_smoothing(smoothed: torch.nn.Module, image: torch.Tensor, label: int, class_names: Sequence[str], *,
+                   n: int = 100, alpha: float = 0.001, seed: int = 0) -> plt.Figure:
+    """What randomized smoothing sees of one (3, H, W) image (notebook 03's explorer): the image, one noisy draw at
+    the ``RandomizedSmoothing`` model's sigma, the share of ``n`` noisy draws each class wins (the vote, the true
+    ``label`` in red) and Cohen et al.'s certificate from those draws (a class and an L2 radius, or an abstention)."""
+    example = image[None]
+    votes = smoothed.sample_counts(example, n, seed=seed)[0].float() / n
+    classes, radii = smoothed.certify(example, n0=n, n=n, alpha=alpha, seed=seed)
+    generator = torch.Generator(image.device).manual_seed(seed)
+    noisy = image + smoothed.sigma * torch.randn(image.shape, generator=generator, device=image.device)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    show_image(axes[0], image, f"image: {class_names[label]}")
+    show_image(axes[1], noisy, f"one noisy draw, sigma={smoothed.sigma:g}")
+    verdict = ("abstains" if classes[0] < 0 else
+               f"certifies {class_names[classes[0]]}, L2 radius {radii[0]:.2f}")
+    show_top5(axes[2], votes, class_names, title=f"vote of {n} draws: {verdict}", highlight=[label])
+    axes[2].set_xlabel("share of the draws (%)")
+    fig.tight_layout()
+    return fig
+
