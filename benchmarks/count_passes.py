@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             after = report.per_attack.get(attack, report.clean).value
             rows.append((name, f"{255 * eps:g}/255" if eps else "-", attack, forward, backward,
                          counter.seconds[eps, attack], after))
-    print(f"profile {profile.name}, n={len(study.y_test)}, threads {args.threads}, precision {profile.precision}, "
+    print(f"profile {profile.name}, n={len(study.y_test)}, threads {args.threads}, precision {profile.runtime.precision}, "
           f"{time.perf_counter() - started:.0f} s in all\n")
     print("| model | eps | attack | F images | B images | seconds | robust after |")
     print("|---|---|---|---:|---:|---:|---:|")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import nbformat
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as out:
         for path in runner.find_notebooks(NOTEBOOKS, args.only):
             run = runner.execute_notebook(path, Path(out), {**env, **cliplab.study.profiles.profile_environment(
-                replace(profile, figures=str(Path(out) / "figures")))})
+                profile.with_runtime(figures=str(Path(out) / "figures")))})
             cells = nbformat.read(path, as_version=4).cells
             print(f"\n{path.stem}: {run.seconds:.0f} s, {args.threads} threads"
                   f"{'' if run.error is None else ', FAILED: ' + run.error}")

@@ -117,51 +117,51 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
     right = lambda n: ACCURACY * n  # noqa: E731 - the images an evaluation attacks
 
     c = costs["01_attacks"]
-    c.predict(p.n_eval, 2)  # accuracy, then the probabilities of the example
-    c.attack(1, 4 * p.attack_steps)
-    c.attack(p.batch_size, p.attack_steps, restarts=2)  # the two loss-curve runs
-    for _ in range(2 * len(p.eps_grid)):  # untargeted and targeted success at every eps
-        c.predict(p.n_eval)
-        c.attack(right(p.n_eval), p.attack_steps)
-        c.predict(right(p.n_eval))
+    c.predict(p.sweeps.images, 2)  # accuracy, then the probabilities of the example
+    c.attack(1, 4 * p.sweeps.steps)
+    c.attack(p.sweeps.batch_size, p.sweeps.steps, restarts=2)  # the two loss-curve runs
+    for _ in range(2 * len(p.sweeps.eps_255)):  # untargeted and targeted success at every eps
+        c.predict(p.sweeps.images)
+        c.attack(right(p.sweeps.images), p.sweeps.steps)
+        c.predict(right(p.sweeps.images))
 
-    c, n, v = costs["02_eot"], p.n_defence, p.votes
+    c, n, v = costs["02_eot"], p.defences.images, p.defences.votes
     c.predict(n, 1 + 2 * v)
-    runs = [k for k in p.eot_grid for _ in range(2)] + [1, 1] + [k for k in (1, p.eot_samples) for _ in range(4)]
+    runs = [k for k in p.defences.eot_grid for _ in range(2)] + [1, 1] + [k for k in (1, p.defences.eot_samples) for _ in range(4)]
     for k in runs:  # EOT sweep (2 modes), transfer (2 modes, on the undefended model), Gaussian noise at 4 eps
         c.predict(n, v)
-        c.attack(right(n), p.attack_steps, eot=k)
+        c.attack(right(n), p.sweeps.steps, eot=k)
         c.predict(right(n), v)
     c.ensemble(n, ENSEMBLES["rand"], p.attack_budget(randomised=True), votes=v)  # the Gaussian noise's worst case
 
     c, noise = costs["03_randomized_smoothing"], 8  # RandomizedSmoothing(num_noise=8) in every soft forward
     c.predict(n)
-    for _ in p.smoothing_sigmas:
-        c.ensemble(n, ENSEMBLES["rand"], AttackBudget(steps=p.eval_steps, eot_samples=p.eot_samples // noise + 1),
-                   votes=p.certify_n0, noise=noise)  # judged by the smoothed prediction
-        c.predict(p.n_certify, p.certify_n0 + p.certify_n)  # certify
-    c.masking_report(min(40, n), p.attack_steps, eot=2 * 4, votes=p.votes * 4)
+    for _ in p.certification.sigmas:
+        c.ensemble(n, ENSEMBLES["rand"], AttackBudget(steps=p.evaluation.steps, eot_samples=p.defences.eot_samples // noise + 1),
+                   votes=p.certification.n0, noise=noise)  # judged by the smoothed prediction
+        c.predict(p.certification.images, p.certification.n0 + p.certification.n)  # certify
+    c.masking_report(min(40, n), p.sweeps.steps, eot=2 * 4, votes=p.defences.votes * 4)
 
-    c, n = costs["04_denoising"], p.n_eval
-    c.attack(n, p.attack_steps)
+    c, n = costs["04_denoising"], p.sweeps.images
+    c.attack(n, p.sweeps.steps)
     c.predict(n, 2 + 2 * 15)  # undefended, then 15 bilateral sigmas on adversarial and clean images
     for _ in range(5):  # adaptive attacks through 5 of the sigmas
-        c.attack(n, p.attack_steps)
+        c.attack(n, p.sweeps.steps)
         c.predict(n)
-    c.attack(p.n_defence, p.attack_steps, eot=p.eot_samples)  # random sigma, EOT
-    c.predict(p.n_defence, 2 * p.votes)
+    c.attack(p.defences.images, p.sweeps.steps, eot=p.defences.eot_samples)  # random sigma, EOT
+    c.predict(p.defences.images, 2 * p.defences.votes)
     for _ in range(16):  # colour x spatial sigma grid
-        c.ensemble(p.n_defence, ENSEMBLES["standard"], p.attack_budget())
-    c.masking_report(p.n_defence, p.attack_steps)
+        c.ensemble(p.defences.images, ENSEMBLES["standard"], p.attack_budget())
+    c.masking_report(p.defences.images, p.sweeps.steps)
 
-    scale = p.finetune_batch_size / 128 * (p.finetune_attack_steps + 2) / 12  # a step's cost vs the measured one
+    scale = p.finetuning.batch_size / 128 * (p.finetuning.attack_steps + 2) / 12  # a step's cost vs the measured one
     for name, runs, models in (("05_adversarial_finetune", {"full": 2}, 3), ("06_orthogonal_finetune",
                                                                           {"oft": 4}, 6)):
         c = costs[name]
-        c.finetune = {adapter: count * p.finetune_steps * scale for adapter, count in runs.items()}
+        c.finetune = {adapter: count * p.finetuning.steps * scale for adapter, count in runs.items()}
         for _ in range(models):  # FinetuneStudy.evaluate: robustness_vs_eps at 1, 2, 4 / 255
-            c.ensemble(p.n_eval, FinetuneStudy.attacks, p.attack_budget(), radii=len(FinetuneStudy.eval_eps))
-    costs["05_adversarial_finetune"].masking_report(100, p.attack_steps)
+            c.ensemble(p.sweeps.images, FinetuneStudy.attacks, p.attack_budget(), radii=len(FinetuneStudy.eval_eps))
+    costs["05_adversarial_finetune"].masking_report(100, p.sweeps.steps)
     return costs
 
 

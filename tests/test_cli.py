@@ -19,9 +19,9 @@ from cliplab.cli import commands as cli
 from cliplab.cli import reproduce as runner
 
 OK_CELLS = [
-    "import os\nimport matplotlib.pyplot as plt\nimport cliplab.plots as P",
+    "import os\nimport matplotlib.pyplot as plt\nfrom cliplab import plots as P",
     "assert os.environ['CLIPLAB_PROFILE'] == 'shapes', os.environ.get('CLIPLAB_PROFILE')\n"
-    "fig = plt.figure()\nplt.plot([0, 1], [1, 0])\nimport cliplab\nprint(P.save_figure(fig, 'demo', cliplab.get_profile().figures))",
+    "fig = plt.figure()\nplt.plot([0, 1], [1, 0])\nimport cliplab\nprint(P.save_figure(fig, 'demo', cliplab.get_profile().runtime.figures))",
     "import torch\nprint('threads', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])",
 ]
 FAIL_CELLS = ["x = 1", "raise ValueError('boom')", "never = True"]
@@ -294,7 +294,7 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
             assert entry["n"] > 0 and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
     assert abs(metrics["eps"] - 2 / 255) < 1e-12
     profile = __import__("cliplab").get_profile("shapes")
-    assert (metrics["config"]["block_size"], metrics["config"]["lr"]) == (8, profile.oft_lr)  # flag, profile
+    assert (metrics["config"]["block_size"], metrics["config"]["lr"]) == (8, profile.finetuning.oft_lr)  # flag, profile
     cliplab_loaded = __import__("cliplab").load_classifier("shapes", pretrained=out / "final.safetensors",
                                                            device="cpu")
     assert cliplab_loaded.num_classes == 100
@@ -414,7 +414,7 @@ def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_h
     marker = tmp_path / "started"
     _write_notebook(directory / "01_ok.ipynb", ["print('fast')"])
     _write_notebook(directory / "02_slow.ipynb", [f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(120)"])
-    process = subprocess.Popen([sys.executable, "-m", "cliplab.cli", "reproduce", "--notebooks", str(directory),
+    process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
                                 "--results", str(tmp_path / "results")], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

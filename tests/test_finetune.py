@@ -299,11 +299,11 @@ def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, t
 def test_profile_finetune_config_takes_the_profile_budgets_per_adapter():
     profile = cliplab.get_profile("shapes")
     full = profile.finetune_config("fare", "full")
-    assert (full.steps, full.lr, full.eps, full.clean_weight) == (profile.finetune_steps, profile.finetune_lr, 4 / 255, 0)
-    assert (full.batch_size, full.attack_steps) == (profile.finetune_batch_size, profile.finetune_attack_steps)
+    assert (full.steps, full.lr, full.eps, full.clean_weight) == (profile.finetuning.steps, profile.finetuning.lr, 4 / 255, 0)
+    assert (full.batch_size, full.attack_steps) == (profile.finetuning.batch_size, profile.finetuning.attack_steps)
     oft = profile.finetune_config("fare", "oft")
-    assert (oft.lr, oft.clean_weight, oft.block_size) == (profile.oft_lr, profile.oft_clean_weight,
-                                                          profile.oft_block_sizes[0])
+    assert (oft.lr, oft.clean_weight, oft.block_size) == (profile.finetuning.oft_lr, profile.finetuning.oft_clean_weight,
+                                                          profile.finetuning.oft_block_sizes[0])
     custom = profile.finetune_config("tecoa", "oft", block_size=4, lr=1e-2, steps=3)
     assert (custom.method, custom.block_size, custom.lr, custom.steps) == ("tecoa", 4, 1e-2, 3)
     with pytest.raises(ValueError, match=r"^block_size must be >= 1"):  # not silently the profile's 128

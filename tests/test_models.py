@@ -149,11 +149,11 @@ def test_profiles(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(UserWarning, match="CUDA"):
         profile = cliplab.get_profile()
-    assert profile.name == "cifar100" and profile.device == "cpu"
+    assert profile.name == "cifar100" and profile.runtime.device == "cpu"
     monkeypatch.delenv("CLIPLAB_PROFILE")
     shapes = cliplab.get_profile()
-    assert shapes.name == "shapes" and shapes.device == "cpu"
-    assert shapes.eps_values == [e / 255 for e in shapes.eps_grid]
+    assert shapes.name == "shapes" and shapes.runtime.device == "cpu"
+    assert shapes.sweeps.eps == [e / 255 for e in shapes.sweeps.eps_255]
     with pytest.raises(ValueError, match=r"^device must be one of"):
         cliplab.get_profile("shapes", device="tpu")
 
@@ -169,7 +169,7 @@ def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_pa
     for variable, value in profile_environment(profile).items():
         monkeypatch.setenv(variable, value)
     assert cliplab.get_profile() == profile
-    assert profile.weights == str(tmp_path / "w.safetensors") and profile.checkpoint_dir == tmp_path / "ckpt"
+    assert profile.runtime.weights == str(tmp_path / "w.safetensors") and profile.checkpoint_dir == tmp_path / "ckpt"
     # every setting is written, so nothing comes from the caller's environment (a smoke flag left in a shell)
     full = cliplab.get_profile("shapes", device="cpu")
     monkeypatch.setenv("CLIPLAB_SMOKE", "1")
@@ -190,11 +190,20 @@ def test_smoke_shrinks_every_budget_of_either_profile():
     for name in ("shapes", "cifar100"):
         full, smoke = cliplab.get_profile(name, device="cpu"), cliplab.get_profile(name, device="cpu", smoke=True)
         assert smoke.smoke and not full.smoke and smoke.name == name
-        for field, value in SMOKE_BUDGETS.items():
-            assert getattr(smoke, field) == value
-            if isinstance(value, int) and not isinstance(value, bool):
-                assert value <= getattr(full, field), field
-        assert 8 in smoke.eps_grid, "notebook 01 reports the success rate at 8/255"
+        assert smoke.single_template and smoke.runtime == full.runtime
+        for section, changes in SMOKE_BUDGETS.items():
+            for field, value in changes.items():
+                assert getattr(getattr(smoke, section), field) == value
+                if isinstance(value, int):
+                    assert value <= getattr(getattr(full, section), field), f"{section}.{field}"
+        assert 8 in smoke.sweeps.eps_255, "notebook 01 reports the success rate at 8/255"
+
+
+def test_a_profile_prints_one_section_per_line():
+    lines = str(cliplab.get_profile("shapes", device="cpu", smoke=True)).splitlines()
+    assert lines[0] == "profile 'shapes' (smoke, single_template)"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["sweeps", "evaluation", "defences", "certification",
+                                                                  "finetuning", "runtime"]
 
 
 def test_profile_loads_what_it_names(tmp_path, monkeypatch):

@@ -203,4 +203,4 @@ def test_evaluate_report_card_on_the_cifar100_path(offline, tmp_path, capsys):
 def test_evaluate_report_card_on_the_gpu(offline, tmp_path):
     device = os.environ.get("CLIPLAB_TEST_DEVICE", "cuda")
     document = _evaluate_cifar100(offline, tmp_path, device)
-    assert document["settings"]["device"] == device and document["results"][0]["clean"]["n"] == 8
+    assert document["settings"]["runtime"]["device"] == device and document["results"][0]["clean"]["n"] == 8

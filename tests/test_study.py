@@ -57,7 +57,7 @@ def test_sweep_is_attack_success_rate_with_the_profiles_settings(shapes_clf, bat
     x, y = batch
     profile = cliplab.get_profile("shapes")
     settings = profile.sweep(votes=True, early_stop=True)
-    assert settings == Sweep(steps=profile.attack_steps, batch_size=profile.batch_size, votes=profile.votes,
+    assert settings == Sweep(steps=profile.sweeps.steps, batch_size=profile.sweeps.batch_size, votes=profile.defences.votes,
                                    early_stop=True, seed=0)
     assert profile.sweep().votes == 1
     fast = Sweep(steps=2, batch_size=8, early_stop=True)
@@ -119,7 +119,7 @@ def smoke_profile(tmp_path):
 def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     torch.manual_seed(0)
     setup = study.FinetuneStudy(smoke_profile)
-    assert len(setup.x_train) == smoke_profile.finetune_images and len(setup.x_test) == smoke_profile.n_eval
+    assert len(setup.x_train) == smoke_profile.finetuning.images and len(setup.x_test) == smoke_profile.sweeps.images
     config = smoke_profile.finetune_config("fare", "full")
     before = {k: v.clone() for k, v in setup.original.state_dict().items()}
     trained, history = setup.fine_tuned("fare-full", config)
@@ -134,7 +134,7 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     assert list(reports) == ["original", "FARE"] and list(reports["FARE"]) == list(setup.eval_eps)
     report = reports["FARE"][setup.eval_eps[-1]]
     # the radii are nested: the largest first counts the images broken at the smaller ones, then runs every attack
-    assert list(report.per_attack) == ["smaller radii", *setup.attacks] and report.robust.n == smoke_profile.n_eval
+    assert list(report.per_attack) == ["smaller radii", *setup.attacks] and report.robust.n == smoke_profile.sweeps.images
 
 
 def test_finetune_and_evaluate_writes_weights_and_metrics(smoke_profile, tmp_path):
@@ -144,7 +144,7 @@ def test_finetune_and_evaluate_writes_weights_and_metrics(smoke_profile, tmp_pat
     for when in ("before", "after"):
         for kind in ("clean", "robust"):
             entry = metrics[when][kind]
-            assert entry["n"] == smoke_profile.n_defence and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
+            assert entry["n"] == smoke_profile.defences.images and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
     assert metrics["config"]["block_size"] == 8
     loaded = cliplab.load_classifier("shapes", pretrained=tmp_path / "run" / "final.safetensors", device="cpu")
     assert loaded.num_classes == 100

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import _distributed
 from .._arguments import check_int, check_new_file
-from ..study.profiles import PROFILES, Profile, get_profile
+from ..study.profiles import PROFILES, Profile, Runtime, get_profile
 from .reproduce import Terminated, plan_reproduction, reproduce
 
 # what bad input raises: reported as one line and exit status 2, not as a traceback
@@ -242,16 +242,15 @@ def _report_settings(args):
     for name in ("n", "steps", "targets", "queries", "votes", "batch_size"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}")
     check_int(eot, "--eot-samples")
+    runtime = Runtime(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                      precision="fp32" if args.fp32 else "auto", weights=_weights(args.pretrained),
+                      data_root=str(args.data.expanduser().resolve()) if args.data else None)
     settings = report.ReportSettings(
-        model=args.model or args.dataset, pretrained=_weights(args.pretrained),
-        encoder=str(args.encoder.expanduser().resolve()) if args.encoder else None, dataset=args.dataset,
-        data_root=str(args.data.expanduser().resolve()) if args.data else None,
-        single_template=args.single_template, eps=tuple(args.eps), n=args.n,
+        model=args.model or args.dataset, encoder=str(args.encoder.expanduser().resolve()) if args.encoder else None,
+        dataset=args.dataset, single_template=args.single_template, eps=tuple(args.eps), n=args.n,
         attacks=args.attacks, budget=AttackBudget(steps=args.steps, num_targets=args.targets, queries=args.queries,
                                                   eot_samples=eot),
-        votes=args.votes, batch_size=args.batch_size, seed=args.seed,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        precision="fp32" if args.fp32 else "auto")
+        votes=args.votes, batch_size=args.batch_size, seed=args.seed, runtime=runtime)
     if args.out is not None:
         check_new_file(args.out / "evaluation.json", "--out", args.overwrite)
     report.check(settings)

@@ -12,7 +12,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -233,7 +233,7 @@ class Reproduction:
     threads: int  # torch threads of each notebook kernel
 
     def __str__(self) -> str:
-        return (f"profile {self.profile.name}{' (smoke run)' if self.profile.smoke else ''} on {self.profile.device}, "
+        return (f"profile {self.profile.name}{' (smoke run)' if self.profile.smoke else ''} on {self.profile.runtime.device}, "
                 f"{self.threads} torch thread{'s' * (self.threads != 1)} per notebook kernel")
 
 
@@ -257,8 +257,8 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     out = results_dir(results, profile)
     check_directory(out, "results")
     profile.check_inputs()
-    if profile.smoke and profile.checkpoints is None:
-        profile = replace(profile, checkpoints=str((out / "checkpoints").resolve()))
+    if profile.smoke and profile.runtime.checkpoints is None:
+        profile = profile.with_runtime(checkpoints=str((out / "checkpoints").resolve()))
     return Reproduction(profile, paths, out, update, threads)
 
 
@@ -270,7 +270,7 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
     for path in job.notebooks:
         figures = str((job.out / "figures" / path.stem).resolve())
         yield execute_notebook(path, path.parent if job.update else job.out,
-                               {**env, **profile_environment(replace(job.profile, figures=figures))})
+                               {**env, **profile_environment(job.profile.with_runtime(figures=figures))})
 
 
 def results_dir(results: Path, profile: Profile) -> Path:

@@ -55,8 +55,8 @@ class FinetuneStudy:
     def __init__(self, profile: Profile):
         self.profile = profile
         self.original = profile.load_classifier()
-        self.x_train, self.y_train, self.class_names = profile.load_dataset("train", n=profile.finetune_images)
-        self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.n_eval)
+        self.x_train, self.y_train, self.class_names = profile.load_dataset("train", n=profile.finetuning.images)
+        self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
 
     def fine_tuned(self, name: str, config: FinetuneConfig) -> tuple[ZeroShotClassifier, list[dict]]:
         """A copy of the original fine-tuned with ``config`` and its training history: from the cache
@@ -67,7 +67,7 @@ class FinetuneStudy:
     def evaluate(self, models: Mapping[str, nn.Module]) -> dict[str, dict[float, RobustnessReport]]:
         """Each model's worst-case robustness reports at ``eval_eps`` on the test images (seed 0)."""
         return {name: robustness_vs_eps(model, self.x_test, self.y_test, self.eval_eps, attacks=list(self.attacks),
-                                        budget=self.profile.attack_budget(), batch_size=self.profile.batch_size,
+                                        budget=self.profile.attack_budget(), batch_size=self.profile.sweeps.batch_size,
                                         seed=0, progress=False)
                 for name, model in models.items()}
 
@@ -148,12 +148,12 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
     # the run's lock, taken before anything loads: a second run into ``out`` fails at once (finetune re-enters it)
     with run_lock(out) if _distributed.is_main() else contextlib.nullcontext():
         classifier = profile.load_classifier()
-        x, y, _ = profile.load_dataset("train", n=profile.finetune_images)
-        x_test, y_test, _ = profile.load_dataset("test", n=profile.n_defence)
+        x, y, _ = profile.load_dataset("train", n=profile.finetuning.images)
+        x_test, y_test, _ = profile.load_dataset("test", n=profile.defences.images)
 
         def evaluate(model):
-            result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.attack_steps,
-                                     restarts=profile.restarts, loss="margin", seed=0, progress=False)
+            result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.sweeps.steps,
+                                     restarts=profile.sweeps.restarts, loss="margin", seed=0, progress=False)
             return {"clean": result.clean.as_dict(), "robust": result.robust.as_dict()}
 
         metrics = {"config": asdict(config), "eps": config.eps, "before": evaluate(classifier)}

@@ -14,7 +14,7 @@ from ..evaluation.statistics import Proportion
 
 def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None) -> Path | None:
     """Save ``fig`` as ``<directory>/<name>.png`` (atomically); nothing when ``directory`` is None (a notebook passes
-    ``profile.figures``, which ``cliplab reproduce`` sets)."""
+    ``profile.runtime.figures``, which ``cliplab reproduce`` sets)."""
     if directory is None:
         return None
     path = Path(directory) / f"{name}.png"

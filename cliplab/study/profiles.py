@@ -1,11 +1,13 @@
 """The two profiles: one code path, different model, data and budgets.
 
+A profile is configuration as data: frozen dataclasses for its PGD sweeps, its worst-case evaluation budget, its
+defences, its certification and its fine-tuning, and a ``Runtime`` (device, precision, weights, data, caches) that
+``cliplab evaluate`` shares. ``Profile.sweep()``, ``attack_budget()`` and ``finetune_config()`` turn them into the
+kernels' typed settings; ``load_classifier()`` and ``load_dataset()`` load what the profile names.
+
 Notebooks call ``get_profile()``, which reads the settings ``cliplab reproduce`` passes to their kernels as
 environment variables (``profile_environment`` writes them), so the same notebook runs the offline toy study,
-the real one, or a smoke run of either. A profile is the study layer's configuration: ``load_classifier()`` and
-``load_dataset()`` load what it names (weights, data directory, device, precision); ``sweep()``,
-``attack_budget()`` and ``finetune_config()`` give the typed settings of its attacks, evaluations and fine-tuning;
-``figures`` is where its notebooks save their figures. Only this module and the command line read the environment.
+the real one, or a smoke run of either.
 """
 from __future__ import annotations
 
@@ -18,57 +20,116 @@ import torch
 
 from .._arguments import check_choice
 from .._torch import PRECISIONS
+from ..evaluation.ensemble import AttackBudget
+from ..evaluation.sweeps import Sweep
+from ..training.config import FinetuneConfig
+
+
+@dataclass(frozen=True)
+class Sweeps:
+    """The PGD sweeps of 01-04 and the PGD quick look of 05 and 06."""
+
+    images: int  # test images behind every reported accuracy or success rate
+    batch_size: int  # images per attack batch
+    steps: int  # PGD steps
+    restarts: int  # restarts of the PGD quick look that 05 and 06 compare with the worst case
+    eps_255: tuple[float, ...]  # L-inf radii, in units of 1/255
+    target_class: str  # the class the targeted attack of notebook 01 aims for
+
+    @property
+    def eps(self) -> list[float]:
+        """``eps_255`` in [0, 1] pixel units."""
+        return [e / 255 for e in self.eps_255]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The budget of every worst-case evaluation (AutoAttack: 100 steps, 9 targets, 5,000 queries)."""
+
+    steps: int  # APGD iterations
+    targets: int  # target classes of APGD-T, the likeliest first
+    queries: int  # queries per image of the black-box Square attack
+
+
+@dataclass(frozen=True)
+class Defences:
+    """The defence sweeps of 02-04, where EOT multiplies the cost."""
+
+    images: int  # test images behind the defence sweeps
+    eot_samples: int  # EOT draws of every reported adaptive attack on a randomised defence (>= 20)
+    eot_grid: tuple[int, ...]  # EOT draws compared in 02
+    votes: int  # stochastic passes whose majority vote scores a randomised defence, as deployed
+
+
+@dataclass(frozen=True)
+class Certification:
+    """Randomized smoothing's certificates in 03 (Cohen et al.: 100 + 100,000 draws)."""
+
+    sigmas: tuple[float, ...]  # noise levels (pixel units)
+    n0: int  # Monte-Carlo draws that select the class to certify
+    n: int  # Monte-Carlo draws that bound its probability
+    images: int  # test images certified per sigma
+
+
+@dataclass(frozen=True)
+class Finetuning:
+    """Robust fine-tuning in 05 and 06 (and ``cliplab finetune``'s defaults)."""
+
+    images: int  # training images the batches are drawn from
+    steps: int  # optimiser steps
+    batch_size: int  # images per step
+    attack_steps: int  # PGD steps of the inner attack
+    lr: float  # peak AdamW learning rate of full fine-tuning
+    oft_lr: float  # peak learning rate of orthogonal fine-tuning (its rotations start at the identity)
+    oft_clean_weight: float  # weight of FARE's clean term in OFT runs (keeps clean embeddings in place)
+    oft_block_sizes: tuple[int, ...]  # OFT block sizes compared in 06 (the first is the default)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the work runs, and where its files are: not what it measures. ``cliplab evaluate`` uses it too."""
+
+    device: str = "cpu"  # "cuda" or "cpu"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32" forces fp32 everywhere
+    weights: str | None = None  # checkpoint path or open_clip tag; None: the model's own (shipped / OpenAI)
+    data_root: str | None = None  # directory holding cifar-100-python/; None: load_dataset's default
+    checkpoints: str | None = None  # cache of 05/06's fine-tuned encoders; None: checkpoints/<profile> (notebooks/)
+    # where a notebook saves its PNG figures (cliplab reproduce sets it); None: nowhere. A path of this machine, not
+    # a setting of the study: left out of the printed profile, so committed notebooks stay the same everywhere
+    figures: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str  # profile name; also the model (load_classifier) and data set (load_dataset) it uses
-    n_eval: int  # test images behind every reported accuracy or success rate
-    batch_size: int  # images per attack batch
-    attack_steps: int  # PGD steps for the sweeps
-    restarts: int  # restarts of the PGD quick look that 05 and 06 compare with the worst case
-    eval_steps: int  # APGD iterations of every worst-case evaluation (AutoAttack: 100)
-    eval_targets: int  # target classes of its APGD-T, the likeliest first (AutoAttack: 9)
-    eval_queries: int  # queries per image of its black-box Square attack (AutoAttack: 5,000)
-    eps_grid: tuple[float, ...]  # L-inf radii of the sweeps, in units of 1/255
-    target_class: str  # the class the targeted attack of notebook 01 aims for
-    n_defence: int  # test images behind the defence sweeps (02-04), where EOT multiplies the cost
-    eot_samples: int  # EOT draws of every reported adaptive attack on a randomised defence (>= 20)
-    eot_grid: tuple[int, ...]  # EOT draws compared in 02
-    votes: int  # stochastic passes whose majority vote scores a randomised defence, as deployed
-    smoothing_sigmas: tuple[float, ...]  # randomized-smoothing noise levels (pixel units)
-    certify_n0: int  # Monte-Carlo draws that select the class to certify (Cohen et al.: 100)
-    certify_n: int  # Monte-Carlo draws that bound its probability (Cohen et al.: 100,000)
-    n_certify: int  # test images certified per sigma
-    finetune_images: int  # training images robust fine-tuning draws its batches from
-    finetune_steps: int  # optimiser steps of robust fine-tuning
-    finetune_batch_size: int  # images per fine-tuning step
-    finetune_attack_steps: int  # PGD steps of fine-tuning's inner attack
-    finetune_lr: float  # peak AdamW learning rate of full fine-tuning
-    oft_lr: float  # peak learning rate of orthogonal fine-tuning (its rotations start at the identity)
-    oft_clean_weight: float  # weight of FARE's clean term in OFT runs (keeps clean embeddings in place)
-    oft_block_sizes: tuple[int, ...]  # OFT block sizes compared in 06 (the first is the default)
-    device: str  # "cuda" or "cpu"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32" forces fp32 everywhere
-    weights: str | None = None  # checkpoint path or open_clip tag; None: the profile's own (shipped / OpenAI)
-    data_root: str | None = None  # directory holding cifar-100-python/; None: load_dataset's default
-    checkpoints: str | None = None  # cache of 05/06's fine-tuned encoders; None: checkpoints/<name> (notebooks/)
+    sweeps: Sweeps
+    evaluation: Evaluation
+    defences: Defences
+    certification: Certification
+    finetuning: Finetuning
+    runtime: Runtime = Runtime()
     smoke: bool = False  # budgets shrunk to seconds (SMOKE_BUDGETS): runs every code path, measures nothing
     single_template: bool = False  # one prompt per class instead of the ensemble (a smoke run's text head)
-    # where the notebook saves its PNG figures (cliplab reproduce sets it); None: nowhere. Not a setting of the
-    # study, and a path of this machine: left out of the printed profile, so committed notebooks stay the same
-    figures: str | None = field(default=None, repr=False)
 
-    def sweep(self, *, votes: bool = False, early_stop: bool = False):
-        """The ``study.Sweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
+    def __str__(self) -> str:
+        """One section per line (a notebook prints its profile first)."""
+        flags = ", ".join(name for name in ("smoke", "single_template") if getattr(self, name))
+        sections = [f"  {name}: {getattr(self, name)}" for name in
+                    ("sweeps", "evaluation", "defences", "certification", "finetuning", "runtime")]
+        return "\n".join([f"profile {self.name!r}" + (f" ({flags})" if flags else ""), *sections])
+
+    def with_runtime(self, **changes) -> Profile:
+        """The same profile with some runtime settings changed (device, weights, figures, ...)."""
+        return replace(self, runtime=replace(self.runtime, **changes))
+
+    def sweep(self, *, votes: bool = False, early_stop: bool = False) -> Sweep:
+        """The ``Sweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
         ``votes``: judged by the profile's vote (randomised defences); ``early_stop``: stop at success."""
-        from ..evaluation.sweeps import Sweep
-
-        return Sweep(steps=self.attack_steps, batch_size=self.batch_size, votes=self.votes if votes else 1,
-                     early_stop=early_stop)
+        return Sweep(steps=self.sweeps.steps, batch_size=self.sweeps.batch_size,
+                     votes=self.defences.votes if votes else 1, early_stop=early_stop)
 
     def finetune_config(self, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,
-                        **overrides):
+                        **overrides) -> FinetuneConfig:
         """The study's ``FinetuneConfig`` (notebooks 05-06, defaults of ``cliplab finetune``).
 
         L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate;
@@ -76,39 +137,32 @@ class Profile:
         ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's: bf16
         autocast on CUDA unless it was loaded with ``precision="fp32"``.)
         """
-        from ..training.config import FinetuneConfig
-
         if block_size is not None and adapter != "oft":
             raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
-        settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=self.finetune_attack_steps,
-                        steps=self.finetune_steps, batch_size=self.finetune_batch_size, lr=self.finetune_lr)
+        tuning = self.finetuning
+        settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=tuning.attack_steps,
+                        steps=tuning.steps, batch_size=tuning.batch_size, lr=tuning.lr)
         if adapter == "oft":
-            settings.update(lr=self.oft_lr, clean_weight=self.oft_clean_weight,
-                            block_size=self.oft_block_sizes[0] if block_size is None else block_size)
+            settings.update(lr=tuning.oft_lr, clean_weight=tuning.oft_clean_weight,
+                            block_size=tuning.oft_block_sizes[0] if block_size is None else block_size)
         return FinetuneConfig(**{**settings, **overrides})
 
-    @property
-    def eps_values(self) -> list[float]:
-        """``eps_grid`` in [0, 1] pixel units."""
-        return [e / 255 for e in self.eps_grid]
-
-    def attack_budget(self, randomised: bool = False):
-        """The ``AttackBudget`` of the worst-case evaluations; ``randomised``: with ``eot_samples`` EOT draws."""
-        from ..evaluation.ensemble import AttackBudget
-
-        return AttackBudget(steps=self.eval_steps, num_targets=self.eval_targets, queries=self.eval_queries,
-                            eot_samples=self.eot_samples if randomised else 1, pgd_steps=self.attack_steps,
-                            pgd_restarts=self.restarts)
+    def attack_budget(self, randomised: bool = False) -> AttackBudget:
+        """The ``AttackBudget`` of the worst-case evaluations; ``randomised``: with the defences' EOT draws."""
+        return AttackBudget(steps=self.evaluation.steps, num_targets=self.evaluation.targets,
+                            queries=self.evaluation.queries,
+                            eot_samples=self.defences.eot_samples if randomised else 1,
+                            pgd_steps=self.sweeps.steps, pgd_restarts=self.sweeps.restarts)
 
     @property
     def checkpoint_dir(self) -> Path:
         """Where notebooks 05 and 06 cache their fine-tuned encoders."""
-        return Path(self.checkpoints) if self.checkpoints else Path("checkpoints") / self.name
+        return Path(self.runtime.checkpoints) if self.runtime.checkpoints else Path("checkpoints") / self.name
 
     @property
     def _pretrained(self) -> dict:
         """``pretrained=`` for load_classifier/check_weights: none when the profile keeps its own weights."""
-        return {} if self.weights is None else {"pretrained": self.weights}
+        return {} if self.runtime.weights is None else {"pretrained": self.runtime.weights}
 
     def load_classifier(self):
         """The profile's zero-shot classifier: its weights, on its device, in its precision."""
@@ -116,15 +170,15 @@ class Profile:
         from ..models import load_classifier
 
         templates = data.templates(self.name, single=self.single_template)
-        return load_classifier(self.name, device=self.device, precision=self.precision, templates=templates,
-                               **self._pretrained)
+        return load_classifier(self.name, device=self.runtime.device, precision=self.runtime.precision,
+                               templates=templates, **self._pretrained)
 
     def load_dataset(self, split: str = "test", n: int | None = None):
         """``(x, y, class_names)`` of the profile's data set, the tensors on the profile's device."""
         from ..data import load_dataset
 
-        x, y, class_names = load_dataset(self.name, split=split, n=n, root=self.data_root)
-        return x.to(self.device), y.to(self.device), class_names
+        x, y, class_names = load_dataset(self.name, split=split, n=n, root=self.runtime.data_root)
+        return x.to(self.runtime.device), y.to(self.runtime.device), class_names
 
     def check_inputs(self):
         """Fail within seconds, naming the file, when the weights or data this profile names cannot be loaded;
@@ -133,7 +187,7 @@ class Profile:
         from ..models import check_weights
 
         model = check_weights(self.name, **self._pretrained)
-        check_dataset(self.name, self.data_root)
+        check_dataset(self.name, self.runtime.data_root)
         return model
 
 
@@ -142,42 +196,47 @@ PROFILES = {
     # the notebooks run in minutes on a CPU: on this model it finds what AutoAttack's full budget of 100 steps finds
     # (the same 0.0% and 19.5% at 4/255 for the original and FARE-OFT b=128 cw=2, first 200 test images), and
     # Square stays a gradient-free sanity check.
-    "shapes": Profile(name="shapes", n_eval=500, batch_size=250, attack_steps=10, restarts=2,
-                      eval_steps=10, eval_targets=9, eval_queries=100,
-                      eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 12, 16), target_class="blue star",
-                      n_defence=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15,
-                      smoothing_sigmas=(0.03, 0.06, 0.12, 0.25), certify_n0=64, certify_n=500, n_certify=100,
-                      finetune_images=10_000, finetune_steps=1000, finetune_batch_size=64,
-                      finetune_attack_steps=10, finetune_lr=5e-4,
-                      oft_lr=2e-3, oft_clean_weight=1.0, oft_block_sizes=(128, 16),
-                      device="cpu"),
+    "shapes": Profile(
+        name="shapes",
+        sweeps=Sweeps(images=500, batch_size=250, steps=10, restarts=2, eps_255=(0.5, 1, 2, 3, 4, 6, 8, 12, 16),
+                      target_class="blue star"),
+        evaluation=Evaluation(steps=10, targets=9, queries=100),
+        defences=Defences(images=100, eot_samples=20, eot_grid=(1, 5, 20), votes=15),
+        certification=Certification(sigmas=(0.03, 0.06, 0.12, 0.25), n0=64, n=500, images=100),
+        finetuning=Finetuning(images=10_000, steps=1000, batch_size=64, attack_steps=10, lr=5e-4, oft_lr=2e-3,
+                              oft_clean_weight=1.0, oft_block_sizes=(128, 16)),
+        runtime=Runtime(device="cpu")),
     # Sized to run in 27 to 81 minutes on one H100 (docs/costs.md, "The real study": the worst-case evaluations
     # cost more the more images survive): 500 images for the defence sweeps (95% CI about +-4 points), 1,000 draws
     # per certificate (radii up to 2.5 sigma), one epoch of fine-tuning (400 steps of 128 images), AutoAttack's
     # APGD budget with 1,000 Square queries.
-    "cifar100": Profile(name="cifar100", n_eval=1000, batch_size=250, attack_steps=20, restarts=2,
-                        eval_steps=100, eval_targets=9, eval_queries=1000,
-                        eps_grid=(0.5, 1, 2, 3, 4, 6, 8, 10), target_class="pickup truck",
-                        n_defence=500, eot_samples=20, eot_grid=(1, 2, 5, 10, 20), votes=32,
-                        smoothing_sigmas=(0.12, 0.25, 0.5), certify_n0=100, certify_n=1_000, n_certify=500,
-                        finetune_images=50_000, finetune_steps=400, finetune_batch_size=128,
-                        finetune_attack_steps=10, finetune_lr=1e-5,
-                        oft_lr=1e-4, oft_clean_weight=1.0, oft_block_sizes=(128, 32),
-                        device="cuda"),
+    "cifar100": Profile(
+        name="cifar100",
+        sweeps=Sweeps(images=1000, batch_size=250, steps=20, restarts=2, eps_255=(0.5, 1, 2, 3, 4, 6, 8, 10),
+                      target_class="pickup truck"),
+        evaluation=Evaluation(steps=100, targets=9, queries=1000),
+        defences=Defences(images=500, eot_samples=20, eot_grid=(1, 2, 5, 10, 20), votes=32),
+        certification=Certification(sigmas=(0.12, 0.25, 0.5), n0=100, n=1_000, images=500),
+        finetuning=Finetuning(images=50_000, steps=400, batch_size=128, attack_steps=10, lr=1e-5, oft_lr=1e-4,
+                              oft_clean_weight=1.0, oft_block_sizes=(128, 32)),
+        runtime=Runtime(device="cuda")),
 }
 
 # A smoke run: every budget shrunk so that all six notebooks run every cell and code path in minutes on a
-# CPU, even with ViT-B/32. Its numbers mean nothing; it proves that the study runs.
-SMOKE_BUDGETS = dict(n_eval=4, batch_size=4, attack_steps=1, restarts=1, eval_steps=2, eval_targets=2, eval_queries=2,
-                     eps_grid=(1, 8), n_defence=2,
-                     eot_samples=2, eot_grid=(1, 2), votes=2, certify_n0=2, certify_n=8, n_certify=2,
-                     finetune_images=8, finetune_steps=2, finetune_batch_size=2, finetune_attack_steps=1,
-                     single_template=True)
+# CPU, even with ViT-B/32. Its numbers mean nothing; it proves that the study runs. (section -> its changes)
+SMOKE_BUDGETS = {
+    "sweeps": dict(images=4, batch_size=4, steps=1, restarts=1, eps_255=(1, 8)),
+    "evaluation": dict(steps=2, targets=2, queries=2),
+    "defences": dict(images=2, eot_samples=2, eot_grid=(1, 2), votes=2),
+    "certification": dict(n0=2, n=8, images=2),
+    "finetuning": dict(images=8, steps=2, batch_size=2, attack_steps=1),
+}
 
-# get_profile's settings and the environment variables that carry them into a notebook's kernel
+# get_profile's settings and the environment variables that carry them into a notebook's kernel: every runtime
+# setting, and smoke
 ENVIRONMENT = {"device": "CLIPLAB_DEVICE", "precision": "CLIPLAB_PRECISION", "weights": "CLIPLAB_PRETRAINED",
-               "data_root": "CLIPLAB_DATA", "checkpoints": "CLIPLAB_CHECKPOINTS", "smoke": "CLIPLAB_SMOKE",
-               "figures": "CLIPLAB_FIGURES"}
+               "data_root": "CLIPLAB_DATA", "checkpoints": "CLIPLAB_CHECKPOINTS", "figures": "CLIPLAB_FIGURES",
+               "smoke": "CLIPLAB_SMOKE"}
 
 
 def get_profile(name: str | None = None, device: str | None = None, *, precision: str | None = None,
@@ -213,13 +272,20 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
             value, label[key] = os.environ[ENVIRONMENT[key]], f"${ENVIRONMENT[key]}"
         if value is not None:
             settings[key] = str(value) if key != "smoke" else _flag(value, label[key])
-    profile = replace(PROFILES[name], **settings)
-    check_choice(profile.device, label["device"], ("cpu", "cuda"))
-    check_choice(profile.precision, label["precision"], PRECISIONS)
-    if profile.device == "cuda" and not torch.cuda.is_available():
+    smoke = settings.pop("smoke", False)
+    profile = PROFILES[name].with_runtime(**settings)
+    check_choice(profile.runtime.device, label["device"], ("cpu", "cuda"))
+    check_choice(profile.runtime.precision, label["precision"], PRECISIONS)
+    if profile.runtime.device == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"profile {name!r} wants a CUDA GPU and none is available: running on the CPU, slowly")
-        profile = replace(profile, device="cpu")
-    return replace(profile, **SMOKE_BUDGETS) if profile.smoke else profile
+        profile = profile.with_runtime(device="cpu")
+    return shrunk(profile) if smoke else profile
+
+
+def shrunk(profile: Profile) -> Profile:
+    """``profile``'s smoke run: every budget shrunk (``SMOKE_BUDGETS``), one prompt per class."""
+    sections = {section: replace(getattr(profile, section), **changes) for section, changes in SMOKE_BUDGETS.items()}
+    return replace(profile, smoke=True, single_template=True, **sections)
 
 
 def _flag(value, name: str) -> bool:
@@ -238,7 +304,7 @@ def profile_environment(profile: Profile) -> dict[str, str]:
     shrink the budgets of a full run); an empty value means the profile's default."""
     environment = {"CLIPLAB_PROFILE": profile.name}
     for key, variable in ENVIRONMENT.items():
-        value = getattr(profile, key)
-        environment[variable] = "" if value is None else {True: "1", False: "0"}.get(value, str(value)) \
-            if isinstance(value, bool) else str(value)
+        value = profile.smoke if key == "smoke" else getattr(profile.runtime, key)
+        environment[variable] = "" if value is None else ("1" if value else "0") if isinstance(value, bool) \
+            else str(value)
     return environment

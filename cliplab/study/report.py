@@ -15,8 +15,14 @@ from pathlib import Path
 from .. import _distributed
 from .._arguments import check_choice, check_int, check_seed
 from .._io import atomic_write
-from ..evaluation.ensemble import AttackBudget, RobustnessReport, check_attack_plan, robustness_vs_eps
+from ..evaluation.ensemble import (
+    AttackBudget,
+    RobustnessReport,
+    check_attack_plan,
+    robustness_vs_eps,
+)
 from ..evaluation.tables import robustness_table
+from .profiles import Runtime
 
 DATASET_TEST_SIZES = {"shapes": 10_000, "cifar100": 10_000}
 
@@ -26,10 +32,8 @@ class ReportSettings:
     """What ``cliplab evaluate`` evaluates, and how."""
 
     model: str = "shapes"  # a profile ("shapes", "cifar100") or an open_clip model name ("ViT-B-32")
-    pretrained: str | None = None  # checkpoint path or open_clip tag; None: the profile's own weights
     encoder: str | None = None  # an image encoder alone (finetune.save_encoder, the notebooks' cache) loaded on top
     dataset: str = "shapes"  # whose test split, class names and prompts: "shapes" or "cifar100"
-    data_root: str | None = None  # directory holding cifar-100-python/
     single_template: bool = False  # one prompt per class ("a photo of a {}.") instead of the data set's ensemble
     eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)  # L-inf radii in [0, 1] pixel units
     n: int = 1000  # the first n test images
@@ -38,8 +42,8 @@ class ReportSettings:
     votes: int = 1  # majority vote of this many stochastic passes scores each image (randomised models)
     batch_size: int = 256  # images per attack batch
     seed: int = 0  # seeds every attack
-    device: str = "cpu"  # "cpu" or "cuda"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) or "fp32"
+    # device, precision, weights (None: the model's own) and data directory, as a profile has them
+    runtime: Runtime = Runtime()
 
 
 def check(settings: ReportSettings) -> None:
@@ -60,13 +64,14 @@ def check(settings: ReportSettings) -> None:
     check_int(settings.votes, "votes")
     check_int(settings.batch_size, "batch_size")
     check_seed(settings.seed)
-    check_choice(settings.device, "device", ("cpu", "cuda"))
-    check_choice(settings.precision, "precision", ("auto", "fp32"))
-    weights = {} if settings.pretrained is None else {"pretrained": settings.pretrained}
+    runtime = settings.runtime
+    check_choice(runtime.device, "device", ("cpu", "cuda"))
+    check_choice(runtime.precision, "precision", ("auto", "fp32"))
+    weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
     architecture = check_weights(settings.model, **weights)
     if settings.encoder is not None:
         _check_encoder(settings.encoder, architecture)
-    check_dataset(settings.dataset, settings.data_root)
+    check_dataset(settings.dataset, runtime.data_root)
 
 
 def _check_encoder(path: str, architecture) -> None:
@@ -94,11 +99,12 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
     from ..models import load_classifier
 
     check(settings)
-    weights = {} if settings.pretrained is None else {"pretrained": settings.pretrained}
-    x, y, class_names = data.load_dataset(settings.dataset, "test", n=settings.n, root=settings.data_root)
+    runtime = settings.runtime
+    weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
+    x, y, class_names = data.load_dataset(settings.dataset, "test", n=settings.n, root=runtime.data_root)
     templates = data.templates(settings.dataset, single=settings.single_template)
-    model = load_classifier(settings.model, class_names=class_names, templates=templates, device=settings.device,
-                            precision=settings.precision, **weights)
+    model = load_classifier(settings.model, class_names=class_names, templates=templates, device=runtime.device,
+                            precision=runtime.precision, **weights)
     if settings.encoder is not None:
         from .finetuning import load_encoder
 
