@@ -44,7 +44,7 @@ from cliplab.evaluation import AttackBudget, Proportion
 # what each peer's AutoAttack(version="standard") runs: torchattacks' port 10 iterations, fra31's original 100
 BUDGETS = {"torchattacks": AttackBudget(steps=10, num_targets=9, queries=5000),
            "autoattack": AttackBudget(steps=100, num_targets=9, queries=5000)}
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "notebooks" / "checkpoints" / "shapes"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "notebooks" / "encoders" / "shapes"
 
 
 def models(kind: str, n: int, device: str):

@@ -4,7 +4,7 @@ For each model the notebooks evaluate, each radius and each attack of ``Finetune
 look, APGD-CE, APGD-T, Square, each with the judgement of what it attacked), a forward hook on the classifier
 counts the images it sees, split into forward-only passes (F) and forward passes whose input gradient is taken (B:
 forward + input-backward), and a clock takes each attack's wall time. One process, the profile's budgets and the
-notebooks' cached encoders (``notebooks/checkpoints/<profile>/``): the figures are what ``cliplab reproduce`` runs.
+notebooks' cached encoders (``notebooks/encoders/<profile>/``): the figures are what ``cliplab reproduce`` runs.
 
 Usage:
     python benchmarks/count_passes.py                      # shapes, 06's six models (05's three are among them)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", help="the classifier's: auto (fp32 on a CPU), fp32 or bf16")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    profile = cliplab.get_profile(args.profile, checkpoints=NOTEBOOKS / "checkpoints" / args.profile,
+    profile = cliplab.get_profile(args.profile, encoder_cache=NOTEBOOKS / "encoders" / args.profile,
                                   precision=args.precision)
     study = FinetuneStudy(profile)
     if args.n:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         model.load_state_dict(pristine)
         if name != "original":
-            cliplab.study.load_encoder(model, profile.checkpoint_dir / f"{ENCODERS[name]}.safetensors")
+            cliplab.study.load_encoder(model, profile.encoder_cache_dir / f"{ENCODERS[name]}.safetensors")
         counter.passes.clear(), counter.seconds.clear()
         counter.switch((0, "clean"))
         start = time.perf_counter()

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="shapes")
     parser.add_argument("--threads", type=int, default=runner.default_threads())
     args = parser.parse_args(argv)
-    profile = cliplab.get_profile(args.profile, checkpoints=NOTEBOOKS / "checkpoints" / args.profile)
+    profile = cliplab.get_profile(args.profile, encoder_cache=NOTEBOOKS / "encoders" / args.profile)
     env = {**runner.thread_environment(args.threads), "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as out:
         for path in runner.find_notebooks(NOTEBOOKS, args.only):

@@ -8,7 +8,7 @@ import torch
 
 import cliplab
 from cliplab.attacks import apgd, apgd_targeted
-from cliplab.attacks.apgd import checkpoints, targeted_dlr
+from cliplab.attacks.apgd import step_size_checks, targeted_dlr
 from cliplab.attacks import square
 
 ATTACKS = {
@@ -55,10 +55,10 @@ def test_apgd_l2_stays_in_the_ball(shapes_clf, batch):
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
 
 
-def test_checkpoints_follow_autoattack():
-    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert checkpoints(10) == list(range(2, 11))
-    assert checkpoints(1) == [1]
+def test_step_size_checks_follow_autoattack():
+    assert step_size_checks(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert step_size_checks(10) == list(range(2, 11))
+    assert step_size_checks(1) == [1]
 
 
 def test_targeted_dlr_is_the_papers_eq_8():

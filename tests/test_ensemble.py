@@ -59,7 +59,7 @@ def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluat
 
     model = copy.deepcopy(shapes_clf)
     if encoder:
-        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "checkpoints" / "shapes" / f"{encoder}.safetensors")
+        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "encoders" / "shapes" / f"{encoder}.safetensors")
     x, y, _ = shapes_test
     x, y = x[:48], y[:48]
     settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),

@@ -11,7 +11,7 @@ import torch
 import cliplab
 from cliplab.cli import commands as cli
 
-NOTEBOOK_CHECKPOINTS = Path(__file__).resolve().parents[1] / "notebooks" / "checkpoints" / "shapes"
+NOTEBOOK_CHECKPOINTS = Path(__file__).resolve().parents[1] / "notebooks" / "encoders" / "shapes"
 FAST = ["--steps", "3", "--targets", "2", "--queries", "5", "--quiet"]
 
 

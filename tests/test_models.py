@@ -165,11 +165,11 @@ def test_profile_settings_round_trip_through_the_environment(monkeypatch, tmp_pa
     for variable in [*ENVIRONMENT.values(), "CLIPLAB_PROFILE"]:
         monkeypatch.delenv(variable, raising=False)
     profile = cliplab.get_profile("cifar100", device="cpu", precision="fp32", weights=tmp_path / "w.safetensors",
-                                  data_root=tmp_path, checkpoints=tmp_path / "ckpt", smoke=True)
+                                  data_root=tmp_path, encoder_cache=tmp_path / "ckpt", smoke=True)
     for variable, value in profile_environment(profile).items():
         monkeypatch.setenv(variable, value)
     assert cliplab.get_profile() == profile
-    assert profile.runtime.weights == str(tmp_path / "w.safetensors") and profile.checkpoint_dir == tmp_path / "ckpt"
+    assert profile.runtime.weights == str(tmp_path / "w.safetensors") and profile.encoder_cache_dir == tmp_path / "ckpt"
     # every setting is written, so nothing comes from the caller's environment (a smoke flag left in a shell)
     full = cliplab.get_profile("shapes", device="cpu")
     monkeypatch.setenv("CLIPLAB_SMOKE", "1")

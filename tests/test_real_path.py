@@ -51,7 +51,7 @@ def offline(standin, monkeypatch):
     monkeypatch.setenv("IPYTHONDIR", str(standin.ipython))
     monkeypatch.setenv("CLIPLAB_OFFLINE", "1")
     for variable in ("CLIPLAB_PROFILE", "CLIPLAB_DEVICE", "CLIPLAB_PRETRAINED", "CLIPLAB_DATA", "CLIPLAB_SMOKE",
-                     "CLIPLAB_PRECISION", "CLIPLAB_CHECKPOINTS", "CLIPLAB_FIGURES"):
+                     "CLIPLAB_PRECISION", "CLIPLAB_ENCODER_CACHE", "CLIPLAB_FIGURES"):
         monkeypatch.delenv(variable, raising=False)
     return standin
 
@@ -97,7 +97,7 @@ def _check_smoke_run(offline, tmp_path: Path, capsys, device: str) -> None:
     assert "name='cifar100'" in profile_print and "smoke=True" in profile_print and f"device='{device}'" in profile_print
     assert str(offline.weights) in profile_print, "the notebooks must load the --pretrained weights"
     # 05 and 06 cached their encoders in the results directory, and the repository is untouched
-    assert sorted(p.name for p in (out / "checkpoints").glob("*.safetensors")) == [
+    assert sorted(p.name for p in (out / "encoders").glob("*.safetensors")) == [
         "fare-full.safetensors", "fare-oft128-cw2.safetensors", "fare-oft128-cw3.safetensors",
         "fare-oft128.safetensors", "fare-oft32.safetensors", "tecoa-full.safetensors"]
     assert _snapshot(NOTEBOOKS) == before, "a smoke run wrote into the repository"

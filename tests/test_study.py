@@ -113,7 +113,7 @@ def test_oft_keeps_the_neuron_geometry_that_full_fine_tuning_changes(random_shap
 
 @pytest.fixture()
 def smoke_profile(tmp_path):
-    return cliplab.get_profile("shapes", smoke=True, checkpoints=tmp_path / "cache")
+    return cliplab.get_profile("shapes", smoke=True, encoder_cache=tmp_path / "cache")
 
 
 def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
@@ -124,7 +124,7 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     before = {k: v.clone() for k, v in setup.original.state_dict().items()}
     trained, history = setup.fine_tuned("fare-full", config)
     assert len(history) == config.steps
-    assert (smoke_profile.checkpoint_dir / "fare-full.safetensors").is_file()
+    assert (smoke_profile.encoder_cache_dir / "fare-full.safetensors").is_file()
     assert all(torch.equal(v, setup.original.state_dict()[k]) for k, v in before.items()), "original modified"
     again, cached_history = setup.fine_tuned("fare-full", config)
     assert cached_history == history

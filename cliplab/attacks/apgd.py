@@ -90,7 +90,7 @@ def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
-def checkpoints(steps: int) -> list[int]:
+def step_size_checks(steps: int) -> list[int]:
     """The iterations at which APGD may halve its step (Croce & Hein 2020, Sec. 3.2): the first after 22% of the
     steps, each interval 3% of the steps shorter than the one before, but at least 6%; in AutoAttack's integer
     form (100 steps: 22, 41, 57, 70, 80, 87, 93, 99)."""
@@ -152,7 +152,7 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
     x_previous, value_previous = x_adv, value
     value_at_checkpoint, halved_at_checkpoint = value_max.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
     rises = torch.zeros(n, device=x.device)  # steps since the last checkpoint where the objective rose
-    marks, last_mark = set(checkpoints(steps)), 0
+    marks, last_mark = set(step_size_checks(steps)), 0
     for k in range(1, steps + 1):
         if early_stop:
             standing = ~best.success[index]

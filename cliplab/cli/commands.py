@@ -185,7 +185,7 @@ def _add_evaluate_parser(commands) -> None:
                                "(default: the profile's own weights; required for a bare model name)")
     evaluate.add_argument("--encoder", type=_path, metavar="PATH",
                           help="an image encoder alone, loaded on top of the model (the notebooks' cache, e.g. "
-                               "notebooks/checkpoints/shapes/fare-full.safetensors)")
+                               "notebooks/encoders/shapes/fare-full.safetensors)")
     evaluate.add_argument("--dataset", default="shapes", choices=("shapes", "cifar100"))
     evaluate.add_argument("--data", type=Path, metavar="DIR", help="directory holding cifar-100-python/")
     evaluate.add_argument("--single-template", action="store_true",

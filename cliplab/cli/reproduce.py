@@ -257,8 +257,8 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     out = results_dir(results, profile)
     check_directory(out, "results")
     profile.check_inputs()
-    if profile.smoke and profile.runtime.checkpoints is None:
-        profile = profile.with_runtime(checkpoints=str((out / "checkpoints").resolve()))
+    if profile.smoke and profile.runtime.encoder_cache is None:
+        profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))
     return Reproduction(profile, paths, out, update, threads)
 
 

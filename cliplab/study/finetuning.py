@@ -60,9 +60,9 @@ class FinetuneStudy:
 
     def fine_tuned(self, name: str, config: FinetuneConfig) -> tuple[ZeroShotClassifier, list[dict]]:
         """A copy of the original fine-tuned with ``config`` and its training history: from the cache
-        (``profile.checkpoint_dir/<name>``), else trained now and cached."""
+        (``profile.encoder_cache_dir/<name>``), else trained now and cached."""
         return load_or_finetune(copy.deepcopy(self.original), name, config, self.x_train, self.y_train,
-                                self.profile.checkpoint_dir)
+                                self.profile.encoder_cache_dir)
 
     def evaluate(self, models: Mapping[str, nn.Module]) -> dict[str, dict[float, RobustnessReport]]:
         """Each model's worst-case robustness reports at ``eval_eps`` on the test images (seed 0)."""

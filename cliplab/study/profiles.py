@@ -93,7 +93,7 @@ class Runtime:
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32" forces fp32 everywhere
     weights: str | None = None  # checkpoint path or open_clip tag; None: the model's own (shipped / OpenAI)
     data_root: str | None = None  # directory holding cifar-100-python/; None: load_dataset's default
-    checkpoints: str | None = None  # cache of 05/06's fine-tuned encoders; None: checkpoints/<profile> (notebooks/)
+    encoder_cache: str | None = None  # 05/06's fine-tuned encoders; None: encoders/<profile> (in notebooks/)
     # where a notebook saves its PNG figures (cliplab reproduce sets it); None: nowhere. A path of this machine, not
     # a setting of the study: left out of the printed profile, so committed notebooks stay the same everywhere
     figures: str | None = field(default=None, repr=False)
@@ -155,9 +155,9 @@ class Profile:
                             pgd_steps=self.sweeps.steps, pgd_restarts=self.sweeps.restarts)
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def encoder_cache_dir(self) -> Path:
         """Where notebooks 05 and 06 cache their fine-tuned encoders."""
-        return Path(self.runtime.checkpoints) if self.runtime.checkpoints else Path("checkpoints") / self.name
+        return Path(self.runtime.encoder_cache) if self.runtime.encoder_cache else Path("encoders") / self.name
 
     @property
     def _pretrained(self) -> dict:
@@ -235,13 +235,13 @@ SMOKE_BUDGETS = {
 # get_profile's settings and the environment variables that carry them into a notebook's kernel: every runtime
 # setting, and smoke
 ENVIRONMENT = {"device": "CLIPLAB_DEVICE", "precision": "CLIPLAB_PRECISION", "weights": "CLIPLAB_PRETRAINED",
-               "data_root": "CLIPLAB_DATA", "checkpoints": "CLIPLAB_CHECKPOINTS", "figures": "CLIPLAB_FIGURES",
+               "data_root": "CLIPLAB_DATA", "encoder_cache": "CLIPLAB_ENCODER_CACHE", "figures": "CLIPLAB_FIGURES",
                "smoke": "CLIPLAB_SMOKE"}
 
 
 def get_profile(name: str | None = None, device: str | None = None, *, precision: str | None = None,
                 weights: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-                checkpoints: str | os.PathLike | None = None, smoke: bool | None = None,
+                encoder_cache: str | os.PathLike | None = None, smoke: bool | None = None,
                 figures: str | os.PathLike | None = None) -> Profile:
     """The profile ``name``, else ``$CLIPLAB_PROFILE``, else ``shapes``, with its settings.
 
@@ -254,7 +254,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
         precision: ``"auto"`` (bf16 autocast on CUDA) or ``"fp32"``.
         weights: a checkpoint file or an open_clip tag instead of the profile's weights.
         data_root: the directory holding ``cifar-100-python/``.
-        checkpoints: where 05 and 06 cache their fine-tuned encoders.
+        encoder_cache: where 05 and 06 cache their fine-tuned encoders.
         smoke: shrink every budget to seconds (``SMOKE_BUDGETS``).
         figures: the directory the notebook saves its figures in.
     """
@@ -265,7 +265,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
     name = name or "shapes"
     check_choice(name, label["name"], PROFILES)
     given = dict(device=device, precision=precision, weights=weights, data_root=data_root,
-                 checkpoints=checkpoints, smoke=smoke, figures=figures)
+                 encoder_cache=encoder_cache, smoke=smoke, figures=figures)
     settings = {}
     for key, value in given.items():
         if value is None and os.environ.get(ENVIRONMENT[key]):
