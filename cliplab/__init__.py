@@ -9,7 +9,7 @@ loading (``models``, ``data``, ``shapes_clip``); the study (``study/``: profiles
 plots); the command line (``cli/``: commands and the notebook runner).
 """
 from .attacks import AttackResult, apgd, apgd_targeted, attack_objective, eot_gradient, pgd, square
-from .classifier import ZeroShotClassifier, build_text_head
+from .classifier import WithPrecision, ZeroShotClassifier, build_text_head
 from .data import load_dataset
 from .defences import ABSTAIN, Denoised, GaussianNoise, RandomizedSmoothing
 from .evaluation import (AttackBudget, DatasetAttack, Proportion, RobustAccuracy, RobustnessReport, accuracy,
@@ -27,7 +27,8 @@ from . import training as finetune
 
 __all__ = [
     "ABSTAIN", "AttackBudget", "AttackResult", "DatasetAttack", "Denoised", "GaussianNoise", "Profile", "Proportion",
-    "RandomizedSmoothing", "RobustAccuracy", "RobustnessReport", "ZeroShotClassifier", "accuracy", "accuracy_vs_eps",
+    "RandomizedSmoothing", "RobustAccuracy", "RobustnessReport", "WithPrecision", "ZeroShotClassifier", "accuracy",
+    "accuracy_vs_eps",
     "apgd", "apgd_targeted", "apply_oft", "attack_dataset", "attack_objective", "attack_success_rate", "build_text_head", "checks",
     "denoise", "eot_gradient", "evaluate_robustness", "finetune", "get_profile", "load_classifier", "load_dataset",
     "merge_oft", "pgd", "plots", "predict", "robust_accuracy", "save_weights", "square", "study",

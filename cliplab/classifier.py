@@ -154,3 +154,26 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits. (N,3,H,W) in [0,1] -> (N, C)."""
         return self.logits_from_features(self.image_features(x))
+
+
+class WithPrecision(nn.Module):
+    """Any image classifier run in ``precision``, as a ``ZeroShotClassifier`` runs in its own: the one precision
+    switch, which every attack, defence and evaluation follows because each of them only calls the model.
+
+    ``precision``: ``"auto"`` (bfloat16 autocast on CUDA, the caller's state elsewhere), ``"bf16"`` (on any device
+    that has it) or ``"fp32"`` (even inside a caller's autocast). Logits come out in fp32.
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "auto"):
+        super().__init__()
+        check_choice(precision, "precision", PRECISIONS)
+        self.model, self.precision = model, precision
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes  # AttributeError for a model without one: _torch.num_classes then asks it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.precision):
+            return self.model(x).float()
+

@@ -92,10 +92,10 @@ def test_eot_pgd_through_a_randomised_defence(clf, images):
     assert torch.isfinite(gradient).all() and (gradient.flatten(1).abs().amax(1) > 0).all()
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_smoothing_predict_and_certify(shapes_clf, clf, images, autocast):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_smoothing_predict_and_certify(shapes_clf, clf, images, precision):
     x, y = images
-    smoothed = RandomizedSmoothing(clf, sigma=0.03, batch_size=512, autocast=autocast)
+    smoothed = RandomizedSmoothing(cliplab.WithPrecision(clf, precision), sigma=0.03, batch_size=512)
     prediction = smoothed.predict(x, n=32, seed=0)
     classes, radii = smoothed.certify(x, n0=16, n=128, seed=0)
     assert prediction.device.type == classes.device.type == "cpu"
@@ -197,12 +197,13 @@ def test_apgd_and_square_loops_never_wait_for_the_gpu(clf, images):
         pytest.skip("host syncs exist only on CUDA")
     x, y = images
     best, index = Strongest(x), torch.arange(len(x), device=x.device)
-    objective = (lambda logits: attack_objective(logits, y, "ce", targeted=False))
+    history = torch.full((11, len(x)), float("nan"), device=x.device)
+    objective = (lambda logits, labels: attack_objective(logits, labels, "ce", targeted=False))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        _apgd_run(clf, x, y, index, best, objective, eps=EPS, steps=10, norm="linf", eot_samples=1, generator=None,
-                  autocast=False)
-        _square_run(clf, x, y, eps=EPS, queries=10, generator=None, autocast=False)
+    try:  # as _run_restarts calls it (its choice of the standing images syncs once per run, outside the loop)
+        _apgd_run(clf, x, index, [y], best, objective, history, eps=EPS, steps=10, norm="linf", eot_samples=1,
+                  generator=None, early_stop=False)
+        _square_run(clf, x, y, eps=EPS, queries=10, generator=None, early_stop=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")

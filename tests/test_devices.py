@@ -90,6 +90,25 @@ def test_precision_switch(random_shapes_clf, batch):
         cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp16")
 
 
+def test_any_model_takes_the_same_precision_switch(batch):
+    """WithPrecision gives any classifier the precision a ZeroShotClassifier has; the attacks only call it."""
+    x, y = batch
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10))
+    with torch.no_grad():
+        fp32 = model(x)
+        bf16 = cliplab.WithPrecision(model, "bf16")(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            forced = cliplab.WithPrecision(model, "fp32")(x)
+        auto = cliplab.WithPrecision(model, "auto")(x)  # on the CPU: the caller's state, here fp32
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
+    assert torch.equal(forced, fp32) and torch.equal(auto, fp32)
+    result = cliplab.pgd(cliplab.WithPrecision(model, "bf16"), x, y % 10, eps=4 / 255, steps=2, seed=0)
+    assert result.x_adv.dtype == torch.float32 and (result.x_adv - x).abs().max() <= 4 / 255 + 1e-6
+    with pytest.raises(ValueError, match=r"^precision must be one of"):
+        cliplab.WithPrecision(model, "fp16")
+
+
 @pytest.mark.slow
 def test_bf16_and_fp32_robust_accuracy_agree_within_their_intervals(shapes_clf, shapes_test):
     """The study's bf16 default on CUDA measures what fp32 measures: the same attack on the trained shapes

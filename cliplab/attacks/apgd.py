@@ -22,7 +22,7 @@ RHO = 0.75  # a checkpoint halves the step unless the objective rose in more tha
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
          norm: str = "linf", restarts: int = 1, eot_samples: int = 1, seed: int | None = None,
-         autocast: bool = False, early_stop: bool = False) -> AttackResult:
+         early_stop: bool = False) -> AttackResult:
     """Untargeted APGD: leave the label ``y``, ascending cross-entropy (APGD-CE) or the DLR loss (APGD-DLR).
 
     Args:
@@ -35,7 +35,6 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
         restarts: runs from fresh random starts; each runs only on the samples not yet fooled.
         eot_samples: stochastic passes averaged per gradient, run as one batch (Athalye et al. 2018).
         seed: seeds the random starts (None: the global generator).
-        autocast: bfloat16 autocast for the model (see ``cliplab.pgd``).
         early_stop: stop attacking a sample once it is fooled: its success cannot change, only its adversarial
             image could still grow stronger (which matters when success is judged otherwise, e.g. by a vote of a
             randomised model). Cheaper; waits for the device once per step.
@@ -49,12 +48,12 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
                       seed=seed)
     objective = (lambda logits, labels: attack_objective(logits, labels, loss, targeted=False))
     return _run_restarts(model, x, y, [None] * restarts, objective, eps=eps, steps=steps, norm=norm,
-                         eot_samples=eot_samples, seed=seed, autocast=autocast, early_stop=early_stop)
+                         eot_samples=eot_samples, seed=seed, early_stop=early_stop)
 
 
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
                   num_targets: int = 9, norm: str = "linf", eot_samples: int = 1, seed: int | None = None,
-                  autocast: bool = False, early_stop: bool = False) -> AttackResult:
+                  early_stop: bool = False) -> AttackResult:
     """APGD-T: targeted APGD on the targeted DLR loss, once towards each of the ``num_targets`` classes the model
     ranks highest after the label (Croce & Hein 2020, Eq. 8; AutoAttack's APGD-T with 9 targets).
 
@@ -71,12 +70,12 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
         raise ValueError(f"num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {num_targets}")
     with torch.no_grad(), _torch.eval_mode(model):  # the ranking of the classes on the clean images
-        ranked = eot_logits(model, x, eot_samples, autocast).mean(dim=0).sort(dim=1, descending=True).indices
+        ranked = eot_logits(model, x, eot_samples).mean(dim=0).sort(dim=1, descending=True).indices
     # the k-th likeliest class other than the label: skip the label wherever it sits in the ranking
     others = ranked.masked_select(ranked != y[:, None]).view(len(x), -1)  # (N, C - 1)
     targets = [others[:, k] for k in range(num_targets)]
     return _run_restarts(model, x, y, targets, targeted_dlr, eps=eps, steps=steps, norm=norm,
-                         eot_samples=eot_samples, seed=seed, autocast=autocast, early_stop=early_stop)
+                         eot_samples=eot_samples, seed=seed, early_stop=early_stop)
 
 
 def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -112,7 +111,7 @@ def _check_attack(model, x, y, *, eps, steps, norm, restarts, eot_samples, seed)
     return y.to(device=x.device, dtype=torch.int64)
 
 
-def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samples, seed, autocast, early_stop):
+def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samples, seed, early_stop):
     """One APGD run per entry of ``targets`` (None: untargeted), each on the samples still standing.
 
     Choosing the standing samples waits for the device once per run; inside a run only ``early_stop`` does."""
@@ -126,13 +125,12 @@ def _run_restarts(model, x, y, targets, objective, *, eps, steps, norm, eot_samp
                 break
             labels = [y[index]] + ([] if target is None else [target[index]])
             _apgd_run(model, x[index], index, labels, best, objective, history[run], eps=eps, steps=steps,
-                      norm=norm, eot_samples=eot_samples, generator=generator, autocast=autocast,
-                      early_stop=early_stop)
+                      norm=norm, eot_samples=eot_samples, generator=generator, early_stop=early_stop)
     return AttackResult(best.x, best.success, history, best.logits)
 
 
 def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, eps, steps, norm, eot_samples,
-              generator, autocast, early_stop) -> None:
+              generator, early_stop) -> None:
     """Algorithm 1 of Croce & Hein (2020) on one batch, offering every iterate to ``best`` (at ``index``) and
     writing the objective of every sample at every iterate into ``history`` (steps + 1, N) at ``index``.
 
@@ -144,8 +142,7 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
     step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device)  # the paper's eta^(0) = 2 eps
     x_adv = (x + random_delta(x, eps, norm, generator)).clamp(0, 1)
     drawn = repeat_labels(labels, eot_samples)  # built once, not every step
-    value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples,
-                                                 autocast=autocast)
+    value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples)
     best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
     history[0, index] = value
     x_max, value_max, grad_max = x_adv.clone(), value.clone(), grad.clone()  # the best point of this run
@@ -168,8 +165,7 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
         momentum = MOMENTUM if k > 1 else 1.0
         x_next = project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
         x_previous, x_adv = x_adv, x_next
-        value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples,
-                                                     autocast=autocast)
+        value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples)
         best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
         rises += (value > value_previous).float()
         history[k, index] = value_previous = value

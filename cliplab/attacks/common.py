@@ -145,16 +145,15 @@ def random_delta(x, eps, norm, generator):
     return direction * (eps * radius).view(-1, 1, 1, 1)
 
 
-def eot_logits(model, x, eot_samples, autocast) -> torch.Tensor:
+def eot_logits(model, x, eot_samples) -> torch.Tensor:
     """``eot_samples`` stochastic passes of ``model`` in one batch. (N, 3, H, W) -> (k, N, C)."""
     batch = x.repeat(eot_samples, 1, 1, 1) if eot_samples > 1 else x  # (k*N, 3, H, W)
-    with _torch.autocast(x.device, autocast):
-        logits = model(batch).float()
+    logits = model(batch).float()
     return logits.view(eot_samples, len(x), -1)
 
 
 def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = "ce", targeted: bool = False,
-                 eot_samples: int = 1, autocast: bool = False) -> torch.Tensor:
+                 eot_samples: int = 1) -> torch.Tensor:
     """Input gradient of the attack objective, averaged over ``eot_samples`` stochastic passes.
 
     Expectation over Transformation (Athalye et al. 2018): for a randomised model the gradient of the
@@ -169,7 +168,7 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: st
     check_choice(loss, "loss", LOSSES)
     check_labels(y, len(x), _torch.num_classes(model, x), "y")
     return objective_and_gradient(model, x, _loss_function(loss, targeted), repeat_labels([y], eot_samples),
-                                  eot_samples=eot_samples, autocast=autocast)[1]
+                                  eot_samples=eot_samples)[1]
 
 
 def _loss_function(loss: str, targeted: bool):
@@ -182,7 +181,7 @@ def repeat_labels(labels, eot_samples: int) -> list[torch.Tensor]:
     return [t.repeat(eot_samples) for t in labels] if eot_samples > 1 else list(labels)
 
 
-def objective_and_gradient(model, x, objective, drawn, *, eot_samples, autocast, gradient=True):
+def objective_and_gradient(model, x, objective, drawn, *, eot_samples, gradient=True):
     """The objective's mean over the EOT draws (N,), its input gradient (N, 3, H, W) or None (``gradient=False``:
     a forward pass only), and the mean logits (N, C); every attack's one evaluation of ``model``.
 
@@ -190,7 +189,7 @@ def objective_and_gradient(model, x, objective, drawn, *, eot_samples, autocast,
     ``repeat_labels``, to (k*N,)."""
     x = x.detach().requires_grad_(gradient)
     with torch.set_grad_enabled(gradient):
-        logits = eot_logits(model, x, eot_samples, autocast)  # (k, N, C)
+        logits = eot_logits(model, x, eot_samples)  # (k, N, C)
         value = objective(logits.flatten(0, 1), *drawn).view(eot_samples, len(x)).mean(dim=0)
         grad = torch.autograd.grad(value.sum(), x)[0] if gradient else None
     return value.detach(), grad, logits.detach().mean(dim=0)

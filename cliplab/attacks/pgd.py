@@ -15,7 +15,7 @@ from .common import (LOSSES, AttackResult, Strongest, _loss_function, _succeeded
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
         alpha: float | None = None, steps: int = 10, targeted: bool = False, random_start: bool = True,
         restarts: int = 1, norm: str = "linf", loss: str = "ce", early_stop: bool = False,
-        eot_samples: int = 1, seed: int | None = None, autocast: bool = False,
+        eot_samples: int = 1, seed: int | None = None,
         start: torch.Tensor | None = None) -> AttackResult:
     """Projected gradient descent with restarts, keeping the strongest result per sample.
 
@@ -36,9 +36,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         eot_samples: Expectation over Transformation (Athalye et al. 2018): the gradient is the mean of
             the gradients of this many stochastic forward passes, run as one batch.
         seed: seeds the random start (None: the global generator).
-        autocast: run the model under bfloat16 autocast (GPU speed; gradients stay float32). A
-            ``ZeroShotClassifier`` runs in its own ``precision`` (bf16 autocast on CUDA by default), and
-            one loaded with ``precision="fp32"`` stays fp32 whatever this flag says.
         start: (N, 3, H, W) perturbation the first run starts from instead of a random one, e.g. this process's
             rows of a random start drawn for a whole distributed batch (later restarts start at random).
 
@@ -62,15 +59,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
     with _torch.eval_mode(model), _torch.cast_cache(x.device):
         if y is None:  # leave the model's own prediction
             with torch.no_grad():
-                y = eot_logits(model, x, eot_samples, autocast).mean(dim=0).argmax(dim=1)
+                y = eot_logits(model, x, eot_samples).mean(dim=0).argmax(dim=1)
         check_labels(y, len(x), _torch.num_classes(model, x), "y")
         y = y.to(device=x.device, dtype=torch.int64)
         best = Strongest(x)
         for restart in range(restarts):
             history.append(_pgd_run(model, x, y, best, eps=eps, alpha=alpha, steps=steps, targeted=targeted,
                                     random_start=random_start, norm=norm, loss=loss, early_stop=early_stop,
-                                    eot_samples=eot_samples, generator=generator, autocast=autocast,
-                                    start=start if restart == 0 else None))
+                                    eot_samples=eot_samples, generator=generator, start=start if restart == 0 else None))
     return AttackResult(best.x, best.success, torch.stack(history), best.logits)
 
 
@@ -110,7 +106,7 @@ def _start(x, eps, norm, random_start, generator, start) -> torch.Tensor:
 
 
 def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, random_start, norm, loss,
-             early_stop, eot_samples, generator, autocast, start) -> torch.Tensor:
+             early_stop, eot_samples, generator, start) -> torch.Tensor:
     """One PGD run from ``start`` or a fresh start, offering every iterate to ``best``. Returns (steps+1, N)
     objectives."""
     x_adv = (x + _start(x, eps, norm, random_start, generator, start)).clamp(0, 1)
@@ -124,8 +120,7 @@ def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, rando
         last = step == steps  # the final iterate is only evaluated
         objective, grad, logits = objective_and_gradient(model, x_adv[active], _loss_function(loss, targeted),
                                                          repeat_labels([y[active]], eot_samples),
-                                                         eot_samples=eot_samples, autocast=autocast,
-                                                         gradient=not last)
+                                                         eot_samples=eot_samples, gradient=not last)
         history[step, active] = objective
         best.update(active, x_adv[active], objective, logits, _succeeded(logits, y[active], targeted))
         if last:

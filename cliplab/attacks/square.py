@@ -21,7 +21,7 @@ HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, queries: int = 5000,
-           seed: int | None = None, autocast: bool = False, early_stop: bool = False) -> AttackResult:
+           seed: int | None = None, early_stop: bool = False) -> AttackResult:
     """Untargeted Square Attack in L-inf: random search on the margin loss, one batch of windows per query.
 
     Args:
@@ -30,7 +30,6 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, qu
         eps: L-inf radius in [0, 1] pixel units.
         queries: forward passes per image (AutoAttack: 5,000), the stripes' initial one included.
         seed: seeds the windows and signs (None: the global generator).
-        autocast: bfloat16 autocast for the model.
         early_stop: stop querying a sample once it is fooled (its image no longer changes anyway): fewer passes,
             the same result; waits for the device once per query.
 
@@ -47,18 +46,17 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, qu
     y = y.to(device=x.device, dtype=torch.int64)
     generator = torch.Generator(x.device).manual_seed(seed) if seed is not None else None
     with _torch.eval_mode(model), _torch.cast_cache(x.device):
-        return _square_run(model, x, y, eps=eps, queries=queries, generator=generator, autocast=autocast,
-                           early_stop=early_stop)
+        return _square_run(model, x, y, eps=eps, queries=queries, generator=generator, early_stop=early_stop)
 
 
-def _square_run(model, x, y, *, eps, queries, generator, autocast, early_stop) -> AttackResult:
+def _square_run(model, x, y, *, eps, queries, generator, early_stop) -> AttackResult:
     """The random search; every decision is a per-sample tensor mask, so the loop never waits for the device, except
     ``early_stop``: each query then asks which samples are still standing. The windows and signs are drawn for every
     sample either way, so that a sample's search is the same whatever else is in the batch."""
     n, channels, height, width = x.shape
 
     def margin(images, labels):
-        with torch.no_grad(), _torch.autocast(x.device, autocast):
+        with torch.no_grad():
             logits = model(images).float()
         return attack_objective(logits, labels, "margin", targeted=False), logits
 

@@ -31,23 +31,20 @@ class RandomizedSmoothing(nn.Module):
             are batched together).
         num_noise: noise draws per image in ``forward``.
         progress: show tqdm bars in ``predict``/``certify``.
-        autocast: run the base classifier under bfloat16 autocast (for classifiers without a precision of
-            their own; a ``ZeroShotClassifier`` already runs in bf16 on CUDA).
     """
 
     def __init__(self, classifier: nn.Module, sigma: float, *, batch_size: int = 256, num_noise: int = 8,
-                 progress: bool = False, autocast: bool = False):
+                 progress: bool = False):
         super().__init__()
         check_positive(sigma, "sigma")
         check_int(batch_size, "batch_size")
         check_int(num_noise, "num_noise")
         self.classifier, self.sigma = classifier, sigma
-        self.batch_size, self.num_noise, self.progress, self.autocast = batch_size, num_noise, progress, autocast
+        self.batch_size, self.num_noise, self.progress = batch_size, num_noise, progress
 
     def _classify(self, noisy: torch.Tensor) -> torch.Tensor:
         """Base-classifier logits in fp32. (B, 3, H, W) -> (B, C)."""
-        with _torch.autocast(noisy.device, self.autocast):
-            return self.classifier(noisy).float()
+        return self.classifier(noisy).float()
 
     @property
     def num_classes(self) -> int:

@@ -70,7 +70,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                         attacks: str | Sequence[str] = "standard", norm: str = "linf",
                         budget: AttackBudget = AttackBudget(), batch_size: int = 256, votes: int = 1,
                         judge: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                        autocast: bool = False, progress: bool = True) -> RobustnessReport:
+                        progress: bool = True) -> RobustnessReport:
     """Worst-case robust accuracy over an ensemble of attacks (Croce & Hein 2020, RobustBench's rule).
 
     An image counts as robust only if it is classified correctly when clean and after every attack. Like
@@ -92,19 +92,18 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         judge: maps images (on the model's device) to predicted classes, replacing the vote, e.g. randomized
             smoothing's ``predict`` with abstention; None: ``predict`` with ``votes``.
         seed: seeds every attack (each batch gets its own seed derived from it).
-        autocast: bfloat16 autocast for the attacks.
         progress: a tqdm bar per attack.
 
     Returns:
         RobustnessReport with the clean, worst-case and per-attack accuracies, each with n and a 95% CI.
     """
     names = _check_evaluation(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size,
-                              votes=votes, seed=seed, autocast=autocast)
+                              votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
-    judge = judge or _vote(model, batch_size, votes, autocast)
+    judge = judge or _vote(model, batch_size, votes)
     correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
     return _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
-                       batch_size=batch_size, early_stop=early_stop, seed=seed, autocast=autocast, progress=progress)
+                       batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress)
 
 
 def _success_is_final(votes, judge, budget: AttackBudget) -> bool:
@@ -114,23 +113,23 @@ def _success_is_final(votes, judge, budget: AttackBudget) -> bool:
     return votes == 1 and judge is None and budget.eot_samples == 1
 
 
-def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed, autocast) -> list[str]:
+def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed) -> list[str]:
     """Every argument of ``evaluate_robustness`` checked in every process, the same task in every process, and a
     model that returns finite logits; returns the attack names."""
     names = _distributed.on_every_rank(lambda: _check_robustness_arguments(
         model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
         seed=seed), "the evaluation's arguments")
     _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
-    _check_logits(model, x, _torch.device_of(model, x.device), autocast)
+    _check_logits(model, x, _torch.device_of(model, x.device))
     return names
 
 
-def _vote(model, batch_size, votes, autocast) -> Callable[[torch.Tensor], torch.Tensor]:
+def _vote(model, batch_size, votes) -> Callable[[torch.Tensor], torch.Tensor]:
     """The default judge: ``predict`` with ``votes``."""
-    return lambda images: predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
+    return lambda images: predict(model, images, batch_size=batch_size, votes=votes)
 
 
-def _worst_case(model, x, y, correct, judge, *, eps, names, norm, budget, batch_size, early_stop, seed, autocast,
+def _worst_case(model, x, y, correct, judge, *, eps, names, norm, budget, batch_size, early_stop, seed,
                 progress, standing=None) -> RobustnessReport:
     """The ensemble ``names`` at ``eps`` on the images ``standing`` (default: the ``correct`` ones, those the judge
     classifies right when clean); the others count as broken (under "smaller radii" when ``standing`` was given)."""
@@ -150,7 +149,7 @@ def _worst_case(model, x, y, correct, judge, *, eps, names, norm, budget, batch_
                           f"{name} eps={255 * eps:g}/255"):
             index = todo[start:start + batch_size]
             x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
-                                budget=budget, seed=seed + start, autocast=autocast, early_stop=early_stop)
+                                budget=budget, seed=seed + start, early_stop=early_stop)
             fell[index] = _judged(judge, x_adv, device) != labels[index]
         standing &= ~_distributed.sum_over_ranks(fell)
         per_attack[name] = Proportion(int(standing.sum()), len(y))
@@ -162,7 +161,7 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
                       attacks: str | Sequence[str] = "standard", norm: str = "linf",
                       budget: AttackBudget = AttackBudget(), batch_size: int = 256, votes: int = 1,
                       judge: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                      autocast: bool = False, progress: bool = True) -> dict[float, RobustnessReport]:
+                      progress: bool = True) -> dict[float, RobustnessReport]:
     """``evaluate_robustness`` at each radius of ``eps_values`` (each > 0, in [0, 1] pixel units), the radii nested.
 
     The threat models are nested: an image broken at a radius is broken at every larger one by the same adversarial
@@ -177,15 +176,14 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
     if len(set(eps_values)) != len(eps_values):
         raise ValueError(f"eps_values must not repeat a radius, got {eps_values!r}")
     names = _check_evaluation(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm, budget=budget,
-                              batch_size=batch_size, votes=votes, seed=seed, autocast=autocast)
+                              batch_size=batch_size, votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
-    judge = judge or _vote(model, batch_size, votes, autocast)
+    judge = judge or _vote(model, batch_size, votes)
     correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
     reports, standing = {}, None
     for eps in sorted(eps_values):
         reports[eps] = _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
-                                   batch_size=batch_size, early_stop=early_stop, seed=seed, autocast=autocast,
-                                   progress=progress, standing=standing)
+                                   batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress, standing=standing)
         standing = reports[eps].standing
     return {eps: reports[eps] for eps in eps_values}
 
@@ -228,12 +226,12 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
     return names
 
 
-def _check_logits(model, x, device, autocast) -> None:
+def _check_logits(model, x, device) -> None:
     """A model that returns NaN would make every attack and accuracy meaningless: refuse it at once. One that
     returns probabilities instead of logits is evaluated, with a warning: cross-entropy on probabilities is flat
     where the model is confident, so gradient attacks find less than they should (the worst case still counts every
     attack, but read its APGD-CE and PGD columns with care)."""
-    with torch.no_grad(), _torch.eval_mode(model), _torch.autocast(device, autocast):
+    with torch.no_grad(), _torch.eval_mode(model):
         logits = model(x[:8].to(device)).float()
     if not torch.isfinite(logits).all():
         raise ValueError("model returned NaN or infinite logits on the clean images: no attack can be evaluated "
@@ -244,10 +242,10 @@ def _check_logits(model, x, device, autocast) -> None:
                       "log of these probabilities)", stacklevel=3)
 
 
-def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, autocast, early_stop) -> torch.Tensor:
+def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, early_stop) -> torch.Tensor:
     """The adversarial images of attack ``name`` on one batch; ``early_stop``: each attack drops an image from its
     batch once fooled (for a model judged by one deterministic pass, where that success is final)."""
-    common = dict(eps=eps, seed=seed, autocast=autocast, early_stop=early_stop)
+    common = dict(eps=eps, seed=seed, early_stop=early_stop)
     if name == "square":
         return square(model, x, y, queries=budget.queries, **common).x_adv
     if name == "pgd":

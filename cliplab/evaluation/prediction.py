@@ -15,7 +15,7 @@ from .statistics import Proportion
 
 
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: int = 1,
-            autocast: bool = False, progress: bool = False) -> torch.Tensor:
+            progress: bool = False) -> torch.Tensor:
     """Predicted classes, in batches, on the device of the model's parameters. (N,3,H,W) -> (N,) on the CPU.
 
     ``votes`` > 1 scores a randomised model (a defence with random transformations) as deployed: the
@@ -32,8 +32,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     with torch.no_grad(), _torch.eval_mode(model), _torch.cast_cache(device):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
-            with _torch.autocast(device, autocast):
-                logits = model(batch.repeat(votes, 1, 1, 1) if votes > 1 else batch)  # (votes*B, C)
+            logits = model(batch.repeat(votes, 1, 1, 1) if votes > 1 else batch)  # (votes*B, C)
             choices = logits.argmax(dim=1).view(votes, len(batch))
             counts = F.one_hot(choices, logits.shape[1]).sum(dim=0)  # (B, C)
             out.append(counts.argmax(dim=1).cpu())

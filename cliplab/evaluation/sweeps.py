@@ -107,10 +107,9 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     Returns per-image boolean vectors (on the CPU): correct when clean, and attack succeeded.
     """
     _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs)
-    autocast = attack_kwargs.get("autocast", False)
 
     def judge(images):
-        return predict(model, images, batch_size=batch_size, votes=votes, autocast=autocast)
+        return predict(model, images, batch_size=batch_size, votes=votes)
 
     correct = _judge_everything(judge, x, batch_size, x.device) == y.cpu()  # predict moves each batch itself
     success = torch.zeros(len(x), dtype=torch.bool)
@@ -169,14 +168,13 @@ def _attack_dataset(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
                     **attack_kwargs) -> DatasetAttack:
     """``attack_dataset`` on arguments already checked (``_attack_batches`` checked them on the whole data set)."""
     device = _torch.device_of(model, x.device)
-    autocast = attack_kwargs.get("autocast", False)
     x_adv, prediction = torch.zeros_like(x), torch.zeros(len(x), dtype=torch.int64)  # zero: summed over processes
     for start in _bar(_distributed.my_batches(range(0, len(x), batch_size)), progress, f"PGD eps={eps:.4f}"):
         batch = slice(start, start + batch_size)
         result = pgd(model if surrogate is None else surrogate, x[batch].to(device), y[batch].to(device), eps=eps,
                      targeted=targeted, **attack_kwargs)
         x_adv[batch] = result.x_adv.to(x.device)
-        prediction[batch] = predict(model, result.x_adv, batch_size=batch_size, votes=votes, autocast=autocast)
+        prediction[batch] = predict(model, result.x_adv, batch_size=batch_size, votes=votes)
     x_adv, prediction = _distributed.sum_over_ranks(x_adv), _distributed.sum_over_ranks(prediction)
     success = prediction == y.cpu() if targeted else prediction != y.cpu()
     return DatasetAttack(x_adv, prediction, success)
