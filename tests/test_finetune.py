@@ -181,13 +181,13 @@ def test_a_failed_resume_leaves_the_classifier_untouched(tmp_path, data):
 
 
 def test_truncated_weights_are_refused_by_the_checks_before_any_model_loads(tmp_path, data):
-    """check_out (what cliplab finetune runs before loading anything) reads the weights file's header too."""
+    """check_run_directory (what cliplab finetune runs before loading anything) reads the weights file's header too."""
     x, y = data
     ft.finetune(fresh(), x, y, tiny_config(steps=2), tmp_path)
     weights_file = tmp_path / "checkpoint-2.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-1000])
     with pytest.raises(ValueError, match=r"cannot resume: .*checkpoint-2\.safetensors is corrupted or truncated"):
-        ft.check_out(tmp_path, tiny_config(steps=2), resume=True)
+        ft.check_run_directory(tmp_path, tiny_config(steps=2), resume=True)
 
 
 def test_state_files_are_named_when_corrupt_and_pickles_are_refused(tmp_path, data):

@@ -4,11 +4,11 @@ fine-tuning (``oft``) and the optimiser with its schedule (``optimizer``).
 
 ``cliplab.finetune`` is this package (the name the public API has always had)."""
 from .config import ADAPTERS, METHODS, FinetuneConfig
-from .objectives import TrainingObjective, training_objective
+from .objectives import TrainingObjective, adversarial_loss, training_objective
 from .oft import apply_oft, merge_oft, oft_parameters
-from .runs import RunLocked, check_out, check_run_directory, check_same_run, run_lock, run_settings
+from .runs import RunLocked, check_run_directory, check_same_run, run_lock, run_settings
 from .trainer import finetune, prepare, train_step
 
-__all__ = ["ADAPTERS", "METHODS", "FinetuneConfig", "RunLocked", "TrainingObjective", "apply_oft", "check_out",
+__all__ = ["ADAPTERS", "METHODS", "FinetuneConfig", "RunLocked", "TrainingObjective", "adversarial_loss", "apply_oft",
            "check_run_directory", "check_same_run", "finetune", "merge_oft", "oft_parameters", "prepare", "run_lock",
            "run_settings", "train_step", "training_objective"]

@@ -55,10 +55,15 @@ def _latest(out: Path) -> Path:
     return weights
 
 
-def check_out(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
+def check_run_directory(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
     """What ``finetune`` checks of ``out`` before it touches the model, cheap enough to run before any model or
     data is loaded (the CLI does): a directory; when resuming, a complete run trained with ``config``'s settings
-    whose state file loads; otherwise no other run and no files of the user's in it."""
+    whose state file loads; otherwise no other run and no files of the user's in it.
+
+    Under torchrun every process checks the run it resumes (each reads the checkpoint); only the main process checks
+    a new run's directory (it alone writes there)."""
+    if not (resume or _distributed.is_main()):
+        return
     out = Path(out)
     check_directory(out, "out")
     if not resume:
@@ -86,15 +91,8 @@ def _check_weights_file(weights: Path) -> None:
         raise ValueError(f"cannot resume: {weights} is corrupted or truncated ({error})") from error
 
 
-def check_run_directory(out: str | os.PathLike, config: FinetuneConfig, resume: bool) -> None:
-    """``check_out`` as this process needs it: every process checks the run it resumes (each reads the checkpoint);
-    only the main process checks a new run's directory (it alone writes there)."""
-    if resume or _distributed.is_main():
-        check_out(out, config, resume)
-
-
 def _read_checkpoint(out: Path) -> tuple[dict, dict]:
-    """The weights and optimiser/scheduler/RNG state of ``out``'s last checkpoint (checked by ``check_out``)."""
+    """The weights and optimiser/scheduler/RNG state of ``out``'s last checkpoint (checked by ``check_run_directory``)."""
     from safetensors.torch import load_file
 
     weights = _latest(out)
