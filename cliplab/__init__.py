@@ -22,7 +22,6 @@ from .training import apply_oft, merge_oft
 from . import study
 from .defences import denoise
 from .evaluation import gradient_masking as checks
-from .study import plots
 from . import training as finetune
 
 __all__ = [
@@ -34,3 +33,13 @@ __all__ = [
     "merge_oft", "pgd", "plots", "predict", "robust_accuracy", "save_weights", "square", "study",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``cliplab.plots`` on first use: the figures need matplotlib's pyplot, which ``import cliplab`` need not load."""
+    if name == "plots":
+        from .study import plots
+
+        return plots
+    raise AttributeError(f"module 'cliplab' has no attribute {name!r}")
+

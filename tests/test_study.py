@@ -135,6 +135,13 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     report = reports["FARE"][setup.eval_eps[-1]]
     # the radii are nested: the largest first counts the images broken at the smaller ones, then runs every attack
     assert list(report.per_attack) == ["smaller radii", *setup.attacks] and report.robust.n == smoke_profile.sweeps.images
+    # the two tables 05 and 06 print: per radius, and at the largest attack by attack
+    curves = {name: cliplab.evaluation.accuracy_curve(by_eps) for name, by_eps in reports.items()}
+    table = setup.worst_case_table(curves).splitlines()
+    assert table[0] == f"worst case over PGD-{smoke_profile.sweeps.steps}, APGD-CE, APGD-T and Square:"
+    assert table[1:] == cliplab.evaluation.format_accuracy_table(curves).splitlines()
+    attacks = setup.attack_table(reports)
+    assert attacks.startswith("at 4/255, attack by attack") and f"{report.robust.percent()} |" in attacks
 
 
 def test_finetune_and_evaluate_writes_weights_and_metrics(smoke_profile, tmp_path):

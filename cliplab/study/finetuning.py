@@ -22,7 +22,9 @@ from .. import _distributed
 from .._io import atomic_write, save_tensors
 from ..classifier import ZeroShotClassifier
 from ..evaluation.ensemble import RobustnessReport, robustness_vs_eps
+from ..evaluation.statistics import Proportion
 from ..evaluation.sweeps import robust_accuracy
+from ..evaluation.tables import format_accuracy_table, robustness_table
 from ..models import save_weights
 from ..training.config import FinetuneConfig
 from ..training.oft import check_block_size, merge_oft
@@ -70,6 +72,17 @@ class FinetuneStudy:
                                         budget=self.profile.attack_budget(), batch_size=self.profile.sweeps.batch_size,
                                         seed=0, progress=False)
                 for name, model in models.items()}
+
+    def worst_case_table(self, curves: Mapping[str, Mapping[float, Proportion]]) -> str:
+        """The table 05 and 06 check: each model's clean and worst-case accuracy per radius (``accuracy_curve``
+        of its reports), under a line naming the attacks."""
+        return (f"worst case over PGD-{self.profile.sweeps.steps}, APGD-CE, APGD-T and Square:\n"
+                + format_accuracy_table(curves))
+
+    def attack_table(self, reports: Mapping[str, Mapping[float, RobustnessReport]]) -> str:
+        """Each model at the largest radius, attack by attack (``robustness_table``), under a line saying so."""
+        return ("at 4/255, attack by attack (each runs on the images the earlier ones left standing):\n"
+                + robustness_table({name: by_eps[self.eval_eps[-1]] for name, by_eps in reports.items()}))
 
 
 def save_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:

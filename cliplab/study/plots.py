@@ -40,6 +40,13 @@ def plot_rates(ax: plt.Axes, x: Sequence[float], curves: Mapping[str, Sequence[P
     ax.legend()
 
 
+def plot_robust_vs_eps(ax: plt.Axes, curves: Mapping[str, Mapping[float, Proportion]]) -> None:
+    """Each model's clean and worst-case accuracy against the radius (``accuracy_curve``s), with their intervals."""
+    radii = next(iter(curves.values()))
+    plot_rates(ax, [255 * eps for eps in radii], {name: list(curve.values()) for name, curve in curves.items()},
+               xlabel="eps (x 1/255, L-inf)", ylabel="accuracy (%)")
+
+
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], *, window: int = 20
                          ) -> plt.Figure:
     """Loss and batch accuracies (clean, under the inner attack) of fine-tuning runs, smoothed over ``window``
