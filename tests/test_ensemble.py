@@ -10,6 +10,7 @@ import torch
 
 import cliplab
 from cliplab import evaluation
+from cliplab.evaluation import ensemble
 from cliplab.evaluation import AttackBudget, evaluate_robustness, robustness_table
 from test_evaluation import Fixed  # a deterministic 4-class model
 
@@ -70,7 +71,7 @@ def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluat
         assert nested[eps].robust.hits <= alone.robust.hits, eps
         assert nested[eps].clean == alone.clean
     with monkeypatch.context() as patch:  # every attack runs every step on every image
-        patch.setattr(evaluation, "_success_is_final", lambda *args: False)
+        patch.setattr(ensemble, "_success_is_final", lambda *args: False)
         every_step = evaluate_robustness(model, x, y, eps=eps, **settings)
     assert torch.equal(alone.standing, every_step.standing)
 
