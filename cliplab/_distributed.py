@@ -39,6 +39,12 @@ def start(timeout: timedelta = timedelta(minutes=30)) -> None:
     rank, so that ``"cuda"`` means a different GPU in every process."""
     if dist.is_initialized():
         return
+    # torch.distributed.nn binds the world group as its functions' default argument when it is first imported, and
+    # torchvision and open_clip import it. Imported after the group exists, it keeps the group alive past
+    # destroy_process_group: gloo's worker threads then outlive the interpreter, and one that drops a collective's
+    # tensor while Python shuts down aborts the process ("terminate called without an active exception"). Imported
+    # now, it binds nothing, and stop() joins those threads.
+    import torch.distributed.nn  # noqa: F401
     cuda = torch.cuda.is_available()
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
     if cuda:
@@ -46,6 +52,7 @@ def start(timeout: timedelta = timedelta(minutes=30)) -> None:
 
 
 def stop() -> None:
+    """Leave the process group; its worker threads are joined, so that the process can exit cleanly."""
     if active():
         dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ The tests marked ``distributed`` launch real ``torchrun`` jobs (``python -m torc
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,29 @@ def test_another_process_failure_is_raised_as_its_nearest_built_in_exception():
     locked = [kind.__name__ for kind in ft.RunLocked.__mro__]
     assert _distributed._exception_type(locked) is FileExistsError
     assert _distributed._exception_type(["Mine", "Exception", "BaseException", "object"]) is RuntimeError
+
+
+LEAVE_A_GROUP_OF_ONE = """
+import os, torch
+from cliplab import _distributed
+_distributed.start()
+import open_clip, torchvision  # both import torch.distributed.nn, which binds the world group when first imported
+_distributed.sum_over_ranks(torch.ones(3))
+_distributed.stop()
+print(sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's threads from /proc")
+def test_leaving_the_process_group_joins_its_threads_even_after_open_clip_is_imported():
+    """A process group that outlives stop() keeps gloo's threads running while Python shuts down, and a thread that
+    then drops a collective's tensor aborts the process (a torchrun job failed one run in ten this way)."""
+    with socket.socket() as probe:  # a free port for the group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    job = subprocess.run([sys.executable, "-c", LEAVE_A_GROUP_OF_ONE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **group, "CUDA_VISIBLE_DEVICES": ""})
+    assert job.returncode == 0, job.stderr[-3000:]
+    threads = job.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, f"the process group's threads survived stop(): {threads}"
