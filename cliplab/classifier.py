@@ -62,6 +62,8 @@ class ZeroShotClassifier(nn.Module):
         tokenizer: its tokenizer.
         class_names: readable class names.
         templates: prompt templates, format strings with one ``{}``.
+        text_head: (num_classes, embed_dim) class embeddings already computed by ``build_text_head`` for these
+            class names and templates (a cache); default: computed here.
         mean, std: normalisation of the model (``model.visual.image_mean``/``image_std`` by default).
         precision: ``"auto"`` (bfloat16 autocast for the image encoder on CUDA, fp32 elsewhere), ``"bf16"``
             (on any device) or ``"fp32"`` (always, even inside a caller's autocast). Logits and features
@@ -82,7 +84,7 @@ class ZeroShotClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
                  templates: Sequence[str], mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, precision: str = "auto"):
+                 std: Sequence[float] | None = None, precision: str = "auto", text_head: torch.Tensor | None = None):
         super().__init__()
         check_choice(precision, "precision", PRECISIONS)
         if not class_names:
@@ -91,7 +93,7 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError("templates must be a non-empty sequence of format strings with exactly one '{}'")
         if PatchEmbedding.applies_to(getattr(model.visual, "conv1", None)):  # open_clip's ViTs
             model.visual.conv1 = PatchEmbedding.replacing(model.visual.conv1)
-        self.model = model
+        self.model, self.tokenizer = model, tokenizer
         self.class_names = list(class_names)
         self.templates = list(templates)
         self.precision = precision
@@ -104,7 +106,20 @@ class ZeroShotClassifier(nn.Module):
         device = device_of(model, torch.device("cpu"))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
-        self.register_buffer("text_head", build_text_head(model, tokenizer, self.class_names, self.templates))
+        if text_head is None:
+            text_head = build_text_head(model, tokenizer, self.class_names, self.templates)
+        elif text_head.shape[0] != len(self.class_names) or text_head.ndim != 2:
+            raise ValueError(f"text_head must have one row per class, ({len(self.class_names)}, embed_dim), got "
+                             f"{tuple(text_head.shape)}")
+        self.register_buffer("text_head", text_head.to(device=device, dtype=torch.float32))
+
+    def for_classes(self, class_names: Sequence[str], templates: Sequence[str],
+                    text_head: torch.Tensor | None = None) -> ZeroShotClassifier:
+        """A classifier of other classes sharing this one's model (its weights are not copied), e.g. for the next
+        data set of a benchmark; ``text_head`` as in the constructor."""
+        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        return ZeroShotClassifier(self.model, self.tokenizer, class_names, templates, mean, std, self.precision,
+                                  text_head).eval()
 
     @property
     def num_classes(self) -> int:

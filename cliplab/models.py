@@ -26,24 +26,30 @@ PROFILE_MODELS = {
     "shapes": (SHAPES_MODEL, str(SHAPES_WEIGHTS), "shapes"),
     "cifar100": ("ViT-B-32", "openai", "cifar100"),
 }
+HUB_PREFIX = "hf-hub:"  # open_clip's prefix of a model on the Hugging Face hub (config and weights)
+HUB_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
 _DEFAULT = object()  # "the profile's own weights"; for a bare model name, weights must be chosen explicitly
 
 
 def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: Sequence[str] | None = None,
                     templates: Sequence[str] | None = None, device: str | torch.device | None = None,
-                    precision: str = "auto") -> ZeroShotClassifier:
+                    precision: str = "auto", text_head: torch.Tensor | None = None) -> ZeroShotClassifier:
     """Build a zero-shot classifier.
 
     Args:
-        name: a profile (``"shapes"``, ``"cifar100"``) or any open_clip model name (``"ViT-B-32"``).
+        name: a profile (``"shapes"``, ``"cifar100"``), any open_clip model name (``"ViT-B-32"``), or a model on
+            the Hugging Face hub as open_clip names it (``"hf-hub:chs20/fare2-clip"``: its config and weights,
+            from the local hub cache when there is no network or ``HF_HUB_OFFLINE=1``).
         pretrained: an open_clip pretrained tag (``"openai"``), a local checkpoint path (.safetensors,
             .pt, .bin), or None for random initialisation (tests, benchmarks). Defaults to the profile's
-            weights; must be given for a bare model name.
+            weights; must be given for a bare model name, and not for a hub model.
         class_names: readable class names; default: the profile's data set (CIFAR-100 for model names).
         templates: prompt templates with one ``{}``; default: the data set's templates.
         device: where to put the model; default CUDA when available, else CPU.
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``
             (see ``ZeroShotClassifier``).
+        text_head: the class embeddings computed earlier for these class names and templates (skips the text
+            encoder).
 
     Returns:
         A ``ZeroShotClassifier`` in eval mode, every parameter and buffer on ``device``.
@@ -63,7 +69,7 @@ def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: S
         model, open_clip.get_tokenizer(model_name),
         class_names if class_names is not None else data.class_names(dataset),
         templates if templates is not None else data.templates(dataset),
-        precision=precision,
+        precision=precision, text_head=text_head,
     )
     return classifier.eval()
 
@@ -94,6 +100,12 @@ def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str,
     import open_clip
 
     register_model_configs()
+    if name.startswith(HUB_PREFIX):
+        if pretrained not in (_DEFAULT, None):
+            raise ValueError(f"pretrained must not be given for a hub model ({name} holds its own weights), "
+                             f"got {pretrained!r}")
+        _check_hub_model(name)
+        return name, None, "cifar100", {}
     if name in PROFILE_MODELS:
         model_name, default_weights, dataset = PROFILE_MODELS[name]
         pretrained = default_weights if pretrained is _DEFAULT else pretrained
@@ -105,8 +117,8 @@ def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str,
                              f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}), "
                              "a checkpoint path, or None for random initialisation")
     else:
-        raise ValueError(f"name must be a profile ({', '.join(PROFILE_MODELS)}) or an open_clip model "
-                         f"name (see open_clip.list_models()), got {name!r}")
+        raise ValueError(f"name must be a profile ({', '.join(PROFILE_MODELS)}), an open_clip model name (see "
+                         f"open_clip.list_models()) or {HUB_PREFIX}ORG/REPO, got {name!r}")
     return model_name, pretrained, dataset, options
 
 
@@ -142,6 +154,21 @@ def _create_model(model_name: str, pretrained: str | os.PathLike | None, device:
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ValueError(f"pretrained checkpoint {pretrained} cannot be loaded into {model_name}: it is truncated, "
                          f"corrupted or holds another architecture ({type(error).__name__}: {reason})") from error
+
+
+def _check_hub_model(name: str) -> None:
+    """A hub model's config and weights must be in the local hub cache, or the hub must answer (within seconds)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo_id = name[len(HUB_PREFIX):]
+    config, weights = HUB_FILES
+    cached = isinstance(try_to_load_from_cache(repo_id, config), str) and any(
+        isinstance(try_to_load_from_cache(repo_id, file), str) for file in weights)
+    if not cached:
+        ensure_reachable(constants.ENDPOINT, what=f"the model {name} (looked in the Hugging Face cache, "
+                                                  f"{constants.HF_HUB_CACHE})",
+                         how=f"load it once on a machine with internet (cliplab.load_classifier({name!r})) and copy "
+                             "the cache (HF_HOME) here, or set HF_HOME to a copy of it")
 
 
 def _cached_weights(model_name: str, tag_name: str, tag: dict) -> str:
