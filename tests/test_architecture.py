@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cliplab"
 LAYERS = {
     "helpers": (0, {"_arguments", "_distributed", "_io", "_network", "_stats", "_torch"}),
     "kernels": (1, {"attacks", "defences", "evaluation", "training", "classifier"}),
-    "loading": (2, {"models", "data", "shapes_clip"}),
+    "loading": (2, {"models", "data", "suite", "shapes_clip"}),
     "study": (3, {"study"}),
     "command line": (4, {"cli", "__init__", "__main__"}),
 }
