@@ -52,9 +52,16 @@ def test_the_reference_attacks_are_pinned_and_documented():
     assert 'pip install --no-deps "torchattacks>=3.5"' in _readme_test_command()
 
 
+def test_clip_benchmark_is_pinned_and_installed_without_its_dependencies():
+    """CLIP_benchmark carries the zero-shot suite's class names and prompts (two JSON files); its own dependencies
+    (transformers, pycocoevalcap, webdataset, ...) are for its evaluation scripts, which cliplab does not run."""
+    assert "clip-benchmark" in _pins()
+    assert 'pip install --no-deps "torchattacks>=3.5" "clip-benchmark>=1.6"' in _readme_test_command()
+
+
 def _readme_test_command() -> str:
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"```bash\n(pip install -e \"\.\[notebooks,test\]\".*?)\n```", readme)
+    commands = re.findall(r"```bash\n(pip install -e \"\.\[notebooks,test,benchmark\]\".*?)\n```", readme)
     assert len(commands) == 1, "the README shows one test command"
     return commands[0]
 

@@ -1,8 +1,9 @@
 """Command line: ``cliplab reproduce`` runs the notebooks headless; ``cliplab evaluate`` writes a robustness report
-card; ``cliplab finetune``; ``cliplab train-shapes-clip``.
+card; ``cliplab benchmark`` a grid of them (models x zero-shot data sets); ``cliplab finetune``;
+``cliplab train-shapes-clip``.
 
 This module only parses arguments and dispatches: the notebook runner is ``cli.reproduce``, the evaluation
-``study.report``, the fine-tuning workflow ``study.finetuning.finetune_and_evaluate``."""
+``study.report``, the grid ``study.benchmark``, the fine-tuning workflow ``study.finetuning.finetune_and_evaluate``."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     tune.add_argument("--seed", type=int, default=0)
     _add_evaluate_parser(commands)
+    _add_benchmark_parser(commands)
     train = commands.add_parser("train-shapes-clip", help="retrain the shapes profile's tiny CLIP")
     train.add_argument("--out", type=_path, required=True, help="where to write the .safetensors weights")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
-    if args.command in ("finetune", "evaluate") and _launched_by_torchrun():
+    if args.command in ("finetune", "evaluate", "benchmark") and _launched_by_torchrun():
         return _distributed_command(args)
     runs = []  # the notebooks that ran to the end, for the message of an interrupted reproduce
     stop = _StopSignals()
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _finetune(args, _profile(args))
             if args.command == "evaluate":
                 return _evaluate(args)
+            if args.command == "benchmark":
+                return _benchmark(args)
             job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
                                     args.update, args.threads)
             print(job, flush=True)  # everything is checked: say what runs, then run it
@@ -138,6 +142,8 @@ def _interrupted(args, runs) -> str:
                 f"--resume")
     if args.command == "evaluate":
         return "interrupted; nothing was written" + (f" ({args.out} is unchanged)" if args.out else "")
+    if args.command == "benchmark":
+        return f"interrupted; {args.out}/cells keeps every finished cell: run the same command to resume"
     return f"interrupted; nothing was saved to {args.out}"
 
 
@@ -160,6 +166,8 @@ def _distributed_command(args) -> int:
         _distributed.check_same_everywhere(vars(args), "the command-line arguments")
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "benchmark":
+            return _benchmark(args)
         return _finetune(args, _distributed.on_every_rank(lambda: _profile(args), "choosing the profile"))
     except USER_ERRORS as error:
         rank, world = _distributed.rank_and_size()
@@ -170,9 +178,6 @@ def _distributed_command(args) -> int:
 
 
 def _add_evaluate_parser(commands) -> None:
-    from ..evaluation.ensemble import ATTACKS, ENSEMBLES, AttackBudget
-
-    default = AttackBudget()
     evaluate = commands.add_parser(
         "evaluate", help="worst-case robust accuracy of a model over an attack ensemble (a robustness report card)",
         description="Clean, per-attack and worst-case robust accuracy at each radius, with n and 95%% CIs: a "
@@ -195,15 +200,7 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--n", "--images", type=int, default=1000, dest="n",
                           help="the first N test images (default: 1000; under torchrun write --images: torchrun "
                                "takes --n for an abbreviation of its own options)")
-    evaluate.add_argument("--attacks", type=_attack_names, default="standard",
-                          help=f"an ensemble: {', '.join(ENSEMBLES)} (default: standard = "
-                               f"{', '.join(ENSEMBLES['standard'])}; rand for randomised defences), or "
-                               f"comma-separated attacks from {', '.join(ATTACKS)}")
-    evaluate.add_argument("--steps", type=int, default=default.steps, help="APGD iterations (default: %(default)s)")
-    evaluate.add_argument("--targets", type=int, default=default.num_targets,
-                          help="APGD-T target classes (default: %(default)s)")
-    evaluate.add_argument("--queries", type=int, default=default.queries,
-                          help="Square queries per image (default: %(default)s)")
+    _add_attack_budget_arguments(evaluate)
     evaluate.add_argument("--eot-samples", type=int, default=None,
                           help="EOT draws per APGD step (default: 20 with --attacks rand, else 1)")
     evaluate.add_argument("--votes", type=int, default=1, help="majority vote of this many passes scores an image")
@@ -215,6 +212,123 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an evaluation.json already in --out (default: refuse, before any work)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_attack_budget_arguments(parser) -> None:
+    """The attack ensemble and its budget, as ``evaluate`` and ``benchmark`` take them."""
+    from ..evaluation.ensemble import ATTACKS, ENSEMBLES, AttackBudget
+
+    default = AttackBudget()
+    parser.add_argument("--attacks", type=_attack_names, default="standard",
+                        help=f"an ensemble: {', '.join(ENSEMBLES)} (default: standard = "
+                             f"{', '.join(ENSEMBLES['standard'])}; rand for randomised defences), or "
+                             f"comma-separated attacks from {', '.join(ATTACKS)}")
+    parser.add_argument("--steps", type=int, default=default.steps, help="APGD iterations (default: %(default)s)")
+    parser.add_argument("--targets", type=int, default=default.num_targets,
+                        help="APGD-T target classes (default: %(default)s)")
+    parser.add_argument("--queries", type=int, default=default.queries,
+                        help="Square queries per image (default: %(default)s)")
+
+
+def _add_benchmark_parser(commands) -> None:
+    from ..suite import SUITE
+
+    bench = commands.add_parser(
+        "benchmark", help="worst-case zero-shot robustness of several models on several data sets (a grid)",
+        description="Clean and worst-case robust accuracy of every model on every data set of the zero-shot suite, "
+                    "one cell at a time, each written to OUT/cells as it finishes (run the same command again to "
+                    "resume); then OUT/benchmark.md, .csv and .png.")
+    bench.add_argument("--models", type=_model_specs, required=True,
+                       help="comma-separated [LABEL=]NAME[:PRETRAINED][+ENCODER]: a profile (shapes, cifar100), an "
+                            "open_clip architecture with a tag or a checkpoint (ViT-B-32:openai, "
+                            "ViT-B-32:/ckpt.safetensors) or a hub model (fare=hf-hub:chs20/fare2-clip)")
+    bench.add_argument("--datasets", type=_dataset_names, required=True,
+                       help=f"comma-separated, from {', '.join(SUITE)}; or all")
+    bench.add_argument("--data", type=Path, metavar="DIR",
+                       help="the directory holding every data set in torchvision's layout (default: $CLIPLAB_DATA or "
+                            "~/.cache/cliplab/data); see docs/benchmark.md")
+    bench.add_argument("--eps", type=_radii, default=(2 / 255, 4 / 255),
+                       help="comma-separated L-inf radii (default: 2/255,4/255)")
+    bench.add_argument("--n", "--images", type=int, default=1000, dest="n",
+                       help="images per data set, a seeded sample of its test split (default: 1000)")
+    _add_attack_budget_arguments(bench)
+    bench.add_argument("--batch-size", type=int, default=128)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--single-template", action="store_true",
+                       help="one prompt per class instead of each data set's prompt ensemble")
+    bench.add_argument("--image-size", type=int, default=224,
+                       help="side to which photographs of many sizes are resized and cropped (default: 224)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
+    bench.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bf16 autocast)")
+    bench.add_argument("--out", type=_path, required=True, help="directory of the cells and the results")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _benchmark(args) -> int:
+    """``cliplab benchmark``: check everything, evaluate the missing cells, write the table, CSV and figure."""
+    from ..study import benchmark
+
+    settings = _distributed.on_every_rank(lambda: _benchmark_settings(args), "cliplab benchmark's checks")
+    cells = benchmark.run(settings, args.out, progress=not args.quiet)
+    if _distributed.is_main():
+        written = benchmark.write_outputs(cells, settings, args.out)
+        print("\n" + benchmark.markdown(cells, settings))
+        print("\nwritten: " + ", ".join(map(str, written)))
+    return 0
+
+
+def _benchmark_settings(args):
+    from ..study import benchmark
+
+    for name in ("n", "steps", "targets", "queries", "batch_size", "image_size"):
+        check_int(getattr(args, name), f"--{name.replace('_', '-')}")
+    settings = benchmark.BenchmarkSettings(
+        models=args.models, datasets=args.datasets, eps=tuple(args.eps), n=args.n, attacks=args.attacks,
+        budget=_budget(args), batch_size=args.batch_size, seed=args.seed, single_template=args.single_template,
+        image_size=args.image_size, runtime=_runtime(args, weights=None))
+    benchmark.check(settings, args.out)
+    return settings
+
+
+def _model_specs(text: str):
+    """Comma-separated model specs (argparse type)."""
+    from ..study.benchmark import ModelSpec
+
+    try:
+        specs = tuple(ModelSpec.parse(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not specs:
+        raise argparse.ArgumentTypeError("expected one or more models, e.g. ViT-B-32:openai,hf-hub:chs20/fare2-clip")
+    return specs
+
+
+def _dataset_names(text: str) -> tuple[str, ...]:
+    """Comma-separated names of the zero-shot suite, or ``all`` (argparse type)."""
+    from ..suite import SUITE
+
+    names = tuple(SUITE) if text.strip() == "all" else tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [name for name in names if name not in SUITE]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"must be all or comma-separated names from {', '.join(SUITE)}; unknown: "
+                                         f"{', '.join(unknown) or repr(text)}")
+    return names
+
+
+def _budget(args, eot_samples: int = 1):
+    from ..evaluation.ensemble import AttackBudget
+
+    return AttackBudget(steps=args.steps, num_targets=args.targets, queries=args.queries, eot_samples=eot_samples)
+
+
+def _runtime(args, weights) -> Runtime:
+    """Device (checked: an explicit cuda needs a GPU), precision, weights and the data directory of ``args``."""
+    import torch
+
+    _check_device(args.device)
+    return Runtime(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                   precision="fp32" if args.fp32 else "auto", weights=weights,
+                   data_root=str(args.data.expanduser().resolve()) if args.data else None)
 
 
 def _evaluate(args) -> int:
@@ -232,25 +346,17 @@ def _evaluate(args) -> int:
 
 def _report_settings(args):
     """``cliplab evaluate``'s settings, each checked, with the weights and the data, before any model is built."""
-    import torch
-
-    from ..evaluation.ensemble import AttackBudget
     from ..study import report
 
-    _check_device(args.device)
     eot = args.eot_samples if args.eot_samples is not None else (20 if args.attacks == "rand" else 1)
     for name in ("n", "steps", "targets", "queries", "votes", "batch_size"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}")
     check_int(eot, "--eot-samples")
-    runtime = Runtime(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                      precision="fp32" if args.fp32 else "auto", weights=_weights(args.pretrained),
-                      data_root=str(args.data.expanduser().resolve()) if args.data else None)
+    runtime = _runtime(args, weights=_weights(args.pretrained))
     settings = report.ReportSettings(
         model=args.model or args.dataset, encoder=str(args.encoder.expanduser().resolve()) if args.encoder else None,
         dataset=args.dataset, single_template=args.single_template, eps=tuple(args.eps), n=args.n,
-        attacks=args.attacks, budget=AttackBudget(steps=args.steps, num_targets=args.targets, queries=args.queries,
-                                                  eot_samples=eot),
-        votes=args.votes, batch_size=args.batch_size, seed=args.seed, runtime=runtime)
+        attacks=args.attacks, budget=_budget(args, eot), votes=args.votes, batch_size=args.batch_size, seed=args.seed, runtime=runtime)
     if args.out is not None:
         check_new_file(args.out / "evaluation.json", "--out", args.overwrite)
     report.check(settings)

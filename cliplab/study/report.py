@@ -70,11 +70,11 @@ def check(settings: ReportSettings) -> None:
     weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
     architecture = check_weights(settings.model, **weights)
     if settings.encoder is not None:
-        _check_encoder(settings.encoder, architecture)
+        check_encoder(settings.encoder, architecture)
     check_dataset(settings.dataset, runtime.data_root)
 
 
-def _check_encoder(path: str, architecture) -> None:
+def check_encoder(path: str, architecture) -> None:
     """The file must hold exactly the image encoder's tensors, with their shapes."""
     from safetensors import safe_open
 
@@ -123,17 +123,21 @@ def markdown(reports: dict[float, RobustnessReport]) -> str:
 def write_json(path: str | os.PathLike, settings: ReportSettings, reports: dict[float, RobustnessReport]) -> Path:
     """Write the settings, versions and results to ``path`` atomically (a reader never sees half a file)."""
     path = Path(path)
-    document = {"settings": asdict(settings), "versions": _versions(), "processes": _distributed.rank_and_size()[1],
-                "results": [{"eps": eps, "eps_255": 255 * eps, "clean": report.clean.as_dict(),
-                             "robust": report.robust.as_dict(),
-                             "per_attack": {name: p.as_dict() for name, p in report.per_attack.items()}}
-                            for eps, report in reports.items()]}
+    document = {"settings": asdict(settings), "versions": versions(), "processes": _distributed.rank_and_size()[1],
+                "results": results_document(reports)}
     with atomic_write(path) as tmp:
         Path(tmp).write_text(json.dumps(document, indent=2) + "\n")
     return path
 
 
-def _versions() -> dict[str, str]:
+def results_document(reports: dict[float, RobustnessReport]) -> list[dict]:
+    """The reports of ``robustness_vs_eps`` as JSON: per radius, clean, worst-case and per-attack counts."""
+    return [{"eps": eps, "eps_255": 255 * eps, "clean": report.clean.as_dict(), "robust": report.robust.as_dict(),
+             "per_attack": {name: p.as_dict() for name, p in report.per_attack.items()}}
+            for eps, report in reports.items()]
+
+
+def versions() -> dict[str, str]:
     from importlib.metadata import version
 
     import open_clip

@@ -1,0 +1,155 @@
+"""``cliplab benchmark`` and the zero-shot suite it reads: every set in its real on-disk format (stand-ins written by
+``suite_standins``, read by torchvision's own classes), damaged or missing sets named before any model loads, and the
+grid run end to end as a user runs it (a random ViT-B-32 from a local file, a hub model from a local hub cache with
+``HF_HUB_OFFLINE=1``), resumed after kill -9 with identical results."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import suite_standins
+from cliplab import suite
+from cliplab.study.benchmark import ModelSpec
+
+SHAPES_CONFIG = Path(suite.__file__).parent / "model_configs" / "cliplab-shapes-tiny.json"
+SHAPES_WEIGHTS = Path(suite.__file__).parent / "weights" / "cliplab-shapes-tiny.safetensors"
+GRID = ("cifar10", "eurosat", "dtd")  # three formats: pickled batches (checksummed), an image folder, a split file
+
+
+@pytest.mark.parametrize("name", list(suite.SUITE))
+def test_every_suite_set_is_read_from_its_torchvision_format(name, tmp_path, monkeypatch):
+    if suite.SUITE[name].needs:
+        pytest.importorskip(suite.SUITE[name].needs)
+    suite_standins.accept_checksums(monkeypatch, suite_standins.write(name, tmp_path))
+    x, y, names = suite.load_suite_set(name, tmp_path, n=4, seed=1)
+    size = suite.SUITE[name].native_size or suite.IMAGE_SIZE
+    assert x.shape == (4, 3, size, size) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == torch.int64 and ((0 <= y) & (y < len(names))).all()
+    templates = suite.suite_templates(name)
+    assert templates and all(t.count("{}") == 1 for t in templates)
+    again, _, _ = suite.load_suite_set(name, tmp_path, n=4, seed=1)
+    assert torch.equal(x, again)  # the seeded sample is the same every time
+
+
+def test_class_names_and_templates_come_from_their_maintained_sources(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    suite_standins.write("eurosat", tmp_path)
+    names = suite.suite_class_names("eurosat", suite.open_set("eurosat", tmp_path))
+    assert names == suite._clip_benchmark("en_classnames.json")["eurosat"] and names[0] == "annual crop land"
+    assert suite.suite_templates("cifar10")[0] == "a photo of a {}." and len(suite.suite_templates("cifar10")) == 18
+    assert suite.suite_templates("imagenet1k")[0] == "a bad photo of a {}." and len(IMAGENET_CLASSNAMES) == 1000
+
+
+def test_a_missing_or_damaged_set_is_named_with_its_path(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'food-101'} does not exist.*food-101.tar.gz"):
+        suite.open_set("food101", tmp_path)
+    suite_standins.write("cifar10", tmp_path)  # its checksums are not the published ones, and are not accepted here
+    with pytest.raises(ValueError, match="cifar-10-batches-py is incomplete or damaged"):
+        suite.open_set("cifar10", tmp_path)
+    suite_standins.write("dtd", tmp_path)
+    for image in (tmp_path / "dtd").rglob("*.jpg"):
+        image.write_bytes(image.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match="dataset dtd: image .* cannot be read"):
+        suite.load_suite_set("dtd", tmp_path, n=2)
+    with pytest.raises(ValueError, match="n must be at most 6"):
+        suite.load_suite_set("dtd", tmp_path, n=7)
+
+
+def test_model_specs():
+    assert ModelSpec.parse("ViT-B-32:openai") == ModelSpec("ViT-B-32:openai", "ViT-B-32", "openai")
+    assert ModelSpec.parse("fare=hf-hub:chs20/fare2-clip") == ModelSpec("fare", "hf-hub:chs20/fare2-clip")
+    spec = ModelSpec.parse("mine=shapes+runs/fare/encoder.safetensors")
+    assert (spec.label, spec.name, spec.pretrained, spec.encoder) == ("mine", "shapes", None,
+                                                                        "runs/fare/encoder.safetensors")
+    assert ModelSpec.parse("ViT-B-32:/ckpt/final.safetensors").slug == "ViT-B-32_ckpt_final.safetensors"
+    with pytest.raises(ValueError, match="names no model"):
+        ModelSpec.parse(":openai")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The three stand-in sets under one --data, a local hub cache holding the shapes CLIP as a hub model, and a
+    sitecustomize that makes torchvision accept the stand-ins' checksums in a ``cliplab`` subprocess."""
+    root = tmp_path_factory.mktemp("grid")
+    patches = {}
+    for name in GRID:
+        patches.update(suite_standins.write(name, root / "data", per_class=2))
+    suite_standins.write_hub_model(root / "hf", "cliplab/shapes-tiny", json.loads(SHAPES_CONFIG.read_text()),
+                                   SHAPES_WEIGHTS)
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(suite_standins.checksum_source(patches))
+    return root
+
+
+def benchmark_command(grid: Path, models: str, out: Path, *extra: str) -> tuple[list[str], dict]:
+    command = [sys.executable, "-m", "cliplab", "benchmark", "--models", models, "--datasets", ",".join(GRID),
+               "--data", str(grid / "data"), "--eps", "2/255,4/255", "--steps", "3", "--targets", "1", "--queries",
+               "4", "--batch-size", "4", "--single-template", "--device", "cpu", "--out", str(out), "--quiet", *extra]
+    env = {**os.environ, "HF_HOME": str(grid / "hf"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(grid / "site"), os.environ.get("PYTHONPATH", "")])}
+    return command, env
+
+
+@pytest.mark.slow
+def test_the_grid_end_to_end_with_a_local_vit_and_a_hub_model(grid, tmp_path):
+    """Two models x three data sets, as a user runs it offline: the Markdown table, the CSV and the figure."""
+    import open_clip
+
+    import cliplab
+
+    weights = tmp_path / "ViT-B-32-random.safetensors"
+    cliplab.save_weights(open_clip.create_model("ViT-B-32"), weights, dtype=torch.float16)
+    models = f"vit=ViT-B-32:{weights},hub=hf-hub:cliplab/shapes-tiny"
+    command, env = benchmark_command(grid, models, tmp_path / "out", "--n", "4")
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(f"{m}--{d}.json" for m in ("vit", "hub")
+                                                                       for d in GRID)
+    assert job.stdout.count("| vit |") == 2 and job.stdout.count("| hub |") == 2  # a table per radius
+    assert (out / "benchmark.md").read_text().strip() in job.stdout
+    rows = list(csv.DictReader((out / "benchmark.csv").open()))
+    assert len(rows) == 2 * 3 * 2 and {r["n"] for r in rows} == {"4"}
+    assert all(float(r["robust"]) <= float(r["clean"]) for r in rows)
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "text-heads").glob("*.safetensors"))) == 6
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_grid_resumes_to_the_uninterrupted_results(grid, tmp_path):
+    models = "shapes,hub=hf-hub:cliplab/shapes-tiny"
+    command, env = benchmark_command(grid, models, tmp_path / "whole", "--n", "6")
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    command, env = benchmark_command(grid, models, tmp_path / "killed", "--n", "6")
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cells = tmp_path / "killed" / "cells"
+    while job.poll() is None and not (cells.is_dir() and any(cells.glob("*.json"))):
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    finished = len(list(cells.glob("*.json")))
+    assert 1 <= finished < 6, "the run was not killed mid-grid"
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("(resumed)") == finished
+    assert (tmp_path / "killed" / "benchmark.csv").read_text() == (tmp_path / "whole" / "benchmark.csv").read_text()
+
+
+def test_cells_made_with_other_settings_are_refused_before_any_model_loads(grid, tmp_path):
+    command, env = benchmark_command(grid, "shapes", tmp_path / "out", "--n", "2")
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    again = subprocess.run([*command, "--seed", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "was made with other settings (seed differ)" in again.stderr
+    command, env = benchmark_command(grid, "x=hf-hub:cliplab/missing", tmp_path / "other", "--n", "2")
+    missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "hf-hub:cliplab/missing" in missing.stderr and "offline" in missing.stderr
