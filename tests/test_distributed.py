@@ -128,6 +128,26 @@ def test_cliplab_evaluate_under_torchrun_reports_the_single_process_numbers(tmp_
 
 
 @torchrun_job
+def test_cliplab_benchmark_under_torchrun_writes_the_single_process_cells(tmp_path):
+    """The grid sharded over two processes: the same cells, table and CSV as one process, written by rank 0 once."""
+    import suite_standins
+
+    for name in ("eurosat", "dtd"):
+        suite_standins.write(name, tmp_path / "data", per_class=4)
+    args = ["benchmark", "--models", "shapes", "--datasets", "eurosat,dtd", "--data", str(tmp_path / "data"),
+            "--images", "12", "--eps", "2/255,4/255", "--steps", "3", "--targets", "2", "--queries", "8",
+            "--batch-size", "4", "--device", "cpu", "--quiet"]
+    job = torchrun("-m", "cliplab", *args, "--out", tmp_path / "two")
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("| shapes |") == 2  # a table per radius, printed by rank 0 only
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    for cell in ("shapes--eurosat.json", "shapes--dtd.json"):
+        two, one = (json.loads((tmp_path / run / "cells" / cell).read_text()) for run in ("two", "one"))
+        assert two["results"] == one["results"] and two["settings"] == one["settings"]
+    assert (tmp_path / "two" / "benchmark.csv").read_text() == (tmp_path / "one" / "benchmark.csv").read_text()
+
+
+@torchrun_job
 def test_cliplab_finetune_under_torchrun_trains_like_one_process_and_writes_once(tmp_path):
     """The command line end to end (the shapes profile, 2 steps): a global --batch-size of 4 over two processes,
     the before/after evaluations sharded, one final.safetensors and metrics.json, as a single process writes them."""

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import _distributed
-from .._arguments import check_choice, check_int, check_seed
+from .._arguments import check_choice, check_directory, check_int, check_seed
 from .._io import atomic_write
 from ..evaluation.ensemble import AttackBudget, check_attack_plan, robustness_vs_eps
 from ..evaluation.statistics import Proportion
@@ -95,6 +95,7 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
 
     if not settings.models or not settings.datasets:
         raise ValueError("models and datasets must each name at least one")
+    check_directory(Path(out), "out")
     for name in settings.datasets:
         check_choice(name, "datasets", SUITE)
     for what, values in (("models", [m.slug for m in settings.models]), ("datasets", settings.datasets)):
