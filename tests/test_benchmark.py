@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,18 @@ def test_cells_made_with_other_settings_are_refused_before_any_model_loads(grid,
     command, env = benchmark_command(grid, "x=hf-hub:cliplab/missing", tmp_path / "other", "--n", "2")
     missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "hf-hub:cliplab/missing" in missing.stderr and "offline" in missing.stderr
+
+
+def test_every_data_set_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    from cliplab.study import benchmark
+
+    suite_standins.write("eurosat", tmp_path / "data")  # 10 classes x 2 images
+    suite_standins.write("dtd", tmp_path / "data")  # 3 classes x 2 images
+    settings = benchmark.BenchmarkSettings(models=(ModelSpec.parse("shapes"),), datasets=("eurosat", "dtd"), n=8,
+                                           budget=benchmark.AttackBudget(num_targets=2),
+                                           runtime=benchmark.Runtime(data_root=str(tmp_path / "data")))
+    monkeypatch.setattr("cliplab.models.check_weights", lambda *a, **k: pytest.fail("a model was checked first"))
+    with pytest.raises(ValueError, match="n must be at most 6, the size of dtd's test split, got 8"):
+        benchmark.check(settings, tmp_path / "out")
+    with pytest.raises(ValueError, match="num_targets must be at most"):
+        benchmark.check(replace(settings, n=4, budget=benchmark.AttackBudget()), tmp_path / "out")

@@ -109,8 +109,10 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
     check_choice(settings.runtime.device, "device", ("cpu", "cuda"))
     check_choice(settings.runtime.precision, "precision", ("auto", "fp32"))
     for dataset in settings.datasets:
-        classes = len(suite_class_names(dataset, open_set(dataset, settings.runtime.data_root)))
-        check_attack_plan(settings.attacks, "linf", settings.budget, classes)
+        opened = open_set(dataset, settings.runtime.data_root)
+        check_attack_plan(settings.attacks, "linf", settings.budget, len(suite_class_names(dataset, opened)))
+        if settings.n > len(opened):
+            raise ValueError(f"n must be at most {len(opened)}, the size of {dataset}'s test split, got {settings.n}")
         load_suite_set(dataset, settings.runtime.data_root, 1, seed=settings.seed, image_size=settings.image_size)
     for model in settings.models:
         architecture = check_weights(model.name, **({} if model.pretrained is None else {"pretrained": model.pretrained}))
