@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -98,12 +99,9 @@ def open_set(name: str, root: str | os.PathLike | None = None):
 
     check_choice(name, "dataset", SUITE)
     spec, root = SUITE[name], data_root(root)
-    if spec.needs is not None:
-        try:
-            __import__(spec.needs)
-        except ModuleNotFoundError:
-            raise ModuleNotFoundError(f"dataset {name}: torchvision reads it with {spec.needs}, which is not "
-                                      f"installed (pip install {spec.needs})") from None
+    if spec.needs is not None and find_spec(spec.needs) is None:
+        raise ModuleNotFoundError(f"dataset {name}: torchvision reads it with {spec.needs}, which is not installed "
+                                  f"(pip install {spec.needs})")
     where = root / spec.folder
     if not where.exists():
         raise FileNotFoundError(f"dataset {name}: {where} does not exist. Get it from {spec.source} and put it under "
@@ -183,8 +181,6 @@ def _number_of_classes(dataset) -> int | None:
 
 def _clip_benchmark(filename: str) -> dict[str, list[str]]:
     """One of CLIP_benchmark's JSON files of class names or templates, from the installed package."""
-    from importlib.util import find_spec
-
     spec = find_spec("clip_benchmark")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("the zero-shot suite's class names and prompts come from CLIP_benchmark, which is "

@@ -66,6 +66,12 @@ def test_a_missing_or_damaged_set_is_named_with_its_path(tmp_path, monkeypatch):
         suite.load_suite_set("dtd", tmp_path, n=7)
 
 
+def test_a_reader_that_needs_a_missing_module_says_which(tmp_path, monkeypatch):
+    monkeypatch.setitem(suite.SUITE, "pcam", replace(suite.SUITE["pcam"], needs="no_such_module_here"))
+    with pytest.raises(ModuleNotFoundError, match="dataset pcam: .* no_such_module_here, which is not installed"):
+        suite.open_set("pcam", tmp_path)
+
+
 def test_model_specs():
     assert ModelSpec.parse("ViT-B-32:openai") == ModelSpec("ViT-B-32:openai", "ViT-B-32", "openai")
     assert ModelSpec.parse("fare=hf-hub:chs20/fare2-clip") == ModelSpec("fare", "hf-hub:chs20/fare2-clip")
