@@ -269,7 +269,7 @@ def _benchmark(args) -> int:
     from ..study import benchmark
 
     settings = _distributed.on_every_rank(lambda: _benchmark_settings(args), "cliplab benchmark's checks")
-    cells = benchmark.run(settings, args.out, progress=not args.quiet)
+    cells = benchmark.run(settings, args.out, progress=not args.quiet, log=print, checked=True)
     if _distributed.is_main():
         written = benchmark.write_outputs(cells, settings, args.out)
         print("\n" + benchmark.markdown(cells, settings))

@@ -123,13 +123,20 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
             _read_cell(cell_path(Path(out), model, dataset), settings.cell_settings(model, dataset))
 
 
-def run(settings: BenchmarkSettings, out: str | os.PathLike, progress: bool = True, log=print) -> dict:
+def run(settings: BenchmarkSettings, out: str | os.PathLike, progress: bool = True, log=None,
+        checked: bool = False) -> dict:
     """Evaluate every cell of the grid that ``out`` does not hold yet, writing each as it finishes.
+
+    Args:
+        log: called with one line per cell as it is done or resumed (the command line passes ``print``).
+        checked: the caller already ran ``check(settings, out)`` (it loads every model's weights onto the meta
+            device: not worth doing twice).
 
     Returns:
         ``{(model label, data set): cell}``, each cell as written (``settings``, ``results`` per radius, ``versions``).
     """
-    check(settings, out)
+    if not checked:
+        check(settings, out)
     out = Path(out)
     cells = {}
     for model in settings.models:
@@ -143,7 +150,7 @@ def run(settings: BenchmarkSettings, out: str | os.PathLike, progress: bool = Tr
                 if _distributed.is_main():
                     with atomic_write(path) as tmp:
                         Path(tmp).write_text(json.dumps(cell, indent=2) + "\n")
-            if _distributed.is_main():
+            if log is not None and _distributed.is_main():
                 log(f"{model.label} x {dataset}: {_summary(cell)}" + (" (resumed)" if resumed else ""))
             cells[model.label, dataset] = cell
     return cells
