@@ -10,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
 from pathlib import Path
 
@@ -25,14 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="+", help="notebook prefixes, e.g. 02 04")
     parser.add_argument("--profile", default="shapes")
-    parser.add_argument("--threads", type=int, default=runner.default_threads())
+    parser.add_argument("--threads", type=int, default=runner.usable_cores())
     args = parser.parse_args(argv)
     profile = cliplab.get_profile(args.profile, encoder_cache=NOTEBOOKS / "encoders" / args.profile)
     env = {**runner.thread_environment(args.threads), "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as out:
         for path in runner.find_notebooks(NOTEBOOKS, args.only):
-            run = runner.execute_notebook(path, Path(out), {**env, **cliplab.study.profiles.profile_environment(
-                profile.with_runtime(figures=str(Path(out) / "figures")))})
+            run = asyncio.run(runner.execute_notebook(path, Path(out), {**env, **cliplab.study.profiles.profile_environment(
+                profile.with_runtime(figures=str(Path(out) / "figures")))}, running=set()))
             cells = nbformat.read(path, as_version=4).cells
             print(f"\n{path.stem}: {run.seconds:.0f} s, {args.threads} threads"
                   f"{'' if run.error is None else ', FAILED: ' + run.error}")

@@ -1,5 +1,5 @@
-"""Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), and the
-one safetensors writer built on them."""
+"""Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), the one
+safetensors writer built on them, and a lock that waits (``waiting_lock``)."""
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +38,22 @@ def atomic_write(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on the file ``path`` (created if absent) for the block, waiting while another process
+    or thread holds it. The kernel drops the lock when its holder exits, killed or not."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_tensors(tensors: dict, path: str | os.PathLike, dtype=None) -> None:

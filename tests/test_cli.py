@@ -304,16 +304,47 @@ def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tm
     assert not (tmp_path / "other").exists()
 
 
-def test_default_threads_follow_omp_num_threads(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert runner.default_threads() == 3
+def test_parallelism_shares_the_cores_among_the_notebooks_on_the_cpu_and_runs_one_at_a_time_on_a_gpu(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner, "usable_cores", lambda: 16)
+    assert runner.parallelism("cpu", 6) == (6, 2)  # every notebook at once, 16 // 6 threads each
+    assert runner.parallelism("cpu", 1) == (1, 16)
+    assert runner.parallelism("cuda", 6) == (1, 16)  # one device: one notebook at a time, every core
+    assert runner.parallelism("cpu", 6, threads=8) == (2, 8)  # what is given is kept, the rest follows
+    assert runner.parallelism("cpu", 6, jobs=3) == (3, 5)
+    assert runner.parallelism("cpu", 6, threads=32) == (1, 32)
+    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    assert runner.parallelism("cpu", 6) == (2, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's thread count, as if given
+    assert runner.parallelism("cpu", 6) == (1, 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     with pytest.raises(ValueError, match=r"^\$OMP_NUM_THREADS must be a whole number >= 1, got 'lots'"):
-        runner.default_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert runner.default_threads() == len(os.sched_getaffinity(0))
+        runner.parallelism("cpu", 6)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's policy is kept
     assert runner.thread_environment(2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+
+
+@pytest.mark.notebooks
+def test_notebooks_run_at_the_same_time_each_in_its_own_kernel(tmp_path, capsys):
+    """With --jobs 2 the two notebooks run at once (each waits until the other has started: run one at a time, they
+    would time out), and the summary lists them in order."""
+    directory = tmp_path / "notebooks"
+    directory.mkdir()
+    for mine, other in (("01", "02"), ("02", "01")):
+        _write_notebook(directory / f"{mine}_meet.ipynb", [
+            f"import pathlib, time\npathlib.Path({str(tmp_path)!r}, '{mine}').touch()\ndeadline = time.time() + 60\n"
+            f"while not pathlib.Path({str(tmp_path)!r}, '{other}').exists():\n"
+            f"    assert time.time() < deadline, 'the other notebook never started'\n    time.sleep(0.1)\n"
+            f"print('met')"])
+    code = cli.main(["reproduce", "--notebooks", str(directory), "--results", str(tmp_path / "results"),
+                     "--jobs", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "2 notebooks at a time, 1 torch thread per notebook kernel" in printed  # the session's 1 thread
+    assert [line.split()[0] for line in printed.splitlines() if line.startswith("  ")] == ["01_meet", "02_meet"]
+    for name in ("01_meet", "02_meet"):
+        executed = nbformat.read(tmp_path / "results" / "shapes" / f"{name}.ipynb", as_version=4)
+        assert executed.cells[0].outputs[0]["text"] == "met\n"
 
 
 def test_clean_notebook_drops_what_changes_on_every_run():
@@ -415,7 +446,7 @@ def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_h
     _write_notebook(directory / "01_ok.ipynb", ["print('fast')"])
     _write_notebook(directory / "02_slow.ipynb", [f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(120)"])
     process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
-                                "--results", str(tmp_path / "results")], stdout=subprocess.PIPE,
+                                "--results", str(tmp_path / "results"), "--jobs", "1"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -434,6 +465,37 @@ def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_h
     assert "Traceback" not in error, error
     assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: 01_ok;")
     assert sorted(p.name for p in (tmp_path / "results" / "shapes").glob("*.ipynb")) == ["01_ok.ipynb"]
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_reproduce_stops_every_notebook_running_at_the_time(signum, status, tmp_path):
+    """Two notebooks at a time: the signal stops both kernels (none outlives the run), and neither is written."""
+    directory = tmp_path / "notebooks"
+    directory.mkdir()
+    for name in ("01_slow", "02_slow"):
+        _write_notebook(directory / f"{name}.ipynb", [
+            f"import os, time\nopen({str(tmp_path / name)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"])
+    process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
+                                "--results", str(tmp_path / "results"), "--jobs", "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    markers = [tmp_path / "01_slow", tmp_path / "02_slow"]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(m.exists() and m.read_text() for m in markers) and process.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kernels = [int(m.read_text()) for m in markers]  # both started: they run at the same time
+        os.killpg(process.pid, signum) if signum == signal.SIGINT else process.send_signal(signum)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == status, error
+    assert "Traceback" not in error, error
+    assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: none;")
+    assert not list((tmp_path / "results").rglob("*.ipynb"))
+    assert not [pid for pid in kernels if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -280,7 +280,8 @@ def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, t
     x, y = data
     config = tiny_config(steps=2)
     trained, history = study.load_or_finetune(fresh(), "fare", config, x, y, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fare.json", "fare.safetensors"]  # run dir removed
+    # the run directory is gone; the lock that makes a concurrent caller wait stays (an empty file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fare.lock", "fare.json", "fare.safetensors"]
     assert [h["step"] for h in history] == [1, 2]
 
     def no_training(*args, **kwargs):
@@ -294,6 +295,36 @@ def test_load_or_finetune_trains_once_then_loads_and_checks_the_settings(data, t
         assert torch.equal(loaded.model.state_dict()[key], value), key
     with pytest.raises(ValueError, match="steps=2 there, 3 now"):
         study.load_or_finetune(fresh(), "fare", tiny_config(steps=3), x, y, tmp_path)
+
+
+def test_two_callers_of_load_or_finetune_at_once_train_the_encoder_once(data, tmp_path, monkeypatch):
+    """cliplab reproduce runs 05 and 06 at once, and both want FARE-full: the second waits for the first's training
+    and loads its encoder (threads here; the lock is a file lock, so processes wait the same way)."""
+    import threading
+
+    x, y = data
+    trainings, real_finetune = [], study.finetuning.finetune
+
+    def counted(*args, **kwargs):
+        trainings.append(threading.get_ident())
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(study.finetuning, "finetune", counted)
+    results = [None, None]
+
+    def call(i):
+        results[i] = study.load_or_finetune(fresh(), "fare", tiny_config(steps=2), x, y, tmp_path)
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(trainings) == 1
+    (first, first_history), (second, second_history) = results
+    assert first_history == second_history and [h["step"] for h in first_history] == [1, 2]
+    for key, value in weights(first).items():
+        assert torch.equal(second.model.state_dict()[key], value), key
 
 
 def test_profile_finetune_config_takes_the_profile_budgets_per_adapter():

@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, default=Path("results"))
     run.add_argument("--update", action="store_true",
                      help="write the executed notebooks back into --notebooks (to commit their outputs)")
+    run.add_argument("--jobs", type=int, default=None,
+                     help="notebooks executed at a time (default: on the CPU, one per share of the usable cores; on "
+                          "a GPU, one)")
     run.add_argument("--threads", type=int, default=None,
-                     help="torch threads of each notebook kernel (default: $OMP_NUM_THREADS, else the usable cores)")
+                     help="torch threads of each notebook kernel (default: $OMP_NUM_THREADS, else the usable cores "
+                          "divided among the notebooks running at a time)")
     tune = commands.add_parser("finetune", help="adversarially fine-tune the image encoder (FARE or TeCoA)")
     _add_profile_arguments(tune)
     tune.add_argument("--method", default="fare", help="fare (unsupervised) or tecoa (supervised)")
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "benchmark":
                 return _benchmark(args)
             job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
-                                    args.update, args.threads)
+                                    args.update, args.threads, args.jobs)
             print(job, flush=True)  # everything is checked: say what runs, then run it
             runs.extend(reproduce(job))
     except BaseException as error:
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     profile, out = job.profile, job.out
     print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
-    for run_ in runs:
+    for run_ in sorted(runs, key=lambda run_: run_.name):
         figures = out / "figures" / run_.name
         count = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         status = f"FAILED at {run_.error}" if run_.error else f"ok, {count} figures"
@@ -134,9 +138,9 @@ class _StopSignals:
 def _interrupted(args, runs) -> str:
     """One line for a stopped command: what finished, what did not, and that nothing was half-written."""
     if args.command == "reproduce":
-        done = ", ".join(run.name for run in runs) or "none"
-        return (f"interrupted; notebooks finished: {done}; the one running was stopped and not written "
-                f"(its earlier copy, if any, is unchanged)")
+        done = ", ".join(sorted(run.name for run in runs)) or "none"
+        return (f"interrupted; notebooks finished: {done}; those running were stopped and not written "
+                f"(their earlier copies, if any, are unchanged)")
     if args.command == "finetune":
         return (f"interrupted; {args.out} keeps the last saved checkpoint: continue with the same command and "
                 f"--resume")

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,16 +71,22 @@ def clean_notebook(notebook) -> None:
 
 
 def _client_class():
-    """nbclient's ``NotebookClient`` whose shell channel is polled in slices of a second.
+    """nbclient's ``NotebookClient`` whose shell channel is polled in slices of a second, and which leaves signals to
+    ``reproduce``.
 
     After a cell that opens widgets (04's ``interact``), the execute reply can sit in the shell socket unseen until
     the pending ``get_msg`` times out (jupyter/nbclient#312); with the cell timeout of an hour that stalled a run
     for the hour (seen here: CI 89 minutes instead of 28; the GPU smoke run stuck on that cell). A fresh poll
-    every second finds the waiting reply."""
+    every second finds the waiting reply.
+
+    nbclient's own setup points SIGINT and SIGTERM at the kernel of the client that set up last, which with several
+    notebooks at a time would leave the others running: here ``reproduce`` owns the handlers and stops every
+    running client (``stop``)."""
     from nbclient import NotebookClient
 
     class SlicedPollClient(NotebookClient):
         stopped_by = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+        _async_cleanup_kernel_future = None  # the shutdown a stop started
 
         async def async_start_new_kernel_client(self):
             client = await super().async_start_new_kernel_client()
@@ -88,19 +95,31 @@ def _client_class():
 
         @contextlib.asynccontextmanager
         async def async_setup_kernel(self, **kwargs):
-            """nbclient's, with its SIGINT/SIGTERM handlers (which shut the kernel down) replaced by the same
-            shutdown that also remembers the signal, so the caller can tell an interruption from a crash."""
-            async with super().async_setup_kernel(**kwargs):
-                loop = asyncio.get_event_loop()
-                with contextlib.suppress(RuntimeError, NotImplementedError):  # not the main thread; Windows
-                    for signum in (signal.SIGINT, signal.SIGTERM):
-                        loop.add_signal_handler(signum, self._stop, signum)
+            """Start the kernel and its client, and shut the kernel down afterwards (as nbclient's setup does,
+            without its signal handlers)."""
+            cleanup_kc = kwargs.pop("cleanup_kc", self.owns_km)
+            if self.km is None:
+                self.km = self.create_kernel_manager()
+            atexit.register(self._cleanup_kernel)  # a kernel never outlives this process
+            try:
+                if not self.km.has_kernel:
+                    await self.async_start_new_kernel(**kwargs)
+                if self.kc is None:
+                    await self.async_start_new_kernel_client()
+                if self.stopped_by is not None:  # stopped while the kernel started: run no cell
+                    raise RuntimeError("stopped before the first cell")
                 yield
+            finally:
+                atexit.unregister(self._cleanup_kernel)
+                if self._async_cleanup_kernel_future is not None:  # a stop is shutting the kernel down already
+                    await self._async_cleanup_kernel_future
+                elif cleanup_kc and self.km is not None:
+                    await self._async_cleanup_kernel()
 
-        def _stop(self, signum):  # as nbclient's own handler, remembering the signal
+        def stop(self, signum):
+            """Shut the kernel down, remembering the signal, so the caller can tell an interruption from a crash."""
             self.stopped_by = signum
             self._async_cleanup_kernel_future = asyncio.ensure_future(self._async_cleanup_kernel())
-            atexit.unregister(self._cleanup_kernel)
 
     return SlicedPollClient
 
@@ -139,8 +158,10 @@ def _poll_in_slices(channel, slice_s: float = 1.0) -> None:
     channel.get_msg = sliced
 
 
-def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: int = 3600) -> NotebookRun:
-    """Execute ``path`` in a fresh kernel with ``env`` set; write the cleaned executed copy to ``out_dir``."""
+async def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], running: set,
+                           timeout: int = 3600) -> NotebookRun:
+    """Execute ``path`` in a fresh kernel with ``env`` set; write the cleaned executed copy to ``out_dir``. Its
+    client is in ``running`` while it runs (``reproduce`` stops what is there when a signal comes)."""
     import nbformat
     from nbclient.exceptions import CellExecutionError
 
@@ -159,36 +180,40 @@ def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], timeout: in
             failed_cell.setdefault("index", cell_index + 1)  # 1-based, markdown cells counted
 
     start, error = time.perf_counter(), None
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     with tempfile.TemporaryDirectory(prefix="cliplab-kernel-") as scratch:
         client = _client_class()(notebook, km=_local_kernel_manager(Path(scratch)), timeout=timeout,
                                  kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
                                  on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
         log = Path(scratch) / "kernel.log"
+        running.add(client)
         try:
             with open(log, "w") as kernel_output:  # the kernel's own messages, shown only if it dies
                 # the kernel's environment carries the profile
                 # cleanup_kc: shut the kernel down afterwards, which nbclient does on its own only for a kernel
                 # manager it made itself
-                client.execute(env={**os.environ, **env}, stdout=kernel_output, stderr=kernel_output,
-                               cleanup_kc=True)
+                await client.async_execute(env={**os.environ, **env}, stdout=kernel_output, stderr=kernel_output,
+                                           cleanup_kc=True)
         except CellExecutionError as exc:
             error = f"cell {failed_cell.get('index', '?')}: {exc.ename}: {exc.evalue}"
         except Exception as exc:  # a kernel that died (a failed notebook), or one a signal stopped
             last_words = " | ".join(log.read_text().strip().splitlines()[-3:]) or "nothing"
             error = f"{type(exc).__name__}: {exc} (the kernel's last output: {last_words})"
         finally:
+            running.discard(client)
             bar.close()
-            for signum, handler in handlers.items():  # nbclient reset them to the defaults
-                signal.signal(signum, handler)
     if client.stopped_by is not None:  # interrupted: write no half-run copy
-        # the kernel client, collected at exit with its channels half-closed, would log a harmless warning
-        logging.getLogger("traitlets").setLevel(logging.ERROR)
-        raise Terminated if client.stopped_by == signal.SIGTERM else KeyboardInterrupt
+        raise _interruption(client.stopped_by)
     clean_notebook(notebook)
     with atomic_write(out_dir / path.name) as tmp:
         nbformat.write(notebook, tmp)
     return NotebookRun(path.stem, time.perf_counter() - start, error, cell_seconds)
+
+
+def _interruption(signum) -> KeyboardInterrupt:
+    """What a stopped run raises: ``Terminated`` for SIGTERM, ``KeyboardInterrupt`` for Ctrl-C."""
+    # the kernel clients, collected at exit with their channels half-closed, would log a harmless warning
+    logging.getLogger("traitlets").setLevel(logging.ERROR)
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def check_notebook_extra() -> None:
@@ -199,15 +224,40 @@ def check_notebook_extra() -> None:
                                   "pip install 'cliplab[notebooks]' (in a checkout: pip install -e '.[notebooks]')")
 
 
-def default_threads() -> int:
-    """The torch threads of each notebook kernel: ``$OMP_NUM_THREADS`` where the user set it, else every core this
-    process may use (one kernel runs at a time)."""
-    given = os.environ.get("OMP_NUM_THREADS")
-    if given:
-        if not given.strip().isdigit() or int(given) < 1:
-            raise ValueError(f"$OMP_NUM_THREADS must be a whole number >= 1, got {given!r}")
-        return int(given)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _threads_in_environment() -> int | None:
+    """``$OMP_NUM_THREADS`` where the user set it (checked), else None."""
+    given = os.environ.get("OMP_NUM_THREADS")
+    if not given:
+        return None
+    if not given.strip().isdigit() or int(given) < 1:
+        raise ValueError(f"$OMP_NUM_THREADS must be a whole number >= 1, got {given!r}")
+    return int(given)
+
+
+def parallelism(device: str, notebooks: int, threads: int | None = None, jobs: int | None = None) -> tuple[int, int]:
+    """``(jobs, threads)``: how many of ``notebooks`` notebooks run at a time, and each kernel's torch threads.
+
+    What is given is kept (``threads`` defaults to ``$OMP_NUM_THREADS``). On the CPU the kernels share the usable
+    cores: as many notebooks run at a time as there are cores for them, each with an equal share. Kernels of one
+    thread each get more done than one kernel with every thread: the study's small matrices and elementwise passes
+    do not split well (``benchmarks/bench_threads.py``, 2 cores: 2 threads run a PGD workload 1.39x faster than 1,
+    not 2x). On a GPU one notebook runs at a time with every core: kernels would only queue for the one device and
+    share its memory."""
+    cores = usable_cores()
+    threads = threads if threads is not None else _threads_in_environment()
+    if jobs is None:
+        jobs = 1 if device != "cpu" else max(1, min(notebooks, cores // (threads or 1)))
+    if threads is None:
+        threads = max(1, cores // jobs)
+    return jobs, threads
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -230,47 +280,103 @@ class Reproduction:
     notebooks: list[Path]
     out: Path  # executed copies and figures/<notebook>/ (the notebooks' own directory with ``update``)
     update: bool
+    jobs: int  # notebooks executed at a time
     threads: int  # torch threads of each notebook kernel
 
     def __str__(self) -> str:
-        return (f"profile {self.profile.name}{' (smoke run)' if self.profile.smoke else ''} on {self.profile.runtime.device}, "
-                f"{self.threads} torch thread{'s' * (self.threads != 1)} per notebook kernel")
+        at_a_time = f"{self.jobs} notebooks at a time" if self.jobs > 1 else "one notebook at a time"
+        return (f"profile {self.profile.name}{' (smoke run)' if self.profile.smoke else ''} on "
+                f"{self.profile.runtime.device}, {at_a_time}, {self.threads} torch "
+                f"thread{'s' * (self.threads != 1)} per notebook kernel")
 
 
 def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
-                      results: Path = Path("results"), update: bool = False,
-                      threads: int | None = None) -> Reproduction:
+                      results: Path = Path("results"), update: bool = False, threads: int | None = None,
+                      jobs: int | None = None) -> Reproduction:
     """Check a ``cliplab reproduce`` job, before the first notebook starts: a missing ``notebooks`` extra, unknown
     notebooks, a results path that cannot be a directory, a smoke run asked to update the repository, weights or
     data that cannot be loaded. Executed copies and PNG figures go to ``results_dir(results, profile)`` (figures
     under ``figures/<notebook>/``); ``update`` writes the executed notebooks back in place instead (how the
-    committed outputs are made). Each kernel runs ``threads`` torch threads (default: ``default_threads()``). A
-    smoke run writes nothing into the repository: its fine-tuned encoders go to its results directory too.
+    committed outputs are made). ``jobs`` notebooks run at a time, each kernel with ``threads`` torch threads
+    (defaults: ``parallelism``). A smoke run writes nothing into the repository: its fine-tuned encoders go to its
+    results directory too.
     """
     if update and profile.smoke:
         raise ValueError("--update writes the executed notebooks into the repository, which a --smoke run must "
                          "never do: drop --update (a smoke run's notebooks go to its results directory)")
-    threads = default_threads() if threads is None else threads
-    check_int(threads, "threads")
+    for value, name in ((threads, "threads"), (jobs, "jobs")):
+        if value is not None:
+            check_int(value, name)
     check_notebook_extra()
     paths = find_notebooks(notebooks or default_notebook_dir(), only)
+    jobs, threads = parallelism(profile.runtime.device, len(paths), threads, jobs)
     out = results_dir(results, profile)
     check_directory(out, "results")
     profile.check_inputs()
     if profile.smoke and profile.runtime.encoder_cache is None:
         profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))
-    return Reproduction(profile, paths, out, update, threads)
+    return Reproduction(profile, paths, out, update, jobs, threads)
 
 
 def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
-    """Execute the notebooks of ``job`` headless, one fresh kernel each, in order, yielding each run as it ends (so
-    that a caller interrupted half-way knows which finished)."""
+    """Execute the notebooks of ``job`` headless, one fresh kernel each, ``job.jobs`` at a time, yielding each run as
+    it ends (so that a caller interrupted half-way knows which finished).
+
+    One at a time they run in order. Several at a time, the study's last notebooks start first: they are its
+    longest (fine-tuning and its evaluations), and started last they would run on alone at the end. SIGINT or
+    SIGTERM stops every running kernel and raises ``KeyboardInterrupt`` or ``Terminated``, with no half-run copy
+    written."""
     # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
     env = {**thread_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    for path in job.notebooks:
+    waiting = list(job.notebooks if job.jobs == 1 else reversed(job.notebooks))
+    running, tasks, stopped = set(), set(), []  # the kernel clients, the notebooks' tasks, the signals received
+
+    def stop(signum):
+        stopped.append(signum)
+        for client in list(running):
+            client.stop(signum)
+
+    async def run(path):  # an interruption returned, not raised: a KeyboardInterrupt would escape the event loop
         figures = str((job.out / "figures" / path.stem).resolve())
-        yield execute_notebook(path, path.parent if job.update else job.out,
-                               {**env, **profile_environment(job.profile.with_runtime(figures=figures))})
+        try:
+            return await execute_notebook(path, path.parent if job.update else job.out,
+                                          {**env, **profile_environment(job.profile.with_runtime(figures=figures))},
+                                          running)
+        except KeyboardInterrupt as interruption:
+            return interruption
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # nbclient and jupyter_client look the loop up
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    with contextlib.suppress(RuntimeError, NotImplementedError):  # not the main thread; Windows
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop, signum)
+    try:
+        while (waiting and not stopped) or tasks:
+            while waiting and not stopped and len(tasks) < job.jobs:
+                tasks.add(loop.create_task(run(waiting.pop(0))))
+            done, tasks = loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+            for result in sorted((task.result() for task in done), key=lambda result: getattr(result, "name", "")):
+                if isinstance(result, KeyboardInterrupt):
+                    raise result
+                yield result
+        if stopped:
+            raise _interruption(stopped[0])
+    finally:
+        if tasks:  # an interruption or an error: stop the other kernels and wait for them to shut down
+            stop(stopped[0] if stopped else signal.SIGTERM)
+            loop.run_until_complete(asyncio.wait(tasks))
+        leftovers = asyncio.all_tasks(loop)  # nbclient's pollers of kernels that were stopped
+        for task in leftovers:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        asyncio.set_event_loop(None)
+        for signum, handler in previous.items():
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signum)
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signum, handler)  # removing the loop's handler left the default, not the caller's
+        loop.close()
 
 
 def results_dir(results: Path, profile: Profile) -> Path:

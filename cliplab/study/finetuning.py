@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import _distributed
-from .._io import atomic_write, save_tensors
+from .._io import atomic_write, save_tensors, waiting_lock
 from ..classifier import ZeroShotClassifier
 from ..evaluation.ensemble import RobustnessReport, robustness_vs_eps
 from ..evaluation.statistics import Proportion
@@ -111,7 +111,8 @@ def load_or_finetune(classifier: ZeroShotClassifier, name: str, config: Finetune
 
     Loads ``directory/<name>.safetensors`` (the image encoder, float16) and ``<name>.json`` (the config it
     was trained with and its training history) when they exist; otherwise fine-tunes ``classifier`` now
-    (resuming ``<name>.run/`` if an earlier attempt was killed), saves both, and removes the run directory.
+    (resuming ``<name>.run/`` if an earlier attempt was killed), saves both, and removes the run directory. Another
+    process (or thread) asking for the same encoder meanwhile waits for it and loads it.
 
     Returns:
         The classifier with the fine-tuned encoder (as stored: float16 values), and the training history.
@@ -121,19 +122,28 @@ def load_or_finetune(classifier: ZeroShotClassifier, name: str, config: Finetune
     """
     directory = Path(directory)
     weights, record_file = directory / f"{name}.safetensors", directory / f"{name}.json"
-    if weights.is_file() and record_file.is_file():
-        record = json.loads(record_file.read_text())
-        check_same_run(record["config"], config, f"cannot use {weights} (delete it and {record_file.name} to retrain)")
-        return load_encoder(classifier, weights), record["history"]
+    if not (weights.is_file() and record_file.is_file()):
+        # another kernel may be training this encoder (cliplab reproduce runs 05 and 06 at once): wait, then use it
+        with waiting_lock(directory / f".{name}.lock"):
+            if not (weights.is_file() and record_file.is_file()):
+                _finetune_into(directory, name, classifier, config, x, y)
+    record = json.loads(record_file.read_text())
+    check_same_run(record["config"], config, f"cannot use {weights} (delete it and {record_file.name} to retrain)")
+    # the stored (float16) weights, also right after training, so that a cached run reproduces a fresh one
+    return load_encoder(classifier, weights), record["history"]
+
+
+def _finetune_into(directory: Path, name: str, classifier: ZeroShotClassifier, config: FinetuneConfig,
+                   x: torch.Tensor, y: torch.Tensor) -> None:
+    """Fine-tune ``classifier`` (resuming ``<name>.run/`` if an earlier attempt was killed) and store its encoder and
+    record in ``directory``; the run directory goes once both are written."""
     run_dir = directory / f"{name}.run"
     finetune(classifier, x, y, config, run_dir, resume=(run_dir / "latest.json").is_file())
     history = json.loads((run_dir / "history.json").read_text())
-    save_encoder(classifier, weights)
-    with atomic_write(record_file) as tmp:
+    save_encoder(classifier, directory / f"{name}.safetensors")
+    with atomic_write(directory / f"{name}.json") as tmp:
         Path(tmp).write_text(json.dumps({"config": run_settings(config), "history": history}))
     shutil.rmtree(run_dir)  # its resumable checkpoints are no longer needed
-    load_encoder(classifier, weights)  # the shipped (float16) weights, so a cached run reproduces this one
-    return classifier, history
 
 
 def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | os.PathLike, *,
