@@ -1,5 +1,5 @@
 """Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), the one
-safetensors writer built on them, and a lock that waits (``waiting_lock``)."""
+safetensors writer built on them, and a file lock (``file_lock``)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,17 +41,22 @@ def atomic_write(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def waiting_lock(path: str | os.PathLike):
+def file_lock(path: str | os.PathLike, *, wait: bool = True):
     """Hold an exclusive lock on the file ``path`` (created if absent) for the block, waiting while another process
-    or thread holds it. The kernel drops the lock when its holder exits, killed or not."""
+    or thread holds it; yields True. With ``wait=False`` it does not wait: it yields False, holding nothing, when the
+    lock is taken. The kernel drops the lock when its holder exits, killed or not."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
     finally:
         os.close(fd)
 

@@ -7,6 +7,8 @@ missing the tests that need it error with load_classifier's own FileNotFoundErro
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -31,6 +33,29 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 # one of them from starting last and running on alone at the end. The rest keep their order.
 LONGEST_FIRST = ("06_orthogonal_finetune.ipynb", "test_real_path.py", "05_adversarial_finetune.ipynb",
                  "02_eot.ipynb", "04_denoising.ipynb", "03_randomized_smoothing.ipynb")
+
+
+def pytest_configure(config):
+    """One directory where the notebooks of this test run share their worst-case evaluations, as those of one
+    ``cliplab reproduce`` do (05 and 06 evaluate the original and FARE-full alike): made by the controlling process,
+    before xdist starts its workers, which inherit the variable."""
+    if not hasattr(config, "workerinput") and "CLIPLAB_TEST_EVALUATIONS" not in os.environ:
+        os.environ["CLIPLAB_TEST_EVALUATIONS"] = config._cliplab_evaluations = tempfile.mkdtemp(prefix="cliplab-evaluations-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_cliplab_evaluations", None):
+        shutil.rmtree(config._cliplab_evaluations, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A notebook's kernel, started before its first cell, shares the run's evaluations; tests in this process do not
+    (one that counts an evaluation's passes must see it made)."""
+    if item.path.suffix == ".ipynb":
+        os.environ["CLIPLAB_EVALUATION_CACHE"] = os.environ["CLIPLAB_TEST_EVALUATIONS"]
+    else:
+        os.environ.pop("CLIPLAB_EVALUATION_CACHE", None)
 
 
 def pytest_collection_modifyitems(config, items):

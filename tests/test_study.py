@@ -3,7 +3,9 @@ fine-tuning workflow, the neuron geometry of 06 and the certified accuracy of 03
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -142,6 +144,98 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     assert table[1:] == cliplab.evaluation.format_accuracy_table(curves).splitlines()
     attacks = setup.attack_table(reports)
     assert attacks.startswith("at 4/255, attack by attack") and f"{report.robust.percent()} |" in attacks
+
+
+def _same_reports(a, b) -> bool:
+    return list(a) == list(b) and all(
+        (a[e].clean, a[e].robust, a[e].per_attack, a[e].eps, a[e].norm) ==
+        (b[e].clean, b[e].robust, b[e].per_attack, b[e].eps, b[e].norm) and torch.equal(a[e].standing, b[e].standing)
+        for e in a)
+
+
+def test_the_notebooks_of_a_run_share_each_evaluation_and_make_it_once(smoke_profile, tmp_path, monkeypatch):
+    """05 and 06 both evaluate the original and FARE-full: with the run's evaluation cache the second notebook reads
+    the reports the first made, equal to what it would have made itself; another weight or budget is another
+    evaluation."""
+    profile = dataclasses.replace(smoke_profile, sweeps=dataclasses.replace(smoke_profile.sweeps, images=24))
+    alone = study.FinetuneStudy(profile)
+    expected = alone.evaluate({"original": alone.original})["original"]
+    shared = study.FinetuneStudy(profile.with_runtime(evaluation_cache=str(tmp_path / "evaluations")))
+    assert _same_reports(shared.evaluate({"original": shared.original})["original"], expected)
+    assert 0 < int(expected[shared.eval_eps[0]].standing.sum()) < 24  # some images survive, some fall
+
+    def made_again(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(study.finetuning, "robustness_vs_eps", made_again)
+    assert _same_reports(shared.evaluate({"original": shared.original})["original"], expected)  # read, not made
+    changed = copy.deepcopy(shared.original)
+    with torch.no_grad():
+        next(changed.model.visual.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(AssertionError, match="evaluated again"):
+        shared.evaluate({"changed": changed})
+    other_budget = study.FinetuneStudy(dataclasses.replace(shared.profile, evaluation=dataclasses.replace(
+        shared.profile.evaluation, queries=shared.profile.evaluation.queries + 1)))
+    with pytest.raises(AssertionError, match="evaluated again"):
+        other_budget.evaluate({"original": other_budget.original})
+
+
+def test_a_notebook_makes_its_own_evaluations_before_waiting_for_one_another_is_making(smoke_profile, tmp_path):
+    """While another process evaluates the original (its lock held here), the study evaluates its other model first,
+    then waits, and returns the reports in the models' order."""
+    import threading
+
+    from cliplab._io import file_lock
+
+    cache = tmp_path / "evaluations"
+    setup = study.FinetuneStudy(smoke_profile.with_runtime(evaluation_cache=str(cache)))
+    other = copy.deepcopy(setup.original)
+    with torch.no_grad():
+        next(other.model.visual.parameters()).view(-1)[0] += 1e-3
+    settings = dict(eps=setup.eval_eps, attacks=setup.attacks, budget=dataclasses.asdict(smoke_profile.attack_budget()),
+                    batch_size=smoke_profile.sweeps.batch_size, seed=0)
+    original_key = study.shared.fingerprint(setup.original, setup.x_test, setup.y_test, settings)
+    other_key = study.shared.fingerprint(other, setup.x_test, setup.y_test, settings)
+    results = {}
+    with file_lock(cache / f".{original_key}.lock"):  # another notebook is evaluating the original
+        evaluating = threading.Thread(target=lambda: results.update(setup.evaluate({"original": setup.original,
+                                                                                    "other": other})))
+        evaluating.start()
+        deadline = time.monotonic() + 120
+        while not (cache / f"{other_key}.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (cache / f"{other_key}.json").is_file(), "the free evaluation was not made first"
+        assert evaluating.is_alive() and not (cache / f"{original_key}.json").exists()  # waiting for the original
+    evaluating.join(timeout=120)
+    assert list(results) == ["original", "other"] and (cache / f"{original_key}.json").is_file()
+    with file_lock(cache / f".{other_key}.lock"):
+        assert study.shared.shared(cache, "nobody-has-made-this", lambda: {}, wait=False) == {}
+        assert study.shared.shared(cache, other_key, lambda: {}, wait=False) is not None  # made: read, lock or not
+    with file_lock(cache / ".taken.lock"):
+        assert study.shared.shared(cache, "taken", lambda: {}, wait=False) is None
+
+
+def test_a_shared_evaluation_wanted_twice_at_once_is_made_once(tmp_path):
+    import threading
+
+    report = cliplab.evaluation.RobustnessReport(cliplab.evaluation.Proportion(3, 4), cliplab.evaluation.Proportion(1, 4),
+                                                 {"apgd-ce": cliplab.evaluation.Proportion(1, 4)},
+                                                 torch.tensor([False, True, False, False]), 1 / 255)
+    made, results = [], [None, None]
+
+    def evaluate():
+        made.append(threading.get_ident())
+        return {report.eps: report}
+
+    def want(i):
+        results[i] = study.shared.shared(tmp_path, "key", evaluate)
+
+    wanting = [threading.Thread(target=want, args=(i,)) for i in range(2)]
+    for thread in wanting:
+        thread.start()
+    for thread in wanting:
+        thread.join()
+    assert len(made) == 1 and all(_same_reports(r, {report.eps: report}) for r in results)
 
 
 def test_finetune_and_evaluate_writes_weights_and_metrics(smoke_profile, tmp_path):

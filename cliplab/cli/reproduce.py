@@ -322,10 +322,20 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
     """Execute the notebooks of ``job`` headless, one fresh kernel each, ``job.jobs`` at a time, yielding each run as
     it ends (so that a caller interrupted half-way knows which finished).
 
-    One at a time they run in order. Several at a time, the study's last notebooks start first: they are its
-    longest (fine-tuning and its evaluations), and started last they would run on alone at the end. SIGINT or
-    SIGTERM stops every running kernel and raises ``KeyboardInterrupt`` or ``Terminated``, with no half-run copy
-    written."""
+    One at a time they run in order. Several at a time, the last start first: the study's last notebooks are its
+    longest (05 and 06 evaluate nine models between them, two of them alike, which they share), and started late
+    they would run on alone at the end. SIGINT or SIGTERM stops every running kernel and raises
+    ``KeyboardInterrupt`` or ``Terminated``, with no half-run copy written."""
+    # the notebooks of this run share their evaluations (05 and 06 evaluate two models alike), and only they: a
+    # directory that goes with the run, unless the user named one
+    with tempfile.TemporaryDirectory(prefix="cliplab-evaluations-") as evaluations:
+        profile = job.profile if job.profile.runtime.evaluation_cache else \
+            job.profile.with_runtime(evaluation_cache=evaluations)
+        yield from _execute_all(job, profile)
+
+
+def _execute_all(job: Reproduction, profile: Profile) -> Iterator[NotebookRun]:
+    """``reproduce``'s work, with ``profile`` in every kernel."""
     # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
     env = {**thread_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     waiting = list(job.notebooks if job.jobs == 1 else reversed(job.notebooks))
@@ -340,11 +350,34 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
         figures = str((job.out / "figures" / path.stem).resolve())
         try:
             return await execute_notebook(path, path.parent if job.update else job.out,
-                                          {**env, **profile_environment(job.profile.with_runtime(figures=figures))},
+                                          {**env, **profile_environment(profile.with_runtime(figures=figures))},
                                           running)
         except KeyboardInterrupt as interruption:
             return interruption
 
+    with _event_loop(stop) as loop:
+        try:
+            while (waiting and not stopped) or tasks:
+                while waiting and not stopped and len(tasks) < job.jobs:
+                    tasks.add(loop.create_task(run(waiting.pop(0))))
+                done, tasks = loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+                for result in sorted((task.result() for task in done), key=lambda result: getattr(result, "name", "")):
+                    if isinstance(result, KeyboardInterrupt):
+                        raise result
+                    yield result
+            if stopped:
+                raise _interruption(stopped[0])
+        finally:
+            if tasks:  # an interruption or an error: stop the other kernels and wait for them to shut down
+                stop(stopped[0] if stopped else signal.SIGTERM)
+                loop.run_until_complete(asyncio.wait(tasks))
+
+
+@contextlib.contextmanager
+def _event_loop(stop):
+    """A fresh event loop, the current one for the block, on which SIGINT and SIGTERM call ``stop(signum)``;
+    afterwards the tasks left on it (nbclient's pollers of stopped kernels) are cancelled, the caller's signal
+    handlers are back and the loop is closed."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # nbclient and jupyter_client look the loop up
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
@@ -352,21 +385,9 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
     try:
-        while (waiting and not stopped) or tasks:
-            while waiting and not stopped and len(tasks) < job.jobs:
-                tasks.add(loop.create_task(run(waiting.pop(0))))
-            done, tasks = loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
-            for result in sorted((task.result() for task in done), key=lambda result: getattr(result, "name", "")):
-                if isinstance(result, KeyboardInterrupt):
-                    raise result
-                yield result
-        if stopped:
-            raise _interruption(stopped[0])
+        yield loop
     finally:
-        if tasks:  # an interruption or an error: stop the other kernels and wait for them to shut down
-            stop(stopped[0] if stopped else signal.SIGTERM)
-            loop.run_until_complete(asyncio.wait(tasks))
-        leftovers = asyncio.all_tasks(loop)  # nbclient's pollers of kernels that were stopped
+        leftovers = asyncio.all_tasks(loop)
         for task in leftovers:
             task.cancel()
         loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))

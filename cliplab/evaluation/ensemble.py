@@ -65,6 +65,18 @@ class RobustnessReport:
     eps: float = 0.0
     norm: str = "linf"
 
+    def as_dict(self) -> dict:
+        """Everything in the report, for a JSON file (``from_dict`` reads it back, equal)."""
+        return {"clean": [self.clean.hits, self.clean.n], "robust": [self.robust.hits, self.robust.n],
+                "per_attack": [[name, p.hits, p.n] for name, p in self.per_attack.items()],
+                "standing": self.standing.int().tolist(), "eps": self.eps, "norm": self.norm}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RobustnessReport:
+        return cls(Proportion(*data["clean"]), Proportion(*data["robust"]),
+                   {name: Proportion(hits, n) for name, hits, n in data["per_attack"]},
+                   torch.tensor(data["standing"], dtype=torch.bool), data["eps"], data["norm"])
+
 
 def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                         attacks: str | Sequence[str] = "standard", norm: str = "linf",

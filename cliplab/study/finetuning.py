@@ -10,7 +10,7 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import _distributed
-from .._io import atomic_write, save_tensors, waiting_lock
+from .._io import atomic_write, file_lock, save_tensors
 from ..classifier import ZeroShotClassifier
 from ..evaluation.ensemble import RobustnessReport, robustness_vs_eps
 from ..evaluation.statistics import Proportion
@@ -30,6 +30,7 @@ from ..training.config import FinetuneConfig
 from ..training.oft import check_block_size, merge_oft
 from ..training.runs import check_run_directory, check_same_run, run_lock, run_settings
 from ..training.trainer import finetune
+from .shared import fingerprint, shared
 
 if TYPE_CHECKING:  # the profile calls into this module (Profile.sweep): no import back, no circle
     from .profiles import Profile
@@ -67,11 +68,31 @@ class FinetuneStudy:
                                 self.profile.encoder_cache_dir)
 
     def evaluate(self, models: Mapping[str, nn.Module]) -> dict[str, dict[float, RobustnessReport]]:
-        """Each model's worst-case robustness reports at ``eval_eps`` on the test images (seed 0)."""
-        return {name: robustness_vs_eps(model, self.x_test, self.y_test, self.eval_eps, attacks=list(self.attacks),
-                                        budget=self.profile.attack_budget(), batch_size=self.profile.sweeps.batch_size,
-                                        seed=0, progress=False)
-                for name, model in models.items()}
+        """Each model's worst-case robustness reports at ``eval_eps`` on the test images (seed 0).
+
+        Where the runtime names an ``evaluation_cache``, the notebooks of a run share these evaluations (05 and 06
+        both evaluate the original and FARE-full, with the same images and settings): one evaluated elsewhere is read,
+        not made again. The models another notebook is evaluating at the time come last, so that neither waits
+        while there is work of its own."""
+        cache = self.profile.runtime.evaluation_cache
+        if cache is None:
+            return {name: self._evaluation(model)() for name, model in models.items()}
+        settings = dict(eps=self.eval_eps, attacks=self.attacks, budget=asdict(self.profile.attack_budget()),
+                        batch_size=self.profile.sweeps.batch_size, seed=0)
+        keys = {name: fingerprint(model, self.x_test, self.y_test, settings) for name, model in models.items()}
+        reports = {}
+        for wait in (False, True):
+            for name in [name for name in models if name not in reports]:
+                found = shared(cache, keys[name], self._evaluation(models[name]), wait=wait)
+                if found is not None:
+                    reports[name] = found
+        return {name: reports[name] for name in models}
+
+    def _evaluation(self, model: nn.Module) -> Callable[[], dict[float, RobustnessReport]]:
+        """``model``'s evaluation, to be made."""
+        return lambda: robustness_vs_eps(model, self.x_test, self.y_test, self.eval_eps, attacks=list(self.attacks),
+                                         budget=self.profile.attack_budget(),
+                                         batch_size=self.profile.sweeps.batch_size, seed=0, progress=False)
 
     def worst_case_table(self, curves: Mapping[str, Mapping[float, Proportion]]) -> str:
         """The table 05 and 06 check: each model's clean and worst-case accuracy per radius (``accuracy_curve``
@@ -124,7 +145,7 @@ def load_or_finetune(classifier: ZeroShotClassifier, name: str, config: Finetune
     weights, record_file = directory / f"{name}.safetensors", directory / f"{name}.json"
     if not (weights.is_file() and record_file.is_file()):
         # another kernel may be training this encoder (cliplab reproduce runs 05 and 06 at once): wait, then use it
-        with waiting_lock(directory / f".{name}.lock"):
+        with file_lock(directory / f".{name}.lock"):
             if not (weights.is_file() and record_file.is_file()):
                 _finetune_into(directory, name, classifier, config, x, y)
     record = json.loads(record_file.read_text())

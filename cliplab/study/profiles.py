@@ -97,6 +97,10 @@ class Runtime:
     # where a notebook saves its PNG figures (cliplab reproduce sets it); None: nowhere. A path of this machine, not
     # a setting of the study: left out of the printed profile, so committed notebooks stay the same everywhere
     figures: str | None = field(default=None, repr=False)
+    # where the notebooks of one run share their worst-case evaluations (05 and 06 both evaluate the original and
+    # FARE-full; cliplab reproduce and the test suite set it for the run); None: each notebook makes its own. Left
+    # out of the printed profile for the same reason as figures
+    evaluation_cache: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -236,13 +240,14 @@ SMOKE_BUDGETS = {
 # setting, and smoke
 ENVIRONMENT = {"device": "CLIPLAB_DEVICE", "precision": "CLIPLAB_PRECISION", "weights": "CLIPLAB_PRETRAINED",
                "data_root": "CLIPLAB_DATA", "encoder_cache": "CLIPLAB_ENCODER_CACHE", "figures": "CLIPLAB_FIGURES",
-               "smoke": "CLIPLAB_SMOKE"}
+               "evaluation_cache": "CLIPLAB_EVALUATION_CACHE", "smoke": "CLIPLAB_SMOKE"}
 
 
 def get_profile(name: str | None = None, device: str | None = None, *, precision: str | None = None,
                 weights: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
                 encoder_cache: str | os.PathLike | None = None, smoke: bool | None = None,
-                figures: str | os.PathLike | None = None) -> Profile:
+                figures: str | os.PathLike | None = None,
+                evaluation_cache: str | os.PathLike | None = None) -> Profile:
     """The profile ``name``, else ``$CLIPLAB_PROFILE``, else ``shapes``, with its settings.
 
     Each setting is the argument, else its environment variable (``ENVIRONMENT``), else the profile's
@@ -257,6 +262,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
         encoder_cache: where 05 and 06 cache their fine-tuned encoders.
         smoke: shrink every budget to seconds (``SMOKE_BUDGETS``).
         figures: the directory the notebook saves its figures in.
+        evaluation_cache: the directory where the notebooks of one run share their worst-case evaluations.
     """
     # a bad setting is named as the user gave it: the argument, or the environment variable it came from
     label = {key: key for key in ENVIRONMENT} | {"name": "profile"}
@@ -265,7 +271,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
     name = name or "shapes"
     check_choice(name, label["name"], PROFILES)
     given = dict(device=device, precision=precision, weights=weights, data_root=data_root,
-                 encoder_cache=encoder_cache, smoke=smoke, figures=figures)
+                 encoder_cache=encoder_cache, smoke=smoke, figures=figures, evaluation_cache=evaluation_cache)
     settings = {}
     for key, value in given.items():
         if value is None and os.environ.get(ENVIRONMENT[key]):
