@@ -104,6 +104,7 @@ def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["reproduce", "--threads", "0"], "threads must be >= 1, got 0"),
+    (["reproduce", "--jobs", "0"], "jobs must be >= 1, got 0"),
     (["reproduce", "--results", "{file}"], "results must be a directory, but {file} is a file"),
     (["finetune", "--out", "{tmp}/run", "--eps", "-1/255"], "--eps: must be in [0, 1]"),
     (["finetune", "--out", "{tmp}/run", "--eps", "2"], "--eps: must be in [0, 1]"),
