@@ -155,8 +155,9 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
     c.masking_report(p.defences.images, p.sweeps.steps)
 
     scale = p.finetuning.batch_size / 128 * (p.finetuning.attack_steps + 2) / 12  # a step's cost vs the measured one
+    # 06 evaluates six models, but its original and FARE-full are 05's evaluations, shared within a run (study/shared.py)
     for name, runs, models in (("05_adversarial_finetune", {"full": 2}, 3), ("06_orthogonal_finetune",
-                                                                          {"oft": 4}, 6)):
+                                                                          {"oft": 4}, 4)):
         c = costs[name]
         c.finetune = {adapter: count * p.finetuning.steps * scale for adapter, count in runs.items()}
         for _ in range(models):  # FinetuneStudy.evaluate: robustness_vs_eps at 1, 2, 4 / 255

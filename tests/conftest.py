@@ -41,6 +41,20 @@ def pytest_configure(config):
     before xdist starts its workers, which inherit the variable."""
     if not hasattr(config, "workerinput") and "CLIPLAB_TEST_EVALUATIONS" not in os.environ:
         os.environ["CLIPLAB_TEST_EVALUATIONS"] = config._cliplab_evaluations = tempfile.mkdtemp(prefix="cliplab-evaluations-")
+    config.pluginmanager.register(_NotebooksShareEvaluations(), "cliplab-notebooks-share-evaluations")
+
+
+class _NotebooksShareEvaluations:
+    """A notebook's kernel, started before its first cell, shares the run's evaluations; tests in this process do not
+    (one that counts an evaluation's passes must see it made). A plugin, not a hook of this conftest: a conftest's
+    hooks reach only the items under its own directory, and the notebooks are not under tests/."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        if item.path.suffix == ".ipynb":
+            os.environ["CLIPLAB_EVALUATION_CACHE"] = os.environ["CLIPLAB_TEST_EVALUATIONS"]
+        else:
+            os.environ.pop("CLIPLAB_EVALUATION_CACHE", None)
 
 
 def pytest_unconfigure(config):
@@ -48,14 +62,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(config._cliplab_evaluations, ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    """A notebook's kernel, started before its first cell, shares the run's evaluations; tests in this process do not
-    (one that counts an evaluation's passes must see it made)."""
-    if item.path.suffix == ".ipynb":
-        os.environ["CLIPLAB_EVALUATION_CACHE"] = os.environ["CLIPLAB_TEST_EVALUATIONS"]
-    else:
-        os.environ.pop("CLIPLAB_EVALUATION_CACHE", None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -435,35 +435,39 @@ def test_an_explicit_cuda_device_without_a_gpu_is_refused_by_every_command(comma
     assert "--device cuda: no CUDA GPU is available" in error and "Traceback" not in error
 
 
+def _interrupt_reproduce(directory, results, jobs: int, started, signum) -> tuple[int, str]:
+    """Run ``cliplab reproduce`` on ``directory`` in its own session, send ``signum`` once ``started()`` (Ctrl-C goes to
+    the whole process group, kernels included, as a terminal sends it; SIGTERM to cliplab alone); its exit status and
+    stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
+                                "--results", str(results), "--jobs", str(jobs)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started(), process.communicate(timeout=5)
+        os.killpg(process.pid, signum) if signum == signal.SIGINT else process.send_signal(signum)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "Traceback" not in error, error
+    return process.returncode, error
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_half_run(signum, status, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, kernels included, as a terminal sends it) or SIGTERM (to cliplab
-    alone) stops the run: exit 130 / 143, one line naming the notebooks that finished, no traceback, and no executed
-    copy of the notebook that was running."""
+    """Ctrl-C or SIGTERM stops the run: exit 130 / 143, one line naming the notebooks that finished, no traceback, and
+    no executed copy of the notebook that was running."""
     directory = tmp_path / "notebooks"
     directory.mkdir()
     marker = tmp_path / "started"
     _write_notebook(directory / "01_ok.ipynb", ["print('fast')"])
     _write_notebook(directory / "02_slow.ipynb", [f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(120)"])
-    process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
-                                "--results", str(tmp_path / "results"), "--jobs", "1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert marker.exists(), process.communicate(timeout=5)
-        if signum == signal.SIGINT:
-            os.killpg(process.pid, signum)
-        else:
-            process.send_signal(signum)
-        _, error = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == status, error
-    assert "Traceback" not in error, error
+    code, error = _interrupt_reproduce(directory, tmp_path / "results", 1, marker.exists, signum)
+    assert code == status, error
     assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: 01_ok;")
     assert sorted(p.name for p in (tmp_path / "results" / "shapes").glob("*.ipynb")) == ["01_ok.ipynb"]
 
@@ -474,28 +478,16 @@ def test_an_interrupted_reproduce_stops_every_notebook_running_at_the_time(signu
     """Two notebooks at a time: the signal stops both kernels (none outlives the run), and neither is written."""
     directory = tmp_path / "notebooks"
     directory.mkdir()
-    for name in ("01_slow", "02_slow"):
-        _write_notebook(directory / f"{name}.ipynb", [
-            f"import os, time\nopen({str(tmp_path / name)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"])
-    process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
-                                "--results", str(tmp_path / "results"), "--jobs", "2"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     markers = [tmp_path / "01_slow", tmp_path / "02_slow"]
-    try:
-        deadline = time.monotonic() + 120
-        while not all(m.exists() and m.read_text() for m in markers) and process.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.2)
-        kernels = [int(m.read_text()) for m in markers]  # both started: they run at the same time
-        os.killpg(process.pid, signum) if signum == signal.SIGINT else process.send_signal(signum)
-        _, error = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == status, error
-    assert "Traceback" not in error, error
+    for marker in markers:
+        _write_notebook(directory / f"{marker.name}.ipynb", [
+            f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"])
+    code, error = _interrupt_reproduce(directory, tmp_path / "results", 2,
+                                       lambda: all(m.exists() and m.read_text() for m in markers), signum)
+    assert code == status, error
     assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: none;")
     assert not list((tmp_path / "results").rglob("*.ipynb"))
+    kernels = [int(m.read_text()) for m in markers]  # both had started: they ran at the same time
     assert not [pid for pid in kernels if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 

@@ -79,10 +79,10 @@ def test_smoke_run_on_the_gpu(offline, tmp_path, capsys):
 
 def _check_smoke_run(offline, tmp_path: Path, capsys, device: str) -> None:
     before = _snapshot(NOTEBOOKS)
-    # two notebooks at a time, as on a CPU with two cores: 05 and 06 both need FARE-full, which one trains and the
-    # other waits for (on CUDA, where the default is one at a time, this proves the same)
+    # one notebook at a time: the suite's two workers already keep both cores busy (two kernels here slowed the other
+    # worker's notebook more than they saved; notebooks side by side are tested in test_cli.py)
     code = _reproduce("--profile", "cifar100", "--smoke", "--device", device, "--pretrained", str(offline.weights),
-                      "--data", str(offline.data), "--jobs", "2", results=tmp_path)
+                      "--data", str(offline.data), "--jobs", "1", results=tmp_path)
     printed = capsys.readouterr().out
     assert code == 0, printed
     out = tmp_path / "cifar100-smoke"
