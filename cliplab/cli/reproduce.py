@@ -119,7 +119,8 @@ def _client_class():
         def stop(self, signum):
             """Shut the kernel down, remembering the signal, so the caller can tell an interruption from a crash."""
             self.stopped_by = signum
-            self._async_cleanup_kernel_future = asyncio.ensure_future(self._async_cleanup_kernel())
+            if self.km is not None and self._async_cleanup_kernel_future is None:  # not shut down, nor shutting
+                self._async_cleanup_kernel_future = asyncio.ensure_future(self._async_cleanup_kernel())
 
     return SlicedPollClient
 
