@@ -73,6 +73,7 @@ class RobustnessReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> RobustnessReport:
+        """The report ``as_dict`` wrote (``study.shared`` reads a run's shared evaluations back with it)."""
         return cls(Proportion(*data["clean"]), Proportion(*data["robust"]),
                    {name: Proportion(hits, n) for name, hits, n in data["per_attack"]},
                    torch.tensor(data["standing"], dtype=torch.bool), data["eps"], data["norm"])
