@@ -7,6 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -118,3 +119,43 @@ class PatchEmbedding(nn.Conv2d):
         patches = x.reshape(n, channels, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
         out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # (N, gh*gw, C_out)
         return out.transpose(1, 2).unflatten(2, (gh, gw))  # (N, C_out, gh, gw), a view: no copy
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """A batch-first ``nn.MultiheadAttention`` (open_clip's ViT blocks) with the same arithmetic, except under bfloat16
+    autocast on the CPU, where it steps around two of PyTorch's CPU kernels that are slow for CLIP's shapes (2-core
+    AMD EPYC with AVX512-BF16, torch 2.15, one thread; ``benchmarks/bench_precision.py``):
+
+    - batch-first, ``nn.MultiheadAttention`` hands its input projection a transposed view, and ``F.linear`` on a
+      strided 3-D input that needs a gradient becomes a batched matmul over the weight broadcast to every token,
+      which the bf16 kernel copies out: ViT-B/32's forward + input-backward of 8 images took 4.3 s in bf16 against
+      1.9 s in fp32. Sequence-first and contiguous, the projection is one GEMM (0.9 s).
+    - the flash-attention backward in bf16: 217 ms of a 357 ms forward + backward of 250 shapes images. The math
+      backend (GEMMs and a softmax) takes about 20 ms.
+
+    Everything else (fp32, CUDA, cross-attention) is ``nn.MultiheadAttention``'s own path, bit for bit.
+    ``SelfAttention.adopt(attention)`` turns one in place: the same parameters and state-dict keys."""
+
+    @classmethod
+    def adopt(cls, attention: nn.MultiheadAttention) -> "SelfAttention":
+        attention.__class__ = cls  # in place: OFT's parametrizations and every reference to the module stay valid
+        return attention
+
+    @staticmethod
+    def applies_to(module: nn.Module) -> bool:
+        return type(module) is nn.MultiheadAttention and module.batch_first and module._qkv_same_embed_dim
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (query is key is value and query.dim() == 3 and query.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu")):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                                   is_causal)
+        x = query.transpose(0, 1).contiguous()  # (L, N, D): the in-projection becomes one GEMM
+        with sdpa_kernel(SDPBackend.MATH):
+            out, weights = F.multi_head_attention_forward(
+                x, x, x, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
+                self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+                training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return out.transpose(0, 1), weights

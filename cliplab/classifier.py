@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._arguments import check_choice, check_images
-from ._torch import PRECISIONS, PatchEmbedding, autocast, check_device, device_of
+from ._torch import PRECISIONS, PatchEmbedding, SelfAttention, autocast, check_device, device_of
 
 
 @torch.no_grad()
@@ -71,7 +71,8 @@ class ZeroShotClassifier(nn.Module):
             ``classifier.precision`` to switch an existing classifier.
 
     A ViT's patch-embedding convolution (``model.visual.conv1``) is replaced in place by ``PatchEmbedding``, the
-    same map as one matmul sharing its weight (same state dict), which the GPU runs far faster.
+    same map as one matmul sharing its weight (same state dict), which the GPU runs far faster; its self-attention
+    modules become ``SelfAttention``, the same modules with a fast bf16 path on the CPU.
 
     Every buffer (normalisation, text head) is created on the device of ``model``'s parameters and
     follows the model through ``.to()``, so the classifier is wholly on one device.
@@ -93,6 +94,9 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError("templates must be a non-empty sequence of format strings with exactly one '{}'")
         if PatchEmbedding.applies_to(getattr(model.visual, "conv1", None)):  # open_clip's ViTs
             model.visual.conv1 = PatchEmbedding.replacing(model.visual.conv1)
+        for module in model.visual.modules():
+            if SelfAttention.applies_to(module):
+                SelfAttention.adopt(module)
         self.model, self.tokenizer = model, tokenizer
         self.class_names = list(class_names)
         self.templates = list(templates)

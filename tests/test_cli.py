@@ -148,8 +148,22 @@ def test_profile_environment_is_validated_by_the_cli(variable, value, notebooks,
 def test_cli_default_profile_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("CLIPLAB_PROFILE", "cifar100")
     monkeypatch.setenv("CLIPLAB_DEVICE", "cpu")
-    parser_args = type("Args", (), dict(profile=None, device=None, fp32=False, pretrained=None, data=None))
+    parser_args = type("Args", (), dict(profile=None, device=None, precision=None, pretrained=None, data=None))
     assert cli._profile(parser_args).name == "cifar100"
+
+
+@pytest.mark.parametrize("options, precision", [([], "auto"), (["--precision", "bf16"], "bf16"), (["--fp32"], "fp32")])
+def test_precision_option_reaches_the_profile(options, precision, monkeypatch):
+    monkeypatch.delenv("CLIPLAB_PRECISION", raising=False)
+    for command in ("reproduce", "finetune --out x"):
+        args = cli.build_parser().parse_args([*command.split(), *options])
+        assert cli._profile(args).runtime.precision == precision
+
+
+def test_precision_and_fp32_together_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["reproduce", "--precision", "bf16", "--fp32"])
+    assert "--fp32: not allowed with argument --precision" in capsys.readouterr().err
 
 
 def test_a_missing_notebooks_extra_is_named(notebooks, tmp_path, capsys, monkeypatch):

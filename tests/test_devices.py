@@ -12,6 +12,8 @@ import torch
 
 import cliplab
 from cliplab import RandomizedSmoothing
+from cliplab._torch import SelfAttention
+from cliplab.training.oft import apply_oft, oft_parameters
 
 
 def _devices(module: torch.nn.Module) -> set[str]:
@@ -107,6 +109,61 @@ def test_any_model_takes_the_same_precision_switch(batch):
     assert result.x_adv.dtype == torch.float32 and (result.x_adv - x).abs().max() <= 4 / 255 + 1e-6
     with pytest.raises(ValueError, match=r"^precision must be one of"):
         cliplab.WithPrecision(model, "fp16")
+
+
+def _bf16_kernels(clf, x):
+    """The ops of one bf16 forward + input-backward of ``clf`` on the CPU, with their input shapes."""
+    x = x.clone().requires_grad_(True)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        clf(x).sum().backward()
+    return [(event.name, event.input_shapes) for event in profile.events()]
+
+
+def test_self_attention_takes_its_fast_bf16_path_on_the_cpu(random_shapes_clf, batch):
+    """Under CPU bf16 autocast, no flash-attention kernel (its bf16 backward is slow) and no matmul over the
+    in-projection broadcast to every token (which the bf16 kernel copies out); nn.MultiheadAttention does both."""
+    x, _ = batch
+    clf = copy.deepcopy(random_shapes_clf)
+    clf.precision = "bf16"
+    width = clf.model.visual.transformer.width
+    attention = clf.model.visual.transformer.resblocks[0].attn
+    assert isinstance(attention, SelfAttention)
+
+    def slow(kernels):
+        return [name for name, shapes in kernels if "flash_attention" in name
+                or (name == "aten::bmm" and any(s[-2:] in ([width, 3 * width], [3 * width, width]) for s in shapes))]
+
+    assert not slow(_bf16_kernels(clf, x))
+    for block in clf.model.visual.transformer.resblocks:
+        block.attn.__class__ = torch.nn.MultiheadAttention
+    assert slow(_bf16_kernels(clf, x)), "the check must see what nn.MultiheadAttention does"
+
+
+def test_self_attention_computes_what_multihead_attention_does():
+    """fp32: bit for bit (the same path); bf16 on the CPU: the same attention within bf16's rounding, forward and
+    backward, also through an OFT rotation of the in-projection."""
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    attention = SelfAttention.adopt(copy.deepcopy(reference))
+    assert attention.state_dict().keys() == reference.state_dict().keys()
+    apply_oft(attention, block_size=16)
+    apply_oft(reference, block_size=16)
+    for module in (attention, reference):
+        for generator in oft_parameters(module):
+            torch.nn.init.normal_(generator, std=0.1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(8, 17, 64)
+
+    def run(module, bf16):
+        inputs = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = module(inputs, inputs, inputs, need_weights=False)[0]
+        out.float().square().sum().backward()
+        return out.float(), inputs.grad
+
+    assert all(torch.equal(a, b) for a, b in zip(run(attention, False), run(reference, False)))
+    fast, exact = run(attention, True), run(reference, False)
+    for a, b in zip(fast, exact):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
 
 
 @pytest.mark.slow
