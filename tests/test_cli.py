@@ -158,6 +158,9 @@ def test_precision_option_reaches_the_profile(options, precision, monkeypatch):
     for command in ("reproduce", "finetune --out x"):
         args = cli.build_parser().parse_args([*command.split(), *options])
         assert cli._profile(args).runtime.precision == precision
+    for command in ("evaluate --model shapes", "benchmark --models shapes --datasets cifar10 --out x"):
+        args = cli.build_parser().parse_args([*command.split(), *options])
+        assert cli._runtime(args, weights=None).precision == precision
 
 
 def test_precision_and_fp32_together_are_refused(capsys):

@@ -212,7 +212,7 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
-    evaluate.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bf16 autocast)")
+    _add_precision_arguments(evaluate)
     evaluate.add_argument("--out", type=_path, help="directory for evaluation.json")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an evaluation.json already in --out (default: refuse, before any work)")
@@ -264,7 +264,7 @@ def _add_benchmark_parser(commands) -> None:
     bench.add_argument("--image-size", type=int, default=224,
                        help="side to which photographs of many sizes are resized and cropped (default: 224)")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
-    bench.add_argument("--fp32", action="store_true", help="float32 on CUDA too (default there: bf16 autocast)")
+    _add_precision_arguments(bench)
     bench.add_argument("--out", type=_path, required=True, help="directory of the cells and the results")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -332,7 +332,7 @@ def _runtime(args, weights) -> Runtime:
 
     _check_device(args.device)
     return Runtime(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                   precision="fp32" if args.fp32 else "auto", weights=weights,
+                   precision=args.precision or "auto", weights=weights,
                    data_root=str(args.data.expanduser().resolve()) if args.data else None)
 
 
@@ -399,13 +399,17 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the profile's own; cifar100: OpenAI's, from the Hugging Face cache)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="directory holding cifar-100-python/ (default: $CLIPLAB_DATA or ~/.cache/cliplab/data)")
+    _add_precision_arguments(parser)
+
+
+def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` and its shorthand ``--fp32``, one or the other."""
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(
         "--precision", choices=PRECISIONS,
         help="auto (the default): bfloat16 autocast on CUDA, float32 on the CPU; bf16: bfloat16 autocast on the CPU "
-             "too, for CPUs with native bf16 (AVX512-BF16, AMX): there an attack step about 1.9x faster, the "
-             "worst-case evaluation about 1.4x, with other rounding than the committed notebooks (fp32); fp32: "
-             "float32 everywhere (default: $CLIPLAB_PRECISION, else auto)")
+             "too, for CPUs with bf16 arithmetic (AVX512-BF16, AMX), where an attack step runs about 1.9x faster, "
+             "with other rounding; fp32: float32 everywhere. reproduce and finetune default to $CLIPLAB_PRECISION")
     precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="--precision fp32")
 
 

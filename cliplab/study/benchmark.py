@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import _distributed
 from .._arguments import check_choice, check_directory, check_int, check_seed
 from .._io import atomic_write
+from .._torch import PRECISIONS
 from ..evaluation.ensemble import AttackBudget, check_attack_plan, robustness_vs_eps
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
@@ -107,7 +108,7 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
         check_int(getattr(settings, name), name)
     check_seed(settings.seed)
     check_choice(settings.runtime.device, "device", ("cpu", "cuda"))
-    check_choice(settings.runtime.precision, "precision", ("auto", "fp32"))
+    check_choice(settings.runtime.precision, "precision", PRECISIONS)
     for dataset in settings.datasets:
         opened = open_set(dataset, settings.runtime.data_root)
         check_attack_plan(settings.attacks, "linf", settings.budget, len(suite_class_names(dataset, opened)))

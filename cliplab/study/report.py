@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import _distributed
 from .._arguments import check_choice, check_int, check_seed
 from .._io import atomic_write
+from .._torch import PRECISIONS
 from ..evaluation.ensemble import (
     AttackBudget,
     RobustnessReport,
@@ -66,7 +67,7 @@ def check(settings: ReportSettings) -> None:
     check_seed(settings.seed)
     runtime = settings.runtime
     check_choice(runtime.device, "device", ("cpu", "cuda"))
-    check_choice(runtime.precision, "precision", ("auto", "fp32"))
+    check_choice(runtime.precision, "precision", PRECISIONS)
     weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
     architecture = check_weights(settings.model, **weights)
     if settings.encoder is not None:
