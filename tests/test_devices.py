@@ -161,6 +161,8 @@ def test_self_attention_computes_what_multihead_attention_does():
         return out.float(), inputs.grad
 
     assert all(torch.equal(a, b) for a, b in zip(run(attention, False), run(reference, False)))
+    with torch.no_grad():  # in eval mode without gradients, nn.MultiheadAttention's fused inference kernel
+        assert torch.equal(attention.eval()(x, x, x)[0], reference.eval()(x, x, x)[0])
     fast, exact = run(attention, True), run(reference, False)
     for a, b in zip(fast, exact):
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
