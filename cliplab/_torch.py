@@ -3,6 +3,7 @@ many classes it predicts, eval mode that restores each submodule, and the bf16 a
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ def check_device(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the model is on {device}: move it with "
                          f"{name}.to({str(device)!r}) (or the model with .to({name}.device))")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 (AVX512-BF16 or AMX); elsewhere torch emulates bf16, slower than fp32.
+    (torch names these checks privately; a torch without them reports False.)"""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
 
 
 def autocast(device: torch.device, precision: str | bool):

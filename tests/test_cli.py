@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import nbformat
 import psutil
 import pytest
 
+import cliplab._torch
 from cliplab.cli import commands as cli
 from cliplab.cli import reproduce as runner
 
@@ -161,6 +163,18 @@ def test_precision_option_reaches_the_profile(options, precision, monkeypatch):
     for command in ("evaluate --model shapes", "benchmark --models shapes --datasets cifar10 --out x"):
         args = cli.build_parser().parse_args([*command.split(), *options])
         assert cli._runtime(args, weights=None).precision == precision
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(has_bf16, monkeypatch):
+    monkeypatch.setattr(cliplab._torch, "cpu_has_bf16", lambda: has_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli._profile(cli.build_parser().parse_args(["reproduce", "--device", "cpu", "--precision", "bf16"]))
+        cli._runtime(cli.build_parser().parse_args(["evaluate", "--device", "cpu", "--precision", "bf16"]), None)
+        cli._profile(cli.build_parser().parse_args(["reproduce", "--device", "cpu", "--fp32"]))
+    emulated = [w for w in caught if "no bf16 arithmetic" in str(w.message)]
+    assert len(emulated) == (0 if has_bf16 else 2)
 
 
 def test_precision_and_fp32_together_are_refused(capsys):

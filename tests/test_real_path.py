@@ -14,6 +14,7 @@ import torch
 
 import cliplab
 from cliplab.cli import commands as cli
+from cliplab._torch import cpu_has_bf16
 from cliplab.cli import reproduce as runner
 from standins import accept_checksums, kernel_startup, relabel, write_cifar100
 
@@ -65,17 +66,11 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
             for p in directory.rglob("*") if p.is_file()}
 
 
-def _native_bf16() -> bool:
-    """Whether this CPU computes in bf16 (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
-
-
 @pytest.mark.notebooks
 def test_smoke_run_executes_every_cell_of_the_cifar100_study(offline, tmp_path, capsys):
     """In bf16 autocast where the CPU has bf16 arithmetic: the precision the study runs in on CUDA, so the CPU run
     covers its autocast path too, and about twice as fast per ViT-B-32 pass (fp32 is the path of every shapes test)."""
-    _check_smoke_run(offline, tmp_path, capsys, "cpu", "bf16" if _native_bf16() else "fp32")
+    _check_smoke_run(offline, tmp_path, capsys, "cpu", "bf16" if cpu_has_bf16() else "fp32")
 
 
 @pytest.mark.cuda

@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from .. import _distributed
@@ -331,9 +332,9 @@ def _runtime(args, weights) -> Runtime:
     import torch
 
     _check_device(args.device)
-    return Runtime(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                   precision=args.precision or "auto", weights=weights,
-                   data_root=str(args.data.expanduser().resolve()) if args.data else None)
+    return _warn_if_bf16_is_emulated(Runtime(
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), precision=args.precision or "auto",
+        weights=weights, data_root=str(args.data.expanduser().resolve()) if args.data else None))
 
 
 def _evaluate(args) -> int:
@@ -423,12 +424,23 @@ def _check_device(device: str | None) -> None:
                          "False); use --device cpu, or leave --device out")
 
 
+def _warn_if_bf16_is_emulated(runtime: Runtime) -> Runtime:
+    """bf16 on a CPU without bf16 arithmetic runs, but slower than fp32: say so before the work starts."""
+    from .. import _torch
+
+    if runtime.precision == "bf16" and runtime.device == "cpu" and not _torch.cpu_has_bf16():
+        warnings.warn("precision bf16: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so torch emulates it, "
+                      "more slowly than fp32")
+    return runtime
+
+
 def _profile(args, smoke: bool = False) -> Profile:
     """The profile the command line names, with local paths made absolute (notebooks run elsewhere)."""
     _check_device(args.device)
-    return get_profile(args.profile, args.device, precision=args.precision,
-                       weights=_weights(args.pretrained),
-                       data_root=args.data.expanduser().resolve() if args.data else None, smoke=smoke)
+    profile = get_profile(args.profile, args.device, precision=args.precision, weights=_weights(args.pretrained),
+                          data_root=args.data.expanduser().resolve() if args.data else None, smoke=smoke)
+    _warn_if_bf16_is_emulated(profile.runtime)
+    return profile
 
 
 def _weights(text: str | None) -> str | None:
