@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 import cliplab
-from cliplab import evaluation
 from cliplab._torch import SelfAttention, cast_cache
 from cliplab.data import CIFAR100_CLASSES, CIFAR_TEMPLATES
 from cliplab.study import FinetuneStudy, load_encoder
@@ -65,7 +64,7 @@ def compare_passes(name: str, clf, x: torch.Tensor, y: torch.Tensor, repeats: in
 
 def compare_evaluations(names: list[str], n: int) -> None:
     study = FinetuneStudy(cliplab.get_profile("shapes", precision="fp32"))
-    x, y = study.x_test[:n], study.y_test[:n]
+    study.x_test, study.y_test = study.x_test[:n], study.y_test[:n]
     print(f"\nThe worst-case evaluation of notebooks 05/06 (shapes profile's attacks and budget), n={n}:\n")
     print("| model | precision | seconds | robust at " + ", ".join(f"{255 * e:g}" for e in study.eval_eps)
           + " /255 | images whose standing differs |")
@@ -78,9 +77,7 @@ def compare_evaluations(names: list[str], n: int) -> None:
         for precision in ("fp32", "bf16"):
             model.precision = precision
             start = time.perf_counter()
-            reports[precision] = evaluation.robustness_vs_eps(
-                model, x, y, study.eval_eps, attacks=list(study.attacks), budget=study.profile.attack_budget(),
-                batch_size=study.profile.sweeps.batch_size, seed=0, progress=False)
+            reports[precision] = study.evaluate({name: model})[name]
             seconds = time.perf_counter() - start
             robust = ", ".join(f"{100 * report.robust.value:.1f}%" for report in reports[precision].values())
             differs = ", ".join(str(int((reports["fp32"][eps].standing != report.standing).sum()))

@@ -62,8 +62,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(config._cliplab_evaluations, ignore_errors=True)
 
 
-
-
 def pytest_collection_modifyitems(config, items):
     """Mark nbval's notebook cells `notebooks`; put the longest files first; skip the `cuda` tier where there is no
     GPU, unless CLIPLAB_TEST_DEVICE points it at another device."""
