@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import cliplab
+from cliplab.cli.reproduce import LONGEST_FIRST as NOTEBOOKS_LONGEST_FIRST
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads that
@@ -30,9 +31,10 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 # The longest test files, longest first (measured on 2 cores, one thread per worker): xdist hands whole files to its
 # two workers in collection order (pyproject: --dist=loadfile --no-loadscope-reorder), so starting these first keeps
-# one of them from starting last and running on alone at the end. The rest keep their order.
-LONGEST_FIRST = ("06_orthogonal_finetune.ipynb", "test_real_path.py", "05_adversarial_finetune.ipynb",
-                 "02_eot.ipynb", "04_denoising.ipynb", "03_randomized_smoothing.ipynb")
+# one of them from starting last and running on alone at the end. The notebooks in `cliplab reproduce`'s order, the
+# cifar100 smoke run (about 500 s) after the longest; the rest keep their order.
+LONGEST_FIRST = (f"{NOTEBOOKS_LONGEST_FIRST[0]}.ipynb", "test_real_path.py",
+                 *(f"{name}.ipynb" for name in NOTEBOOKS_LONGEST_FIRST[1:]))
 
 
 def pytest_configure(config):

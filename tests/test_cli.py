@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import nbformat
@@ -377,6 +378,17 @@ def test_notebooks_run_at_the_same_time_each_in_its_own_kernel(tmp_path, capsys)
     for name in ("01_meet", "02_meet"):
         executed = nbformat.read(tmp_path / "results" / "shapes" / f"{name}.ipynb", as_version=4)
         assert executed.cells[0].outputs[0]["text"] == "met\n"
+
+
+def test_several_at_a_time_the_longest_notebooks_start_first():
+    """The study's notebooks start in LONGEST_FIRST order, which names every committed notebook (a renamed one would
+    otherwise start last); notebooks it does not know start after them, the last numbered first."""
+    committed = sorted(runner.default_notebook_dir().glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(runner.LONGEST_FIRST) == [path.stem for path in committed]
+    assert [path.stem for path in runner.start_order(committed)] == list(runner.LONGEST_FIRST)
+    mine = [Path("01_attacks.ipynb"), Path("02_mine.ipynb"), Path("06_orthogonal_finetune.ipynb"), Path("07_mine.ipynb")]
+    assert [path.stem for path in runner.start_order(mine)] == ["06_orthogonal_finetune", "01_attacks", "07_mine",
+                                                                  "02_mine"]
 
 
 def test_clean_notebook_drops_what_changes_on_every_run():

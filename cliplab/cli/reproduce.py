@@ -26,6 +26,12 @@ from ..study.profiles import Profile, profile_environment
 NOTEBOOK_MODULES = ("nbclient", "nbformat", "ipykernel", "ipywidgets")
 # a widget's view names a model id that lives only in the kernel: new on every run, and nothing without the kernel
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# The study's notebooks from the longest to the shortest: seconds of one torch thread each on the shapes profile, none
+# sharing an evaluation (2-core AMD EPYC, 2026-11-29; benchmarks/RESULTS.md): 06 1,135, 05 616, 02 422, 04 350,
+# 03 287, 01 117. Several at a time they start in this order, so that no long one starts late and runs on alone at
+# the end. tests/conftest.py hands pytest's workers the notebooks in the same order.
+LONGEST_FIRST = ("06_orthogonal_finetune", "05_adversarial_finetune", "02_eot", "04_denoising",
+                 "03_randomized_smoothing", "01_attacks")
 
 
 @dataclass
@@ -323,9 +329,7 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
     """Execute the notebooks of ``job`` headless, one fresh kernel each, ``job.jobs`` at a time, yielding each run as
     it ends (so that a caller interrupted half-way knows which finished).
 
-    One at a time they run in order. Several at a time, the last start first: the study's last notebooks are its
-    longest (05 and 06 evaluate nine models between them, two of them alike, which they share), and started late
-    they would run on alone at the end. SIGINT or SIGTERM stops every running kernel and raises
+    One at a time they run in order. Several at a time, the longest start first (``start_order``). SIGINT or SIGTERM stops every running kernel and raises
     ``KeyboardInterrupt`` or ``Terminated``, with no half-run copy written."""
     # the notebooks of this run share their evaluations (05 and 06 evaluate two models alike), and only they: a
     # directory that goes with the run, unless the user named one
@@ -339,7 +343,7 @@ def _execute_all(job: Reproduction, profile: Profile) -> Iterator[NotebookRun]:
     """``reproduce``'s work, with ``profile`` in every kernel."""
     # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
     env = {**thread_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-    waiting = list(job.notebooks if job.jobs == 1 else reversed(job.notebooks))
+    waiting = list(job.notebooks) if job.jobs == 1 else start_order(job.notebooks)
     running, tasks, stopped = set(), set(), []  # the kernel clients, the notebooks' tasks, the signals received
 
     def stop(signum):
@@ -399,6 +403,14 @@ def _event_loop(stop):
             if handler is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signum, handler)  # removing the loop's handler left the default, not the caller's
         loop.close()
+
+
+def start_order(notebooks: list[Path]) -> list[Path]:
+    """``notebooks`` in the order they start when several run at a time: the study's in ``LONGEST_FIRST`` order, then
+    any others, the last numbered first (a study's later notebooks build on the earlier ones, and cost more)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # sorted() is stable: the others stay last numbered first
+    return sorted(reversed(notebooks), key=lambda path: rank.get(path.stem, len(rank)))
 
 
 def results_dir(results: Path, profile: Profile) -> Path:
