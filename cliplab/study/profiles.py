@@ -256,7 +256,7 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
     Args:
         name: ``"shapes"`` or ``"cifar100"``.
         device: ``"cuda"`` or ``"cpu"``.
-        precision: ``"auto"`` (bf16 autocast on CUDA) or ``"fp32"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
         weights: a checkpoint file or an open_clip tag instead of the profile's weights.
         data_root: the directory holding ``cifar-100-python/``.
         encoder_cache: where 05 and 06 cache their fine-tuned encoders.
