@@ -386,7 +386,7 @@ def test_several_at_a_time_the_longest_notebooks_start_first():
     committed = sorted(runner.default_notebook_dir().glob("[0-9][0-9]_*.ipynb"))
     assert sorted(runner.LONGEST_FIRST) == [path.stem for path in committed]
     assert [path.stem for path in runner.start_order(committed)] == list(runner.LONGEST_FIRST)
-    mine = [Path("01_attacks.ipynb"), Path("02_mine.ipynb"), Path("06_orthogonal_finetune.ipynb"), Path("07_mine.ipynb")]
+    mine = [Path(f"{name}.ipynb") for name in ("01_attacks", "02_mine", "06_orthogonal_finetune", "07_mine")]
     assert [path.stem for path in runner.start_order(mine)] == ["06_orthogonal_finetune", "01_attacks", "07_mine",
                                                                   "02_mine"]
 

@@ -329,8 +329,9 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
     """Execute the notebooks of ``job`` headless, one fresh kernel each, ``job.jobs`` at a time, yielding each run as
     it ends (so that a caller interrupted half-way knows which finished).
 
-    One at a time they run in order. Several at a time, the longest start first (``start_order``). SIGINT or SIGTERM stops every running kernel and raises
-    ``KeyboardInterrupt`` or ``Terminated``, with no half-run copy written."""
+    One at a time they run in order. Several at a time, the longest start first (``start_order``). SIGINT or
+    SIGTERM stops every running kernel and raises ``KeyboardInterrupt`` or ``Terminated``, with no half-run copy
+    written."""
     # the notebooks of this run share their evaluations (05 and 06 evaluate two models alike), and only they: a
     # directory that goes with the run, unless the user named one
     with tempfile.TemporaryDirectory(prefix="cliplab-evaluations-") as evaluations:
