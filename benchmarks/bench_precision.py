@@ -40,7 +40,7 @@ def pass_seconds(clf, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
         torch.autograd.grad(loss, x_grad)
         return time.perf_counter() - start
 
-    with cast_cache(x.device):  # as the attacks run: one bf16 copy of each weight per attack
+    with cast_cache(x.device):  # as the attacks run them (autocast casts a frozen weight again in every pass)
         one()
         return statistics.median(one() for _ in range(repeats))
 

@@ -166,9 +166,18 @@ def test_precision_option_reaches_the_profile(options, precision, monkeypatch):
         assert cli._runtime(args, weights=None).precision == precision
 
 
+@pytest.mark.parametrize("machine, has_bf16, emulated", [("x86_64", True, False), ("x86_64", False, True),
+                                                        ("AMD64", False, True), ("aarch64", False, False)])
+def test_which_cpus_emulate_bf16(machine, has_bf16, emulated, monkeypatch):
+    """x86 without AVX512-BF16 or AMX; an ARM CPU is not judged (torch reports only the x86 features)."""
+    monkeypatch.setattr(cliplab._torch.platform, "machine", lambda: machine)
+    monkeypatch.setattr(cliplab._torch, "cpu_has_bf16", lambda: has_bf16)
+    assert cliplab._torch.cpu_emulates_bf16() is emulated
+
+
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about(has_bf16, monkeypatch):
-    monkeypatch.setattr(cliplab._torch, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(cliplab._torch, "cpu_emulates_bf16", lambda: not has_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli._profile(cli.build_parser().parse_args(["reproduce", "--device", "cpu", "--precision", "bf16"]))

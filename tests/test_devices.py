@@ -140,8 +140,9 @@ def test_self_attention_takes_its_fast_bf16_path_on_the_cpu(random_shapes_clf, b
 
 
 def test_self_attention_computes_what_multihead_attention_does():
-    """fp32: bit for bit (the same path); bf16 on the CPU: the same attention within bf16's rounding, forward and
-    backward, also through an OFT rotation of the in-projection."""
+    """fp32, fp16, or bf16 without a gradient: bit for bit (the same path); bf16 with a gradient on the CPU: the same
+    attention within bf16's rounding, forward and backward, also through an OFT rotation of the in-projection, with
+    a padding mask and the attention weights asked for."""
     torch.manual_seed(0)
     reference = torch.nn.MultiheadAttention(64, 4, batch_first=True)
     attention = SelfAttention.adopt(copy.deepcopy(reference))
@@ -153,19 +154,30 @@ def test_self_attention_computes_what_multihead_attention_does():
             torch.nn.init.normal_(generator, std=0.1, generator=torch.Generator().manual_seed(1))
     x = torch.randn(8, 17, 64)
 
-    def run(module, bf16):
-        inputs = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = module(inputs, inputs, inputs, need_weights=False)[0]
-        out.float().square().sum().backward()
-        return out.float(), inputs.grad
+    padding = torch.zeros(8, 17, dtype=torch.bool)
+    padding[::2, -3:] = True  # every other sequence ends in three padding tokens
 
-    assert all(torch.equal(a, b) for a, b in zip(run(attention, False), run(reference, False)))
-    with torch.no_grad():  # in eval mode without gradients, nn.MultiheadAttention's fused inference kernel
-        assert torch.equal(attention.eval()(x, x, x)[0], reference.eval()(x, x, x)[0])
-    fast, exact = run(attention, True), run(reference, False)
-    for a, b in zip(fast, exact):
-        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+    def run(module, dtype=None, **options):  # dtype: autocast's, None for none
+        inputs = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out, weights = module(inputs, inputs, inputs, **options)
+        out.float().square().sum().backward()
+        return out.float(), inputs.grad, weights
+
+    for dtype in (None, torch.float16):
+        assert all(torch.equal(a, b) for a, b in zip(run(attention, dtype), run(reference, dtype)))
+    for bf16 in (False, True):  # in eval mode without gradients, nn.MultiheadAttention's fused inference kernel
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            assert torch.equal(attention.eval()(x, x, x)[0], reference.eval()(x, x, x)[0])
+    for options in ({"need_weights": False}, {"key_padding_mask": padding, "average_attn_weights": False}):
+        (*fast, weights), (*exact, exact_weights) = run(attention, torch.bfloat16, **options), run(reference, **options)
+        for a, b in zip(fast, exact):
+            torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+        if options.get("need_weights", True):
+            assert weights.shape == exact_weights.shape == (8, 4, 17, 17)
+            torch.testing.assert_close(weights.float(), exact_weights, atol=0.01, rtol=0.05)
+        else:
+            assert weights is None and exact_weights is None
 
 
 @pytest.mark.slow

@@ -425,10 +425,10 @@ def _check_device(device: str | None) -> None:
 
 
 def _warn_if_bf16_is_emulated(runtime: Runtime) -> Runtime:
-    """bf16 on a CPU without bf16 arithmetic runs, but slower than fp32: say so before the work starts."""
+    """bf16 on an x86 CPU without bf16 arithmetic runs, but slower than fp32: say so before the work starts."""
     from .. import _torch
 
-    if runtime.precision == "bf16" and runtime.device == "cpu" and not _torch.cpu_has_bf16():
+    if runtime.precision == "bf16" and runtime.device == "cpu" and _torch.cpu_emulates_bf16():
         warnings.warn("precision bf16: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so torch emulates it, "
                       "more slowly than fp32")
     return runtime
