@@ -9,6 +9,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -137,22 +138,24 @@ class PatchEmbedding(nn.Conv2d):
 
 
 class SelfAttention(nn.MultiheadAttention):
-    """A batch-first ``nn.MultiheadAttention`` (open_clip's ViT blocks) with the same arithmetic, except when a
-    gradient flows through it under bfloat16 autocast on the CPU: there it steps around two of PyTorch's CPU kernels
-    that are slow for CLIP's shapes (2-core AMD EPYC with AVX512-BF16, torch 2.15, one thread;
-    ``benchmarks/bench_precision.py``):
+    """A batch-first ``nn.MultiheadAttention`` (open_clip's ViT blocks) with the same arithmetic, except under bfloat16
+    autocast on the CPU, where it steps around two of PyTorch's CPU kernels that are slow for CLIP's shapes (2-core
+    AMD EPYC with AVX512-BF16, torch 2.15, one thread; ``benchmarks/bench_precision.py``):
 
     - batch-first, ``nn.MultiheadAttention`` hands its input projection a transposed view, and ``F.linear`` on a
       strided 3-D input that needs a gradient becomes a batched matmul over the weight broadcast to every token,
       which the bf16 kernel copies out: ViT-B/32's forward + input-backward of 8 images took 4.3 s in bf16 against
       1.9 s in fp32. Sequence-first and contiguous, the projection is one GEMM (0.9 s).
-    - the flash-attention backward in bf16: 217 ms of a 357 ms forward + backward of 250 shapes images. The
-      attention written out (two batched matmuls and a softmax) takes about 20 ms.
+    - the flash-attention backward in bf16: 217 ms of a 357 ms forward + backward of 250 shapes images. The math
+      backend (GEMMs and a softmax) takes about 20 ms.
 
-    Everything else (fp32, fp16, CUDA, passes without gradients, cross-attention) is ``nn.MultiheadAttention``'s own
-    path, bit for bit. ``SelfAttention.adopt(attention)`` turns one in place: the same parameters and state-dict
-    keys. (``applies_to`` takes only a plain ``nn.MultiheadAttention``: one that OFT already parametrizes keeps its
-    own class, and its slow path; ``ZeroShotClassifier`` adopts before any OFT is applied.)"""
+    It takes this path for passes without a gradient too: a version that left those to ``nn.MultiheadAttention``'s
+    fused inference kernel and wrote the attention out (``need_weights=True``) instead of ``sdpa_kernel`` made the
+    cifar100 smoke run in bf16 45% slower (643 s against 445 s, ``benchmarks/RESULTS.md``). Everything else (fp32,
+    fp16, CUDA, cross-attention) is ``nn.MultiheadAttention``'s own path, bit for bit.
+    ``SelfAttention.adopt(attention)`` turns one in place: the same parameters and state-dict keys. (``applies_to``
+    takes only a plain ``nn.MultiheadAttention``: one that OFT already parametrizes keeps its own class, and its slow
+    path; ``ZeroShotClassifier`` adopts before any OFT is applied.)"""
 
     @classmethod
     def adopt(cls, attention: nn.MultiheadAttention) -> "SelfAttention":
@@ -165,24 +168,22 @@ class SelfAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not self._bf16_gradient_on_the_cpu(query, key, value):
+        if not self._bf16_on_the_cpu(query, key, value):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                                    is_causal)
         x = query.transpose(0, 1).contiguous()  # (L, N, D): the in-projection becomes one GEMM
-        # need_weights=True has torch write the attention out instead of calling scaled_dot_product_attention's
-        # flash kernel (choosing the math backend with sdpa_kernel would flip process-wide switches); the weights
-        # are dropped unless the caller asked for them
-        out, weights = F.multi_head_attention_forward(
-            x, x, x, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k, self.bias_v,
-            self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=True, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
-        return out.transpose(0, 1), weights if need_weights else None
+        # sdpa_kernel sets process-wide switches for the block: a thread computing attention meanwhile would use the
+        # math backend too (cliplab's passes run in one thread)
+        with sdpa_kernel(SDPBackend.MATH):
+            out, weights = F.multi_head_attention_forward(
+                x, x, x, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
+                self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+                training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return out.transpose(0, 1), weights
 
-    def _bf16_gradient_on_the_cpu(self, query, key, value) -> bool:
-        """Self-attention on a batch, in bf16 autocast on the CPU, with a gradient to compute: where both slow kernels
-        run (without a gradient, neither does, and nn.MultiheadAttention's fused inference kernel is faster)."""
+    @staticmethod
+    def _bf16_on_the_cpu(query, key, value) -> bool:
+        """Self-attention on a batch in bf16 autocast on the CPU."""
         return (query is key is value and query.dim() == 3 and query.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and torch.is_grad_enabled()
-                and (query.requires_grad or any(p.requires_grad for p in self.parameters())))
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
