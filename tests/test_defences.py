@@ -214,3 +214,19 @@ def test_smoothing_and_attacks_work_on_any_module_that_maps_images_to_logits(toy
         result = cliplab.pgd(Denoised(model, GaussianNoise(0.05)), x, y, eps=2 / 255, steps=1, seed=0)
         assert (result.x_adv - x).abs().max() <= 2 / 255 + 1e-6
         assert cliplab.pgd(smoothed, x, y, eps=2 / 255, steps=1, seed=0).x_adv.shape == x.shape
+
+
+def test_the_largest_certifiable_radius_is_what_unanimous_draws_certify():
+    """Every draw votes for one class: the certificate reaches sigma * PhiInv(alpha^(1/n)) and no further."""
+    from scipy.stats import norm
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([5.0, 0.0, 0.0]).expand(len(x), 3)
+
+    smoothed = RandomizedSmoothing(Constant(), sigma=0.25)
+    classes, radii = smoothed.certify(torch.rand(2, 3, 8, 8), n0=10, n=500, alpha=0.001, seed=0)
+    limit = smoothed.largest_certifiable_radius(500, 0.001)
+    assert classes.tolist() == [0, 0] and radii.tolist() == pytest.approx([limit] * 2, rel=1e-5)
+    assert limit == pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 500)))
+    assert smoothed.largest_certifiable_radius(8, 0.001) == 0.0  # 8 agreeing draws certify nothing at alpha=0.001

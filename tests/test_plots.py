@@ -54,9 +54,14 @@ def test_the_smoothing_explorer_shows_the_vote_and_the_certificate(shapes_clf, b
     fig = plots.show_smoothing(smoothed, x[0], y[0].item(), [f"class {i}" for i in range(100)], n=32, seed=0)
     vote = fig.axes[2]
     counts = smoothed.sample_counts(x[:1], 32, seed=0)[0]
-    assert [bar.get_width() for bar in vote.patches] == pytest.approx((100 * counts.topk(5).values / 32).tolist())
+    widths = sorted(bar.get_width() for bar in vote.patches)
+    if y[0].item() in counts.topk(5).indices:
+        assert widths == pytest.approx(sorted((100 * counts.topk(5).values / 32).tolist()))
+    assert any(w == pytest.approx(100 * counts[y[0]].item() / 32) for w in widths)  # the label is always shown
     classes, radii = smoothed.certify(x[:1], n0=32, n=32, seed=0)
     expected = "abstains" if classes[0] < 0 else f"certifies class {classes[0]}, L2 radius {radii[0]:.2f}"
+    if 0 <= classes[0] != y[0]:
+        expected += " (WRONG: a certificate for the wrong class)"
     assert vote.get_title().endswith(expected)
     plt.close(fig)
 
@@ -65,4 +70,37 @@ def test_the_denoising_explorer_names_its_image(shapes_clf, batch):
     x, y = batch
     fig = plots.show_denoising(shapes_clf, x[0], y[0].item(), [f"class {i}" for i in range(100)], name="plain attack")
     assert fig.axes[0].get_title() == f"plain attack\n(label: class {y[0].item()})"
+    plt.close(fig)
+
+
+def test_the_top5_always_shows_the_label_in_red_and_the_target_in_orange():
+    import torch
+
+    probabilities = torch.linspace(1, 0.01, 100).softmax(0)  # class 0 likeliest, class 99 least
+    fig, ax = plt.subplots()
+    plots.show_top5(ax, probabilities, [f"class {i}" for i in range(100)], highlight=[50], target=1)
+    names = [label.get_text() for label in ax.get_yticklabels()]
+    assert names == ["class 0", "class 1", "class 2", "class 3", "class 50"]  # top-down: the label last
+    colours = [bar.get_facecolor() for bar in ax.patches]  # top-down: class 0, 1, 2, 3, then the label
+    assert colours[1] == matplotlib.colors.to_rgba("tab:orange") and colours[4] == matplotlib.colors.to_rgba("tab:red")
+    plt.close(fig)
+
+
+def test_every_band_is_named_in_a_legend_beside_the_axes():
+    fig, ax = plt.subplots()
+    plots.plot_rates(ax, [1, 2], {"a": [Proportion(5, 10), Proportion(7, 10)]}, xlabel="x", ylabel="y")
+    plots.plot_rates(ax, [1, 2], {"b": [Proportion(1, 10), Proportion(2, 10)]}, xlabel="x", ylabel="y")
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["a (n=10)", "b (n=10)", plots.BAND]  # the band named once, after the curves
+    assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # beside, not over the data
+    plt.close(fig)
+
+
+def test_the_adversarial_views_show_each_model_on_the_same_images(batch):
+    x, y = batch
+    views = {"a": (x[:3].clamp(0, 0.9), y[:3]), "b": (x[:3].clamp(0.1, 1), (y[:3] + 1) % 100)}
+    fig = plots.show_adversarial_views(x[:3], y[:3], views, [f"class {i}" for i in range(100)], eps=4 / 255)
+    assert len(fig.axes) == 3 * 2 * 3  # a row of clean images, then one per model; image and perturbation each
+    assert fig.axes[6].get_title() == f"a:\nclass {y[0].item()} (right)"
+    assert fig.axes[12].get_title().endswith("(wrong)")
     plt.close(fig)

@@ -251,3 +251,17 @@ def test_finetune_and_evaluate_writes_weights_and_metrics(smoke_profile, tmp_pat
     assert loaded.num_classes == 100
     with pytest.raises(FileExistsError, match="resume"):  # found before any model is loaded
         study.finetune_and_evaluate(smoke_profile, config, tmp_path / "run")
+
+
+def test_trainable_parameters_count_what_each_adapter_trains(random_shapes_clf):
+    from cliplab.study.measures import ADAPTED_WEIGHTS, trainable_parameters
+
+    profile = cliplab.get_profile("shapes")
+    visual = random_shapes_clf.model.visual
+    full = trainable_parameters(random_shapes_clf, profile.finetune_config("fare", "full"))
+    assert full == sum(p.numel() for p in visual.parameters())
+    oft = trainable_parameters(random_shapes_clf, profile.finetune_config("fare", "oft", block_size=16))
+    # OFT rotates the inputs of every adapted weight: (in / b) blocks of b (b - 1) / 2 angles each
+    widths = [w.shape[1] for name, w in visual.state_dict().items() if name.endswith(ADAPTED_WEIGHTS)]
+    assert oft == sum(w // 16 * (16 * 15 // 2) for w in widths) < full
+    assert not any("parametrizations" in name for name, _ in visual.named_parameters()), "counted on a copy"

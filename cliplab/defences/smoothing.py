@@ -120,6 +120,15 @@ class RandomizedSmoothing(nn.Module):
         classes = torch.where(certified, guess.cpu(), torch.full_like(guess.cpu(), ABSTAIN))
         return classes, radii.float()
 
+    def largest_certifiable_radius(self, n: int, alpha: float = 0.001) -> float:
+        """The largest L2 radius ``certify`` can return with ``n`` draws at ``alpha``, reached when every draw votes
+        for the class: sigma * PhiInv(alpha^(1/n)), the one-sided Clopper-Pearson bound of n hits out of n. A limit
+        of the Monte-Carlo budget, not of the model: nothing is certified beyond it (0 when even n agreeing draws
+        certify nothing, alpha^(1/n) <= 1/2)."""
+        _check_alpha(alpha)
+        check_int(n, "n")
+        return max(0.0, float(self.sigma * norm.ppf(clopper_pearson(n, n, alpha)[0])))
+
 
 def _check_alpha(alpha: float) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:

@@ -30,6 +30,7 @@ from ..training.config import FinetuneConfig
 from ..training.oft import check_block_size, merge_oft
 from ..training.runs import check_run_directory, check_same_run, run_lock, run_settings
 from ..training.trainer import finetune
+from .conclusions import Markdown
 from .shared import fingerprint, shared
 
 if TYPE_CHECKING:  # the profile calls into this module (Profile.sweep): no import back, no circle
@@ -100,10 +101,11 @@ class FinetuneStudy:
         return (f"worst case over PGD-{self.profile.sweeps.steps}, APGD-CE, APGD-T and Square:\n"
                 + format_accuracy_table(curves))
 
-    def attack_table(self, reports: Mapping[str, Mapping[float, RobustnessReport]]) -> str:
-        """Each model at the largest radius, attack by attack (``robustness_table``), under a line saying so."""
-        return ("at 4/255, attack by attack (each runs on the images the earlier ones left standing):\n"
-                + robustness_table({name: by_eps[self.eval_eps[-1]] for name, by_eps in reports.items()}))
+    def attack_table(self, reports: Mapping[str, Mapping[float, RobustnessReport]]) -> Markdown:
+        """Each model at the largest radius, attack by attack (``robustness_table``), as a Markdown table under a
+        heading that names the radius."""
+        return Markdown(f"**At {255 * self.eval_eps[-1]:g}/255, attack by attack.** "
+                        + robustness_table({name: by_eps[self.eval_eps[-1]] for name, by_eps in reports.items()}))
 
 
 def save_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:

@@ -1,9 +1,11 @@
 """What the notebooks measure beyond accuracy: the seeded target classes of the targeted attacks
 (``random_targets``), 03's certified-accuracy curve (``certified_accuracy``), and 06's claim that OFT keeps the
-angles between neurons (``neuron_geometry``, ``geometry_change``).
+angles between neurons (``neuron_geometry``, ``geometry_change``) and how many parameters each adapter trains
+(``trainable_parameters``).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 
 from ..classifier import ZeroShotClassifier
 from ..evaluation.statistics import Proportion
+from ..training.config import FinetuneConfig
+from ..training.trainer import prepare
 
 
 def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
@@ -71,3 +75,14 @@ def certified_accuracy(classes: torch.Tensor, radii: torch.Tensor, y: torch.Tens
     right = classes.cpu() == y.cpu()
     radii = radii.cpu()
     return [Proportion.of(right & (radii >= r)) for r in at]
+
+
+def trainable_parameters(classifier: ZeroShotClassifier, config: FinetuneConfig) -> int:
+    """The free parameters ``config``'s adapter trains in ``classifier``'s image encoder (measured on a copy): every
+    weight for full fine-tuning; for OFT, the b(b-1)/2 angles of each b x b skew-symmetric block (its generator
+    stores b x b entries, of which only the skew part acts)."""
+    parameters = prepare(copy.deepcopy(classifier), config)
+    if config.adapter != "oft":
+        return sum(p.numel() for p in parameters)
+    b = config.block_size
+    return sum(p.numel() // (b * b) * (b * (b - 1) // 2) for p in parameters)

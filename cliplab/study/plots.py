@@ -7,9 +7,19 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.patches import Patch
 
 from .._io import atomic_write
 from ..evaluation.statistics import Proportion
+
+BAND = "shaded: 95% Clopper-Pearson interval"  # what every band of plot_rates is, said in its legend
+# the study's figures: large enough to read in a notebook on the web, small enough to keep the committed PNGs small
+STYLE = {"figure.dpi": 100, "font.size": 9, "legend.fontsize": 8, "axes.titlesize": 9}
+
+
+def use_style() -> None:
+    """The study's figure style (``STYLE``), for the notebook that calls it."""
+    plt.rcParams.update(STYLE)
 
 
 def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None) -> Path | None:
@@ -24,20 +34,32 @@ def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None)
 
 
 def plot_rates(ax: plt.Axes, x: Sequence[float], curves: Mapping[str, Sequence[Proportion]], *,
-               xlabel: str, ylabel: str, **plot_kwargs) -> None:
-    """One line per curve with its Clopper-Pearson 95% band; the sample size goes in the legend."""
+               xlabel: str, ylabel: str, colors: Mapping[str, str] | None = None, **plot_kwargs) -> None:
+    """One line per curve with its Clopper-Pearson 95% band (the legend says so); the sample size goes in the
+    legend, which sits beside the axes so that it never covers a curve. ``colors`` maps a curve to its colour, so
+    that one meaning keeps one colour across a notebook's figures."""
+    plot_kwargs.setdefault("marker", "o")
     for label, rates in curves.items():
         values = [100 * r.value for r in rates]
         low, high = zip(*[(100 * r.ci95[0], 100 * r.ci95[1]) for r in rates])
         n = sorted({r.n for r in rates})
         n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
-        line, = ax.plot(x, values, marker="o", label=f"{label} ({n_text})", **plot_kwargs)
+        color = (colors or {}).get(label)
+        line, = ax.plot(x, values, label=f"{label} ({n_text})", **({"color": color} if color else {}), **plot_kwargs)
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_beside(ax)
+
+
+def legend_beside(ax: plt.Axes, **kwargs) -> None:
+    """The axes' legend beside them (never over the data), ending with what the shaded bands are."""
+    handles, labels = ax.get_legend_handles_labels()
+    if BAND not in labels:
+        handles, labels = [*handles, Patch(color="grey", alpha=0.2)], [*labels, BAND]
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, **kwargs)
 
 
 def plot_robust_vs_eps(ax: plt.Axes, curves: Mapping[str, Mapping[float, Proportion]]) -> None:
@@ -68,9 +90,10 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     for ax, title in zip(axes, titles.values()):
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
-        ax.legend()
     axes[0].set_yscale("log")
     fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend for the three panels, below them
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(labels), 4))
     return fig
 
 
@@ -96,12 +119,17 @@ def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
 
 
 def show_top5(ax: plt.Axes, probabilities: torch.Tensor, class_names: Sequence[str], *, title: str = "",
-              highlight: Sequence[int] = ()) -> None:
-    """Horizontal bars of the five most probable classes; ``highlight`` classes are drawn in red."""
-    top = probabilities.detach().cpu().topk(5)
-    names = [class_names[i] for i in top.indices.tolist()]
-    colours = ["tab:red" if i in highlight else "tab:blue" for i in top.indices.tolist()]
-    ax.barh(range(5)[::-1], 100 * top.values.numpy(), color=colours)
+              highlight: Sequence[int] = (), target: int | None = None) -> None:
+    """Horizontal bars of the five most probable classes; ``highlight`` classes (the true label) are drawn in red and
+    always shown (in place of the fifth when they are not among the five), the ``target`` class in orange."""
+    probabilities = probabilities.detach().float().cpu()
+    indices = probabilities.topk(5).indices.tolist()
+    for shown in [c for c in highlight if c not in indices]:
+        indices[-1] = shown
+    indices.sort(key=lambda i: -probabilities[i].item())
+    names = [class_names[i] for i in indices]
+    colours = ["tab:red" if i in highlight else "tab:orange" if i == target else "tab:blue" for i in indices]
+    ax.barh(range(5)[::-1], 100 * probabilities[indices].numpy(), color=colours)
     ax.set_yticks(range(5)[::-1], names, fontsize=8)
     ax.set_xlim(0, 100)
     ax.set_xlabel("probability (%)")
@@ -118,19 +146,19 @@ def show_attack(clean: torch.Tensor, adversarial: torch.Tensor, p_clean: torch.T
     show_image(axes[1], 0.5 + scale * delta, f"perturbation x{scale:.0f}\n(L-inf {255 * delta.abs().max():.1f}/255)")
     goal = f"target: {class_names[target]}" if target is not None else "untargeted"
     show_image(axes[2], adversarial, f"adversarial ({goal})")
-    show_top5(axes[3], p_clean, class_names, title="top-5, clean", highlight=[label])
-    show_top5(axes[4], p_adv, class_names, title=f"top-5, adversarial (eps={255 * eps:g}/255)",
-              highlight=[t for t in (target,) if t is not None])
+    show_top5(axes[3], p_clean, class_names, title="top-5, clean (red: the label)", highlight=[label])
+    show_top5(axes[4], p_adv, class_names, title=f"top-5, adversarial (eps={255 * eps:g}/255; orange: the target)",
+              highlight=[label], target=target)
     fig.tight_layout()
     return fig
 
 
 def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int, class_names: Sequence[str], *,
                    sigma_space: float = 1.0, sigma_color: float = 0.1, kernel_size: int = 5,
-                   name: str = "image") -> plt.Figure:
+                   name: str = "image", target: int | None = None) -> plt.Figure:
     """One (3, H, W) image before and after a bilateral filter, what the filter removed (amplified), and the
-    classifier's top-5 probabilities on both, the true ``label`` in red (notebook 04's explorer). ``name`` says
-    what the image is (clean, or which attack made it)."""
+    classifier's top-5 probabilities on both, the true ``label`` in red and the attack's ``target`` (if any) in
+    orange (notebook 04's explorer). ``name`` says what the image is (clean, or which attack made it)."""
     from ..defences.denoise import bilateral
 
     example = image[None]
@@ -139,11 +167,12 @@ def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int,
         p_clean, p_denoised = classifier(example).softmax(1)[0], classifier(denoised).softmax(1)[0]
     fig, axes = plt.subplots(1, 5, figsize=(15, 3), gridspec_kw={"width_ratios": [1, 1, 1, 1.6, 1.6]})
     removed = image - denoised[0]
-    show_image(axes[0], image, f"{name}\n(label: {class_names[label]})")
+    aim = "" if target is None else f", target: {class_names[target]}"
+    show_image(axes[0], image, f"{name}\n(label: {class_names[label]}{aim})")
     show_image(axes[1], denoised[0], f"denoised\ns={sigma_space:.2g}, c={sigma_color:.2g}, k={kernel_size}")
     show_image(axes[2], 0.5 + 0.5 * removed / removed.abs().max().clamp_min(1e-8), "removed (amplified)")
-    show_top5(axes[3], p_clean, class_names, title="top-5, image", highlight=[label])
-    show_top5(axes[4], p_denoised, class_names, title="top-5, denoised", highlight=[label])
+    show_top5(axes[3], p_clean, class_names, title="top-5, image", highlight=[label], target=target)
+    show_top5(axes[4], p_denoised, class_names, title="top-5, denoised", highlight=[label], target=target)
     fig.tight_layout()
     return fig
 
@@ -162,9 +191,37 @@ def show_smoothing(smoothed: torch.nn.Module, image: torch.Tensor, label: int, c
     show_image(axes[0], image, f"image: {class_names[label]}")
     show_image(axes[1], noisy, f"one noisy draw, sigma={smoothed.sigma:g}")
     verdict = ("abstains" if classes[0] < 0 else
-               f"certifies {class_names[classes[0]]}, L2 radius {radii[0]:.2f}")
-    show_top5(axes[2], votes, class_names, title=f"vote of {n} draws: {verdict}", highlight=[label])
+               f"certifies {class_names[classes[0]]}, L2 radius {radii[0]:.2f}"
+               + ("" if classes[0] == label else " (WRONG: a certificate for the wrong class)"))
+    show_top5(axes[2], votes, class_names, title=f"vote of {n} draws (red: the label)\n{verdict}",
+              highlight=[label])
     axes[2].set_xlabel("share of the draws (%)")
     fig.tight_layout()
     return fig
 
+
+
+def show_adversarial_views(x: torch.Tensor, y: torch.Tensor, views: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                           class_names: Sequence[str], *, eps: float) -> plt.Figure:
+    """The same images attacked on several models, side by side: for each model (a row) and image, the adversarial
+    image and its perturbation (amplified by one factor for the whole figure), titled with the model's prediction.
+
+    Args:
+        x: (K, 3, H, W) clean images; y: (K,) labels.
+        views: model name -> (adversarial images (K, 3, H, W), the model's predictions on them (K,)).
+    """
+    deltas = {name: x_adv - x for name, (x_adv, _) in views.items()}
+    scale = 0.5 / max(max(d.abs().max().item() for d in deltas.values()), 1e-12)
+    fig, axes = plt.subplots(len(views) + 1, 2 * len(x), figsize=(1.3 * 2 * len(x), 1.5 * (len(views) + 1)),
+                             squeeze=False)
+    for k in range(len(x)):
+        show_image(axes[0, 2 * k], x[k], f"clean: {class_names[y[k]]}")
+        axes[0, 2 * k + 1].axis("off")
+    for row, (name, (x_adv, predictions)) in enumerate(views.items(), start=1):
+        for k in range(len(x)):
+            verdict = "right" if predictions[k] == y[k] else "wrong"
+            show_image(axes[row, 2 * k], x_adv[k], f"{name}:\n{class_names[predictions[k]]} ({verdict})")
+            show_image(axes[row, 2 * k + 1], 0.5 + scale * deltas[name][k], f"perturbation x{scale:.0f}")
+    fig.suptitle(f"the same images attacked on each model, eps={255 * eps:g}/255 (L-inf)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,309 @@
+"""What each notebook's results say, written from the results: every number and every judgement in a notebook's
+conclusions comes from here, so that the same notebook reads true on ``shapes``, on ``cifar100`` and on a smoke run.
+
+A judgement is decided by the numbers: two rates differ only where their 95% Clopper-Pearson intervals are
+disjoint (``compare``), a target is met only where the measured value reaches it, and a maximum over a grid is
+reported with an interval that accounts for the choice (``selected_interval``). Each function returns ``Markdown``,
+which a notebook renders as Markdown and nbval compares as text.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .._stats import clopper_pearson
+from ..evaluation.ensemble import RobustnessReport
+from ..evaluation.statistics import Proportion
+
+
+class Markdown(str):
+    """Text that a notebook renders as Markdown; its plain-text form (what nbval compares) is the same text."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(str(self))
+
+
+def _join(lines: Sequence[str]) -> Markdown:
+    return Markdown("\n".join(line for line in lines if line))
+
+
+def rate(p: Proportion) -> str:
+    """``53.0% [48.5, 57.4] (n=500)``: a value with its 95% interval and sample size."""
+    return str(p)
+
+
+def compare(a: Proportion, b: Proportion) -> int:
+    """1 when ``a`` is clearly above ``b`` (its 95% interval lies wholly above ``b``'s), -1 when clearly below, 0
+    when the intervals overlap (no difference this sample size can show)."""
+    (a_low, a_high), (b_low, b_high) = a.ci95, b.ci95
+    return 1 if a_low > b_high else -1 if a_high < b_low else 0
+
+
+def relation(a: Proportion, b: Proportion) -> str:
+    """``compare`` in words: "clearly above", "clearly below" or "indistinguishable from" (overlapping intervals)."""
+    return {1: "clearly above", -1: "clearly below", 0: "indistinguishable from"}[compare(a, b)]
+
+
+def selected_interval(p: Proportion, candidates: int) -> tuple[float, float]:
+    """A 95% interval for a value chosen as the best of ``candidates`` measured ones: Clopper-Pearson at the
+    Bonferroni level 0.05 / candidates, which covers every candidate at once and so also the one chosen."""
+    low, high = clopper_pearson(p.hits, p.n, 0.025 / candidates)
+    return float(low), float(high)
+
+
+def _eps(eps: float) -> str:
+    return f"{255 * eps:g}/255"
+
+
+def _listing(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# ------------------------------------------------------------------------------------------ 01: PGD
+
+
+def attack_conclusions(rates: Mapping[str, Sequence[Proportion]], eps_255: Sequence[float]) -> Markdown:
+    """01: untargeted and targeted PGD success against the radius (``rates`` maps "untargeted" and "targeted" to
+    one ``Proportion`` per radius of ``eps_255``)."""
+    untargeted, targeted = rates["untargeted"], rates["targeted"]
+    lines = []
+    for name, curve in rates.items():
+        reach = [e for e, p in zip(eps_255, curve) if p.ci95[0] >= 0.9]
+        lines.append(f"- **{name.capitalize()} PGD** succeeds on {rate(curve[0])} of the correctly classified images "
+                     f"at {eps_255[0]:g}/255 and on {rate(curve[-1])} at {eps_255[-1]:g}/255; "
+                     + (f"from {reach[0]:g}/255 on, even the lower end of its interval is at least 90%."
+                        if reach else "within this grid the lower end of its interval never reaches 90%."))
+    harder = [e for e, t, u in zip(eps_255, targeted, untargeted) if compare(t, u) < 0]
+    lines.append("- Making the model say one chosen class is harder than making it wrong: targeted success is "
+                 f"clearly below untargeted (disjoint intervals) at {len(harder)} of {len(eps_255)} radii "
+                 f"({_listing([f'{e:g}/255' for e in harder])})." if harder else
+                 "- At no radius does this sample show targeted success below untargeted success.")
+    falls = []
+    for name, curve in rates.items():
+        points = list(zip(eps_255, curve))
+        falls += [f"{name}, {a:g}/255 to {b:g}/255" for (a, p), (b, q) in zip(points, points[1:]) if compare(q, p) < 0]
+    lines.append("- Both success rates grow with eps, as they must: no radius is clearly below a smaller one."
+                 if not falls else f"- **Warning**: success falls clearly as eps grows ({_listing(falls)}): a sign "
+                 "of a broken attack, not of a robust model.")
+    return _join(lines)
+
+
+# ------------------------------------------------------------------------------------------ 02: EOT
+
+
+def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Proportion]],
+                    transfer: Mapping[str, Proportion], transform: str, eps: float) -> Markdown:
+    """02: EOT through ``transform`` (``by_samples`` maps untargeted/targeted to the success at each number of
+    EOT ``samples``, the first being plain PGD; ``transfer`` the success of an attack crafted without the
+    defence)."""
+    lines = []
+    for mode, curve in by_samples.items():
+        plain, eot = curve[0], curve[-1]
+        verdict = {1: f"EOT with {samples[-1]} draws is clearly stronger than plain PGD",
+                   -1: f"EOT with {samples[-1]} draws is clearly weaker than plain PGD (**warning**: more samples "
+                       "should never hurt; look for a bug)",
+                   0: f"EOT with {samples[-1]} draws and plain PGD are indistinguishable"}[compare(eot, plain)]
+        white_box = max(curve, key=lambda p: p.value)
+        lines.append(f"- **{mode}**, {transform}, eps={_eps(eps)}: plain PGD {rate(plain)}, EOT {rate(eot)}: "
+                     f"{verdict}. The transferred attack succeeds on {rate(transfer[mode])}, "
+                     f"{relation(transfer[mode], white_box)} the strongest white-box attack.")
+    if all(compare(curve[-1], curve[0]) == 0 for curve in by_samples.values()):
+        lines.append(f"- \"EOT changes nothing\" here means: averaging the gradient over draws of the {transform} "
+                     "did not make the attack measurably stronger, so as far as this sample can tell one draw's "
+                     "gradient already points where the mean gradient does and the randomness hides nothing. It does "
+                     "not mean the defence resists: read the success rates themselves for that.")
+    return _join(lines)
+
+
+def eot_by_eps_conclusions(eps_grid: Sequence[float], by_eps: Mapping[str, Sequence[Proportion]],
+                           transform: str) -> Markdown:
+    """02: plain PGD against EOT-PGD through ``transform`` at each radius (``by_eps``: two curves, plain first)."""
+    (plain_name, plain), (eot_name, eot) = by_eps.items()
+    stronger = [f"{e:g}/255" for e, p, q in zip(eps_grid, plain, eot) if compare(q, p) > 0]
+    return _join([f"- Through the {transform}, {eot_name} is clearly stronger than {plain_name} at "
+                  + (f"{_listing(stronger)} (disjoint intervals); at the other radii the two are indistinguishable."
+                     if stronger else f"no radius of {_listing([f'{e:g}/255' for e in eps_grid])}: "
+                     "their intervals overlap everywhere.")])
+
+
+def worst_case_sentence(name: str, report: RobustnessReport) -> Markdown:
+    """One defence's worst case at its radius, against its clean accuracy."""
+    return Markdown(f"- **{name}**, eps={_eps(report.eps)}: clean {rate(report.clean)}, worst-case robust "
+                    f"{rate(report.robust)}: the attack takes the defended model's accuracy "
+                    + ("clearly down." if compare(report.robust, report.clean) < 0
+                       else "down by no more than this sample can show."))
+
+
+# ------------------------------------------------------------------------------------------ 03: smoothing
+
+
+def smoothing_conclusions(sigmas: Sequence[float], clean: Sequence[Proportion], attacked: Sequence[Proportion],
+                          undefended: Proportion, eps: float) -> Markdown:
+    """03: the smoothed classifier's clean and worst-case accuracy per noise level, against the undefended one."""
+    lines = []
+    costly = [f"{s:g}" for s, c in zip(sigmas, clean) if compare(c, undefended) < 0]
+    lines.append(f"- The undefended model is right on {rate(undefended)} of these images. The noise costs clean "
+                 "accuracy clearly (disjoint intervals) at "
+                 + (f"sigma = {_listing(costly)}." if costly else "no sigma of the grid."))
+    best = max(range(len(sigmas)), key=lambda i: attacked[i].value)
+    lines.append(f"- Under the adaptive attack at eps={_eps(eps)} the best noise level is sigma={sigmas[best]:g} "
+                 f"with {rate(attacked[best])} worst-case accuracy, against {rate(clean[best])} clean at that sigma.")
+    kept = [f"{s:g}" for s, c, a in zip(sigmas, clean, attacked) if compare(a, c) == 0]
+    if kept:
+        lines.append(f"- At sigma = {_listing(kept)} the attack takes no accuracy this sample can show, but only "
+                     "because little is left to take: the base classifier was never trained on noisy images.")
+    return _join(lines)
+
+
+def certification_conclusions(sigmas: Sequence[float], limits: Sequence[float], needed: Mapping[str, float],
+                              certified: Mapping[float, Mapping[str, Proportion | None]], n: int,
+                              alpha: float) -> Markdown:
+    """03: what the certificates say, with the limit the Monte-Carlo budget puts on them.
+
+    Args:
+        limits: per sigma, the largest radius ``n`` draws at ``alpha`` can certify (``largest_certifiable_radius``).
+        needed: threat name (e.g. "L-inf 1/255") -> the L2 radius a certificate needs to cover it.
+        certified: sigma -> threat name -> certified accuracy at that radius, None where it lies past the limit.
+    """
+    if max(limits) <= 0:
+        return Markdown(f"- With n={n} draws at alpha={alpha:g} no image can be certified at all (alpha^(1/n) is "
+                        "below one half): every certified accuracy here is zero because of the budget, not the model.")
+    lines = [f"- With n={n} draws at alpha={alpha:g} no image can be certified beyond sigma x PhiInv(alpha^(1/n)) ("
+             + ", ".join(f"{r:.2f} at sigma={s:g}" for s, r in zip(sigmas, limits))
+             + "), however robust the model: past that radius a zero is the budget's, not the model's."]
+    for threat, radius in needed.items():
+        reachable = {s: p for s, p in ((s, certified[s][threat]) for s in sigmas) if p is not None}
+        if not reachable:
+            lines.append(f"- {threat} needs an L2 radius of {radius:.2f}: beyond every sigma's limit, so this budget "
+                         "cannot certify it at all.")
+            continue
+        best = max(reachable, key=lambda s: reachable[s].value)
+        lines.append(f"- {threat} needs an L2 radius of {radius:.2f}: within the limit of sigma = "
+                     f"{_listing([f'{s:g}' for s in reachable])}; the best certifies {rate(reachable[best])} "
+                     f"(sigma={best:g}).")
+    return _join(lines)
+
+
+# ------------------------------------------------------------------------------------------ 04: denoising
+
+
+def denoising_conclusions(sigma: float, static: Proportion, adaptive: Proportion, random_rates:
+                          Mapping[str, Proportion]) -> Markdown:
+    """04 (a)/(b): targeted success after denoising at spatial ``sigma``, attack made without and through the
+    filter, and the same for the random-sigma filter (``random_rates``: non-adaptive, EOT adaptive)."""
+    (static_name, random_static), (adaptive_name, random_adaptive) = random_rates.items()
+    lines = [f"- At spatial sigma {sigma:g}, targeted success after denoising is {rate(static)} when the attack "
+             f"ignores the filter and {rate(adaptive)} when it goes through it: the adaptive attack is "
+             f"{relation(adaptive, static)} the non-adaptive one.",
+             f"- The random-sigma filter: {static_name} {rate(random_static)}, {adaptive_name} "
+             f"{rate(random_adaptive)}; the second is {relation(random_adaptive, random_static)} the first."]
+    if compare(adaptive, static) > 0:
+        lines.append("- What the filter undoes is an attack that did not know of it; the original study's figure (a) "
+                     "measures that, not robustness.")
+    return _join(lines)
+
+
+def grid_conclusions(robust: Mapping[tuple[float, float], Proportion], clean: Mapping[tuple[float, float],
+                     Proportion], quick_look: Proportion, quick_cell: tuple[float, float], eps: float) -> Markdown:
+    """04 (c): the colour x spatial sigma grid of worst-case accuracy (cell -> ``Proportion``), its best cell with
+    an interval that accounts for choosing it, and what the PGD-10 quick look at ``quick_cell`` misses."""
+    best = max(robust, key=lambda cell: robust[cell].value)
+    low, high = selected_interval(robust[best], len(robust))
+    colour, spatial = best
+    undefended_like = compare(robust[best], clean[best]) < 0
+    lines = [f"- The best of the {len(robust)} cells (colour sigma {colour:g}, spatial sigma {spatial:g}) keeps "
+             f"{rate(robust[best])} worst-case accuracy at eps={_eps(eps)}, against {rate(clean[best])} clean. "
+             f"It was chosen on these very images: its honest interval, covering all {len(robust)} cells at once "
+             f"(Bonferroni), is [{100 * low:.1f}, {100 * high:.1f}], and a new sample would tend to put it lower.",
+             "- So no setting of the filter keeps its clean accuracy under attack." if undefended_like else
+             "- At the best cell the attack takes no accuracy this sample can show.",
+             f"- A single untargeted PGD-10 run through the filter at (colour {quick_cell[0]:g}, spatial "
+             f"{quick_cell[1]:g}) leaves {rate(quick_look)} standing; the ensemble leaves {rate(robust[quick_cell])}"
+             + (": PGD-10 alone would overstate the filter's robustness, as the rates of (a) and (b) may."
+                if compare(quick_look, robust[quick_cell]) > 0 else
+                ", indistinguishable at this sample size; only the ensemble's number is reported.")]
+    return _join(lines)
+
+
+# ------------------------------------------------------------------------------------------ 05, 06: fine-tuning
+
+
+def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
+                         reports: Mapping[str, Mapping[float, RobustnessReport]], *, reference: str = "original",
+                         robust_target: tuple[str, float] | None = None, masking_passed: bool | None = None
+                         ) -> Markdown:
+    """05: each fine-tuned model against ``reference`` (``results``: name -> {0: clean, eps: worst case}), the
+    fine-tuned models against each other, what the ensemble found beyond PGD, and a robustness target (model name,
+    lowest robust accuracy at the largest radius)."""
+    original = results[reference]
+    radii = [eps for eps in original if eps]
+    eps = radii[-1]
+    tuned = [name for name in results if name != reference]
+    lines = []
+    for name in tuned:
+        gains = [_eps(e) for e in radii if compare(results[name][e], original[e]) > 0]
+        lines.append(f"- **{name}**: clean {rate(results[name][0])}, {relation(results[name][0], original[0])} the "
+                     f"{reference}'s {rate(original[0])}; worst case at {_eps(eps)} {rate(results[name][eps])} "
+                     f"against {rate(original[eps])}. Clearly more robust at "
+                     + (f"{_listing(gains)}." if gains else "no radius."))
+    for a, b in zip(tuned, tuned[1:]):
+        same = [_eps(e) for e in [0, *radii] if compare(results[a][e], results[b][e]) == 0]
+        lines.append(f"- {a} and {b} are indistinguishable (overlapping intervals) at "
+                     + (f"{_listing(['clean' if e == '0/255' else e for e in same])}." if same else "no radius.")
+                     + (" The unsupervised method is indistinguishable from the supervised one at every radius, "
+                        "without seeing a label."
+                        if len(same) == len(radii) + 1 and "FARE" in a and "TeCoA" in b else ""))
+    lines += [_pgd_gap(name, by_eps[eps]) for name, by_eps in reports.items()]
+    if robust_target is not None:
+        name, target = robust_target
+        met = results[name][eps].value >= target
+        lines.append(f"- Target: {name} at least {100 * target:.0f}% worst-case robust at {_eps(eps)}: "
+                     + ("**met**" if met else "**missed**") + f" ({rate(results[name][eps])}).")
+    if masking_passed is not None:
+        lines.append("- The gradient-masking checks " + ("all pass: nothing suggests the robustness is an artefact of "
+                     "broken gradients." if masking_passed else "**fail**: the robust numbers cannot be trusted."))
+    return _join(lines)
+
+
+def _pgd_gap(name: str, report: RobustnessReport) -> str:
+    """What the ensemble found beyond the PGD quick look, for one model at one radius."""
+    after_pgd = report.per_attack.get("pgd")
+    if after_pgd is None:
+        return ""
+    return (f"- {name} at {_eps(report.eps)}: {rate(after_pgd)} after PGD alone, {rate(report.robust)} worst case: "
+            + ("PGD alone clearly overstates its robustness." if compare(after_pgd, report.robust) > 0 else
+               "the stronger attacks find no more than this sample can show."))
+
+
+def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candidates: Sequence[str],
+                    full: str, reference: str = "original", clean_drop: float, robust_target: float) -> Markdown:
+    """06: each restricted (OFT) model against the study's two targets (clean accuracy at most ``clean_drop`` below
+    the ``reference``'s, worst-case robust accuracy at the largest radius at least ``robust_target``), and against
+    full fine-tuning (``full``)."""
+    original = results[reference]
+    eps = [e for e in original if e][-1]
+    lines, both = [], []
+    for name in candidates:
+        clean_ok = original[0].value - results[name][0].value <= clean_drop
+        robust_ok = results[name][eps].value >= robust_target
+        if clean_ok and robust_ok:
+            both.append(name)
+        lines.append(f"- **{name}**: clean {rate(results[name][0])} (target within {100 * clean_drop:g} points of "
+                     f"{100 * original[0].value:.1f}%: {'met' if clean_ok else 'missed'}), robust at {_eps(eps)} "
+                     f"{rate(results[name][eps])} (target at least {100 * robust_target:g}%: "
+                     f"{'met' if robust_ok else 'missed'}).")
+    lines.append(f"- **The targets**: {_listing(both)} meet{'s' if len(both) == 1 else ''} both." if both else
+                 "- **The targets**: no restricted model meets both.")
+    most_robust = max(candidates, key=lambda name: results[name][eps].value)
+    dominates = [name for name in candidates if compare(results[name][0], results[full][0]) >= 0
+                 and compare(results[name][eps], results[full][eps]) > 0]
+    lines.append(f"- Against {full} ({rate(results[full][eps])} at {_eps(eps)}, clean {rate(results[full][0])}): "
+                 f"the most robust restricted model, {most_robust}, is {relation(results[most_robust][eps], results[full][eps])} "
+                 f"it under attack, and " + (f"{_listing(dominates)} beat{'s' if len(dominates) == 1 else ''} it on "
+                                             "both axes." if dominates else
+                                             "none is clearly more robust without being clearly less accurate "
+                                             "on clean images."))
+    return _join(lines)

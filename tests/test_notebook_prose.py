@@ -1,0 +1,154 @@
+"""The study reads true: the notebooks' markdown states no measured number and names only what exists, no output
+shows a local path (notebook_prose's checks, each shown to fail on a planted case), and the conclusions that code
+writes from the results say what invented results of either kind say."""
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import cliplab
+from cliplab import Proportion
+from cliplab.evaluation import RobustnessReport
+from cliplab.study import conclusions
+from notebook_prose import measured_numbers, missing_names, problems
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PROFILE = cliplab.get_profile("shapes")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_the_notebooks_prose_states_no_measured_number_and_names_what_exists(path):
+    assert problems(nbformat.read(path, as_version=4), PROFILE) == []
+
+
+@pytest.mark.parametrize("text", ["FARE gains 0% -> 53%", "it drops 5.6 points", "53.8% [49.3, 58.2]",
+                                  "13 to 20 minutes per model", "robust accuracy near 12%", "from 12 → 55",
+                                  "2.2x faster"])
+def test_a_planted_measured_number_is_found(text):
+    assert measured_numbers(f"Some prose. {text}. More prose.")
+
+
+@pytest.mark.parametrize("text", ["eps in {1, 2, 4}/255 on images in [0, 1]", "every rate with its 95% interval",
+                                  "PGD-10 with 2 restarts at 4/255", "Cohen et al. 2019, kernel 5, sigma 0.1"])
+def test_settings_are_not_measured_numbers(text):
+    assert measured_numbers(text) == []
+
+
+def test_a_planted_missing_name_is_found():
+    text = "`profile.defences.votes` exists, `profile.votes` does not; `cliplab.pgd` and `cliplab.no_such_attack`."
+    assert missing_names(text, PROFILE) == ["profile.votes", "cliplab.no_such_attack"]
+
+
+def test_a_planted_local_path_in_an_output_is_found():
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# fine"),
+                                               nbformat.v4.new_code_cell("save()")])
+    notebook.cells[1].outputs = [nbformat.v4.new_output(
+        "execute_result", {"text/plain": "PosixPath('/work/main/results/figure.png')"}, execution_count=1)]
+    assert problems(notebook, PROFILE) == ["cell 1: an output shows a local path: PosixPath("]
+
+
+# ------------------------------------------------------------------------------------------ the conclusions
+def p(percent: int, n: int = 500) -> Proportion:
+    return Proportion(round(percent * n / 100), n)
+
+
+def report(clean: int, robust: int, eps: float, after_pgd: int | None = None) -> RobustnessReport:
+    per_attack = {} if after_pgd is None else {"pgd": p(after_pgd)}
+    return RobustnessReport(p(clean), p(robust), {**per_attack, "square": p(robust)}, standing=None, eps=eps)
+
+
+EPS = (1 / 255, 2 / 255, 4 / 255)
+
+
+def curve(clean, *robust):
+    return {0: p(clean), **dict(zip(EPS, map(p, robust)))}
+
+
+def test_conclusions_render_as_markdown_and_compare_as_text():
+    text = conclusions.Markdown("- **a** point")
+    assert text._repr_markdown_() == "- **a** point"
+    from IPython.lib.pretty import pretty
+
+    assert pretty(text) == "- **a** point"  # what nbval compares: the text itself, not a quoted repr
+
+
+def test_compare_goes_by_disjoint_intervals():
+    assert conclusions.compare(p(60), p(40)) == 1 and conclusions.compare(p(40), p(60)) == -1
+    assert conclusions.compare(p(52), p(50)) == 0
+    assert conclusions.relation(p(52), p(50)) == "indistinguishable from"
+
+
+def test_fare_no_better_than_the_original_is_said_so_and_its_target_missed():
+    results = {"original": curve(98, 40, 10, 1), "FARE-full": curve(97, 41, 11, 2)}
+    reports = {name: {EPS[-1]: report(r[0].value * 100, r[EPS[-1]].value * 100, EPS[-1])}
+               for name, r in results.items()}
+    text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40), masking_passed=True)
+    assert "Clearly more robust at no radius." in text
+    assert "**missed**" in text and "**met**" not in text
+    assert "indistinguishable from the original's" in text
+
+
+def test_fare_that_gains_and_matches_tecoa_is_said_so():
+    results = {"original": curve(98, 48, 7, 0), "FARE-full": curve(93, 86, 78, 53), "TeCoA-full": curve(92, 84, 75, 51)}
+    reports = {"original": {EPS[-1]: report(98, 0, EPS[-1], after_pgd=12)},
+               "FARE-full": {EPS[-1]: report(93, 53, EPS[-1], after_pgd=55)}}
+    text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40),
+                                            masking_passed=False)
+    assert "Clearly more robust at 1/255, 2/255 and 4/255." in text
+    assert "without seeing a label" in text and "**met**" in text
+    assert "PGD alone clearly overstates its robustness" in text  # the original: 12% after PGD, 0% worst case
+    assert "**fail**" in text
+
+
+def test_oft_meeting_its_targets_is_said_so():
+    results = {"original": curve(98, 48, 7, 0), "FARE-full": curve(93, 86, 78, 53),
+               "FARE-OFT b=128 cw=2": curve(95, 85, 75, 70), "FARE-OFT b=16 cw=1": curve(90, 60, 30, 9)}
+    text = conclusions.oft_conclusions(results, candidates=["FARE-OFT b=128 cw=2", "FARE-OFT b=16 cw=1"],
+                                       full="FARE-full", clean_drop=0.05, robust_target=0.25)
+    assert "FARE-OFT b=128 cw=2 meets both." in text
+    assert "clearly above it under attack" in text and "FARE-OFT b=128 cw=2 beats it on both axes." in text
+
+
+def test_oft_missing_its_targets_is_said_so():
+    results = {"original": curve(98, 48, 7, 0), "FARE-full": curve(93, 86, 78, 53),
+               "FARE-OFT b=128 cw=1": curve(92, 81, 63, 28)}
+    text = conclusions.oft_conclusions(results, candidates=["FARE-OFT b=128 cw=1"], full="FARE-full",
+                                       clean_drop=0.05, robust_target=0.25)
+    assert "no restricted model meets both" in text and "clearly below it under attack" in text
+
+
+def test_attack_conclusions_warn_when_success_falls_with_eps():
+    good = conclusions.attack_conclusions({"untargeted": [p(10), p(50), p(99)], "targeted": [p(0), p(5), p(40)]},
+                                          [1, 2, 8])
+    assert "grow with eps, as they must" in good and "at 3 of 3 radii" in good
+    bad = conclusions.attack_conclusions({"untargeted": [p(10), p(90), p(40)], "targeted": [p(0), p(5), p(6)]},
+                                         [1, 2, 8])
+    assert "**Warning**" in bad and "untargeted, 2/255 to 8/255" in bad
+
+
+def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
+    same = conclusions.eot_conclusions((1, 20), {"untargeted": [p(70, 100), p(70, 100)]},
+                                       {"untargeted": p(38, 100)}, "random blur", 4 / 255)
+    assert "indistinguishable" in same and "does not mean the defence resists" in same
+    gain = conclusions.eot_conclusions((1, 20), {"untargeted": [p(30, 100), p(90, 100)]},
+                                       {"untargeted": p(20, 100)}, "noise", 4 / 255)
+    assert "clearly stronger than plain PGD" in gain and "does not mean" not in gain
+
+
+def test_the_certification_conclusions_draw_the_budgets_limit():
+    text = conclusions.certification_conclusions(
+        [0.03, 0.25], [0.07, 0.55], {"L-inf 1/255": 0.22, "L-inf 4/255": 0.87},
+        {0.03: {"L-inf 1/255": None, "L-inf 4/255": None}, 0.25: {"L-inf 1/255": p(9, 100), "L-inf 4/255": None}},
+        n=500, alpha=0.001)
+    assert "the budget's, not the model's" in text
+    assert "L-inf 4/255 needs an L2 radius of 0.87: beyond every sigma's limit" in text
+    assert "within the limit of sigma = 0.25" in text
+
+
+def test_the_best_cell_of_a_grid_gets_a_wider_interval_than_its_own():
+    best = p(18, 100)
+    low, high = conclusions.selected_interval(best, 16)
+    assert low < best.ci95[0] and high > best.ci95[1]
+    cells = {(c, s): p(v, 100) for (c, s), v in {(0.1, 1.0): 4, (0.2, 2.0): 18}.items()}
+    text = conclusions.grid_conclusions(cells, {cell: p(50, 100) for cell in cells}, p(23, 100), (0.1, 1.0), 4 / 255)
+    assert "Bonferroni" in text and "PGD-10 alone would overstate" in text
