@@ -53,6 +53,30 @@ def selected_interval(p: Proportion, candidates: int) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def verdict(p: Proportion, threshold: float) -> str:
+    """A target "at least ``threshold``" judged on ``p``'s 95% interval: "met" when the whole interval reaches it,
+    "missed" when none of it does, otherwise "not settled at this n" with the side the point estimate falls on."""
+    low, high = p.ci95
+    if low >= threshold:
+        return "met"
+    if high < threshold:
+        return "missed"
+    side = "meets" if p.value >= threshold else "misses"
+    return f"not settled at this n (the interval straddles it; the estimate {side} it)"
+
+
+def best_of(values: Mapping, name: str) -> str:
+    """The highest of several measured rates (key -> ``Proportion``), said as a choice among them: clearly best only
+    when its interval lies above every other's, and with the Bonferroni interval that accounts for choosing it."""
+    best = max(values, key=lambda key: values[key].value)
+    low, high = selected_interval(values[best], len(values))
+    clearly = all(compare(values[best], p) > 0 for key, p in values.items() if key != best)
+    return (f"{name} {best:g} is " + ("clearly the best" if clearly else
+                                      "the highest point estimate, not clearly the best (intervals overlap)")
+            + f": {rate(values[best])}, or [{100 * low:.1f}, {100 * high:.1f}] once the choice among "
+              f"{len(values)} is accounted for (Bonferroni)")
+
+
 def _eps(eps: float) -> str:
     return f"{255 * eps:g}/255"
 
@@ -110,11 +134,12 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
         lines.append(f"- **{mode}**, {transform}, eps={_eps(eps)}: plain PGD {rate(plain)}, EOT {rate(eot)}: "
                      f"{verdict}. The transferred attack succeeds on {rate(transfer[mode])}, "
                      f"{relation(transfer[mode], white_box)} the strongest white-box attack.")
-    if all(compare(curve[-1], curve[0]) == 0 for curve in by_samples.values()):
-        lines.append(f"- \"EOT changes nothing\" here means: averaging the gradient over draws of the {transform} "
-                     "did not make the attack measurably stronger, so as far as this sample can tell one draw's "
-                     "gradient already points where the mean gradient does and the randomness hides nothing. It does "
-                     "not mean the defence resists: read the success rates themselves for that.")
+    unchanged = [mode for mode, curve in by_samples.items() if compare(curve[-1], curve[0]) == 0
+                 and max(p.ci95[0] for p in curve) > 0.05]  # a rate at the floor can show no change at all
+    if unchanged:
+        lines.append(f"- \"EOT changes nothing\" ({_listing(unchanged)}) means: averaging the gradient over draws "
+                     f"of the {transform} did not make the attack measurably stronger at this n. It does not mean "
+                     "the defence resists: read the success rates themselves for that.")
     return _join(lines)
 
 
@@ -148,13 +173,14 @@ def smoothing_conclusions(sigmas: Sequence[float], clean: Sequence[Proportion], 
     lines.append(f"- The undefended model is right on {rate(undefended)} of these images. The noise costs clean "
                  "accuracy clearly (disjoint intervals) at "
                  + (f"sigma = {_listing(costly)}." if costly else "no sigma of the grid."))
-    best = max(range(len(sigmas)), key=lambda i: attacked[i].value)
-    lines.append(f"- Under the adaptive attack at eps={_eps(eps)} the best noise level is sigma={sigmas[best]:g} "
-                 f"with {rate(attacked[best])} worst-case accuracy, against {rate(clean[best])} clean at that sigma.")
-    kept = [f"{s:g}" for s, c, a in zip(sigmas, clean, attacked) if compare(a, c) == 0]
-    if kept:
-        lines.append(f"- At sigma = {_listing(kept)} the attack takes no accuracy this sample can show, but only "
-                     "because little is left to take: the base classifier was never trained on noisy images.")
+    lines.append(f"- Worst-case accuracy under the adaptive attack at eps={_eps(eps)}: "
+                 + best_of(dict(zip(sigmas, attacked)), "sigma") + ".")
+    collapsed = [f"{s:g}" for s, c, a in zip(sigmas, clean, attacked)
+                 if compare(a, c) == 0 and compare(c, undefended) < 0]
+    if collapsed:
+        lines.append(f"- At sigma = {_listing(collapsed)} the attack takes no accuracy this sample can show, but the "
+                     "noise has already taken the clean accuracy clearly below the undefended model's: little is "
+                     "left to take.")
     return _join(lines)
 
 
@@ -180,10 +206,10 @@ def certification_conclusions(sigmas: Sequence[float], limits: Sequence[float], 
             lines.append(f"- {threat} needs an L2 radius of {radius:.2f}: beyond every sigma's limit, so this budget "
                          "cannot certify it at all.")
             continue
-        best = max(reachable, key=lambda s: reachable[s].value)
         lines.append(f"- {threat} needs an L2 radius of {radius:.2f}: within the limit of sigma = "
-                     f"{_listing([f'{s:g}' for s in reachable])}; the best certifies {rate(reachable[best])} "
-                     f"(sigma={best:g}).")
+                     f"{_listing([f'{s:g}' for s in reachable])}; certified there: "
+                     + (f"{rate(next(iter(reachable.values())))}" if len(reachable) == 1 else
+                        best_of(reachable, "sigma")) + ".")
     return _join(lines)
 
 
@@ -207,9 +233,10 @@ def denoising_conclusions(sigma: float, static: Proportion, adaptive: Proportion
 
 
 def grid_conclusions(robust: Mapping[tuple[float, float], Proportion], clean: Mapping[tuple[float, float],
-                     Proportion], quick_look: Proportion, quick_cell: tuple[float, float], eps: float) -> Markdown:
+                     Proportion], quick_look: Proportion, quick_cell: tuple[float, float], eps: float, *,
+                     steps: int) -> Markdown:
     """04 (c): the colour x spatial sigma grid of worst-case accuracy (cell -> ``Proportion``), its best cell with
-    an interval that accounts for choosing it, and what the PGD-10 quick look at ``quick_cell`` misses."""
+    an interval that accounts for choosing it, and what the PGD-``steps`` quick look at ``quick_cell`` misses."""
     best = max(robust, key=lambda cell: robust[cell].value)
     low, high = selected_interval(robust[best], len(robust))
     colour, spatial = best
@@ -222,9 +249,9 @@ def grid_conclusions(robust: Mapping[tuple[float, float], Proportion], clean: Ma
              f"- At {len(kept)} of the {len(robust)} cells the attack takes no accuracy this sample can show (worst "
              "case and clean accuracy have overlapping intervals); look at their clean accuracy before calling that "
              "robustness.",
-             f"- A single untargeted PGD-10 run through the filter at (colour {quick_cell[0]:g}, spatial "
+             f"- A single untargeted PGD-{steps} run through the filter at (colour {quick_cell[0]:g}, spatial "
              f"{quick_cell[1]:g}) leaves {rate(quick_look)} standing; the ensemble leaves {rate(robust[quick_cell])}"
-             + (": PGD-10 alone would overstate the filter's robustness, as the rates of (a) and (b) may."
+             + (f": PGD-{steps} alone would overstate the filter's robustness, as the rates of (a) and (b) may."
                 if compare(quick_look, robust[quick_cell]) > 0 else
                 ", indistinguishable at this sample size; only the ensemble's number is reported.")]
     return _join(lines)
@@ -261,9 +288,8 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
     lines += [_pgd_gap(name, by_eps[eps]) for name, by_eps in reports.items()]
     if robust_target is not None:
         name, target = robust_target
-        met = results[name][eps].value >= target
         lines.append(f"- Target: {name} at least {100 * target:.0f}% worst-case robust at {_eps(eps)}: "
-                     + ("**met**" if met else "**missed**") + f" ({rate(results[name][eps])}).")
+                     f"**{verdict(results[name][eps], target)}** ({rate(results[name][eps])}).")
     if masking_passed is not None:
         lines.append("- The gradient-masking checks " + ("all pass: nothing suggests the robustness is an artefact of "
                      "broken gradients." if masking_passed else "**fail**: the robust numbers cannot be trusted."))
@@ -287,25 +313,27 @@ def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candid
     full fine-tuning (``full``)."""
     original = results[reference]
     eps = [e for e in original if e][-1]
-    lines, both = [], []
+    lines, both, unsettled = [], [], []
     for name in candidates:
-        clean_ok = original[0].value - results[name][0].value <= clean_drop
-        robust_ok = results[name][eps].value >= robust_target
-        if clean_ok and robust_ok:
+        clean_ok = verdict(results[name][0], original[0].value - clean_drop)
+        robust_ok = verdict(results[name][eps], robust_target)
+        if clean_ok == robust_ok == "met":
             both.append(name)
-        lines.append(f"- **{name}**: clean {rate(results[name][0])} (target within {100 * clean_drop:g} points of "
-                     f"{100 * original[0].value:.1f}%: {'met' if clean_ok else 'missed'}), robust at {_eps(eps)} "
-                     f"{rate(results[name][eps])} (target at least {100 * robust_target:g}%: "
-                     f"{'met' if robust_ok else 'missed'}).")
-    lines.append(f"- **The targets**: {_listing(both)} meet{'s' if len(both) == 1 else ''} both." if both else
-                 "- **The targets**: no restricted model meets both.")
+        elif "missed" not in (clean_ok, robust_ok):
+            unsettled.append(name)
+        lines.append(f"- **{name}**: clean {rate(results[name][0])} (target: at most {100 * clean_drop:g} points "
+                     f"below the {reference}'s {100 * original[0].value:.1f}%: {clean_ok}), robust at {_eps(eps)} "
+                     f"{rate(results[name][eps])} (target: at least {100 * robust_target:g}%: {robust_ok}).")
+    lines.append("- **The targets**: "
+                 + (f"{_listing(both)} meet{'s' if len(both) == 1 else ''} both" if both else
+                    "no restricted model clearly meets both")
+                 + (f"; for {_listing(unsettled)} this n cannot settle it" if unsettled else "")
+                 + (", and every other misses at least one." if both or unsettled else ": each misses at least one."))
     most_robust = max(candidates, key=lambda name: results[name][eps].value)
-    dominates = [name for name in candidates if compare(results[name][0], results[full][0]) >= 0
-                 and compare(results[name][eps], results[full][eps]) > 0]
+    cleaner = [name for name in candidates if compare(results[name][0], results[full][0]) > 0]
     lines.append(f"- Against {full} ({rate(results[full][eps])} at {_eps(eps)}, clean {rate(results[full][0])}): "
-                 f"the most robust restricted model, {most_robust}, is {relation(results[most_robust][eps], results[full][eps])} "
-                 f"it under attack, and " + (f"{_listing(dominates)} beat{'s' if len(dominates) == 1 else ''} it on "
-                                             "both axes." if dominates else
-                                             "none is clearly more robust without being clearly less accurate "
-                                             "on clean images."))
+                 f"the most robust restricted model, {most_robust}, is "
+                 f"{relation(results[most_robust][eps], results[full][eps])} it under attack; "
+                 + (f"{_listing(cleaner)} {'is' if len(cleaner) == 1 else 'are'} clearly more accurate on clean "
+                    "images." if cleaner else "none is clearly more accurate on clean images."))
     return _join(lines)

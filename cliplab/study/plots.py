@@ -7,12 +7,16 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .._io import atomic_write
 from ..evaluation.statistics import Proportion
 
 BAND = "shaded: 95% Clopper-Pearson interval"  # what every band of plot_rates is, said in its legend
+BARS = "bars: 95% Clopper-Pearson intervals"  # what plot_tradeoff's error bars are
+# the top-5 bars: the true label, the attack's target, every other class (no colour a curve of the study uses)
+LABEL_COLOUR, TARGET_COLOUR, OTHER_COLOUR = "tab:red", "tab:orange", "silver"
 # the study's figures: large enough to read in a notebook on the web, small enough to keep the committed PNGs small
 STYLE = {"figure.dpi": 100, "font.size": 9, "legend.fontsize": 8, "axes.titlesize": 9}
 
@@ -20,6 +24,13 @@ STYLE = {"figure.dpi": 100, "font.size": 9, "legend.fontsize": 8, "axes.titlesiz
 def use_style() -> None:
     """The study's figure style (``STYLE``), for the notebook that calls it."""
     plt.rcParams.update(STYLE)
+
+
+def colours_for(names: Sequence[str]) -> dict[str, str]:
+    """One colour per name (a model, an attack), the same in every figure of a notebook that passes it on; none of
+    them red or orange, which the top-5 bars keep for the label and the target."""
+    palette = ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
 def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None) -> Path | None:
@@ -62,27 +73,30 @@ def legend_beside(ax: plt.Axes, **kwargs) -> None:
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, **kwargs)
 
 
-def plot_robust_vs_eps(ax: plt.Axes, curves: Mapping[str, Mapping[float, Proportion]]) -> None:
+def plot_robust_vs_eps(ax: plt.Axes, curves: Mapping[str, Mapping[float, Proportion]], *,
+                       colors: Mapping[str, str] | None = None) -> None:
     """Each model's clean and worst-case accuracy against the radius (``accuracy_curve``s), with their intervals."""
     radii = next(iter(curves.values()))
     plot_rates(ax, [255 * eps for eps in radii], {name: list(curve.values()) for name, curve in curves.items()},
-               xlabel="eps (x 1/255, L-inf)", ylabel="accuracy (%)")
+               xlabel="eps (x 1/255, L-inf)", ylabel="accuracy (%)", colors=colors)
 
 
-def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], *, window: int = 20
-                         ) -> plt.Figure:
+def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], *, window: int = 20,
+                         batch_size: int | None = None, colors: Mapping[str, str] | None = None) -> plt.Figure:
     """Loss and batch accuracies (clean, under the inner attack) of fine-tuning runs, smoothed over ``window``
     steps, with the periodic held-out evaluations as points; ``histories`` maps a run's name to its per-step
-    history (``cliplab.finetune``)."""
+    history (``cliplab.finetune``), ``colors`` a run to its colour. A training diagnostic: no interval, and the
+    caption says so."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
-    titles = {"loss": "training loss", "clean": "batch accuracy, clean (%)",
+    titles = {"loss": "training loss (each method its own objective)", "clean": "batch accuracy, clean (%)",
               "robust": "batch accuracy under the inner attack (%)"}
     for name, history in histories.items():
         steps = torch.tensor([float(h["step"]) for h in history])
         for ax, key in zip(axes, titles):
             values = torch.tensor([float(h[key]) for h in history]) * (1 if key == "loss" else 100)
             width = min(window, len(values))  # a moving average: (steps - width + 1) points
-            line, = ax.plot(steps[width - 1:], values.unfold(0, width, 1).mean(1), label=name)
+            line, = ax.plot(steps[width - 1:], values.unfold(0, width, 1).mean(1), label=name,
+                            **({"color": colors[name]} if colors and name in colors else {}))
             evaluated = [h for h in history if f"eval_{key}" in h]  # periodic held-out evaluation, if any
             if evaluated:
                 ax.plot([h["step"] for h in evaluated], [100 * h[f"eval_{key}"] for h in evaluated], "o",
@@ -94,21 +108,28 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     fig.tight_layout()
     handles, labels = axes[0].get_legend_handles_labels()  # one legend for the three panels, below them
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(labels), 4))
+    batches = f" of {batch_size}-image batches" if batch_size else ""
+    width = min(window, *(len(history) for history in histories.values()))
+    fig.suptitle(f"moving averages over {width} steps{batches}: a training diagnostic, without intervals", y=1.02)
     return fig
 
 
 def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportion]], *, xlabel: str,
-                  ylabel: str) -> None:
-    """One point per model at (clean, robust) accuracy, with 95% intervals as error bars on both axes."""
+                  ylabel: str, colors: Mapping[str, str] | None = None) -> None:
+    """One point per model at (clean, robust) accuracy, with 95% intervals as error bars on both axes (the legend,
+    beside the axes, says so)."""
     for label, (clean, robust) in points.items():
         x, y = 100 * clean.value, 100 * robust.value
         xerr = [[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]]
         yerr = [[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{label} (n={clean.n})")
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{label} (n={clean.n})",
+                    **({"color": colors[label]} if colors and label in colors else {}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes: points fill any corner
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none"))  # a line of text: what the bars are
+    ax.legend(handles, [*labels, BARS], loc="upper left", bbox_to_anchor=(1.02, 1))  # beside: points fill corners
 
 
 def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
@@ -121,14 +142,17 @@ def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
 def show_top5(ax: plt.Axes, probabilities: torch.Tensor, class_names: Sequence[str], *, title: str = "",
               highlight: Sequence[int] = (), target: int | None = None) -> None:
     """Horizontal bars of the five most probable classes; ``highlight`` classes (the true label) are drawn in red and
-    always shown (in place of the fifth when they are not among the five), the ``target`` class in orange."""
+    the ``target`` class in orange, both always shown (in place of the least likely when not among the five)."""
     probabilities = probabilities.detach().float().cpu()
     indices = probabilities.topk(5).indices.tolist()
-    for shown in [c for c in highlight if c not in indices]:
-        indices[-1] = shown
+    must_show = [*highlight, *([] if target is None else [target])]
+    for slot, shown in zip(range(4, -1, -1), [c for c in must_show if c not in indices]):  # replace the least likely
+        while indices[slot] in must_show:
+            slot -= 1
+        indices[slot] = shown
     indices.sort(key=lambda i: -probabilities[i].item())
     names = [class_names[i] for i in indices]
-    colours = ["tab:red" if i in highlight else "tab:orange" if i == target else "tab:blue" for i in indices]
+    colours = [LABEL_COLOUR if i in highlight else TARGET_COLOUR if i == target else OTHER_COLOUR for i in indices]
     ax.barh(range(5)[::-1], 100 * probabilities[indices].numpy(), color=colours)
     ax.set_yticks(range(5)[::-1], names, fontsize=8)
     ax.set_xlim(0, 100)
@@ -171,8 +195,9 @@ def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int,
     show_image(axes[0], image, f"{name}\n(label: {class_names[label]}{aim})")
     show_image(axes[1], denoised[0], f"denoised\ns={sigma_space:.2g}, c={sigma_color:.2g}, k={kernel_size}")
     show_image(axes[2], 0.5 + 0.5 * removed / removed.abs().max().clamp_min(1e-8), "removed (amplified)")
-    show_top5(axes[3], p_clean, class_names, title="top-5, image", highlight=[label], target=target)
-    show_top5(axes[4], p_denoised, class_names, title="top-5, denoised", highlight=[label], target=target)
+    key = "red: the label" + ("" if target is None else "; orange: the target")
+    show_top5(axes[3], p_clean, class_names, title=f"top-5, image ({key})", highlight=[label], target=target)
+    show_top5(axes[4], p_denoised, class_names, title=f"top-5, denoised ({key})", highlight=[label], target=target)
     fig.tight_layout()
     return fig
 
@@ -193,8 +218,9 @@ def show_smoothing(smoothed: torch.nn.Module, image: torch.Tensor, label: int, c
     verdict = ("abstains" if classes[0] < 0 else
                f"certifies {class_names[classes[0]]}, L2 radius {radii[0]:.2f}"
                + ("" if classes[0] == label else " (WRONG: a certificate for the wrong class)"))
-    show_top5(axes[2], votes, class_names, title=f"vote of {n} draws (red: the label)\n{verdict}",
-              highlight=[label])
+    limit = smoothed.largest_certifiable_radius(n, alpha)
+    show_top5(axes[2], votes, class_names, highlight=[label],
+              title=f"vote of {n} draws (red: the label; the most {n} draws can certify: {limit:.2f})\n{verdict}")
     axes[2].set_xlabel("share of the draws (%)")
     fig.tight_layout()
     return fig
@@ -212,8 +238,9 @@ def show_adversarial_views(x: torch.Tensor, y: torch.Tensor, views: Mapping[str,
     """
     deltas = {name: x_adv - x for name, (x_adv, _) in views.items()}
     scale = 0.5 / max(max(d.abs().max().item() for d in deltas.values()), 1e-12)
-    fig, axes = plt.subplots(len(views) + 1, 2 * len(x), figsize=(1.3 * 2 * len(x), 1.5 * (len(views) + 1)),
-                             squeeze=False)
+    # 32x32 images need few pixels: a low dpi keeps the committed PNG small (noise compresses badly)
+    fig, axes = plt.subplots(len(views) + 1, 2 * len(x), figsize=(1.5 * 2 * len(x), 1.7 * (len(views) + 1)),
+                             squeeze=False, dpi=70)
     for k in range(len(x)):
         show_image(axes[0, 2 * k], x[k], f"clean: {class_names[y[k]]}")
         axes[0, 2 * k + 1].axis("off")
