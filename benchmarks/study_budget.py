@@ -113,7 +113,8 @@ class Cost:
 
 def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
     costs = {name: Cost(upper=upper) for name in ("01_attacks", "02_eot", "03_randomized_smoothing",
-                                                  "04_denoising", "05_adversarial_finetune", "06_orthogonal_finetune")}
+                                                  "04_denoising", "05_adversarial_finetune", "06_orthogonal_finetune",
+                                                  "07_every_defence")}
     right = lambda n: ACCURACY * n  # noqa: E731 - the images an evaluation attacks
 
     c = costs["01_attacks"]
@@ -163,6 +164,13 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
         for _ in range(models):  # FinetuneStudy.evaluate: robustness_vs_eps at 1, 2, 4 / 255
             c.ensemble(p.sweeps.images, FinetuneStudy.attacks, p.attack_budget(), radii=len(FinetuneStudy.eval_eps))
     costs["05_adversarial_finetune"].masking_report(100, p.sweeps.steps)
+
+    # 07: the three inference-time defences at one radius; the fine-tuned models' evaluations are 05 and 06's, shared
+    c, n = costs["07_every_defence"], p.defences.images
+    c.ensemble(n, ENSEMBLES["standard"], p.attack_budget())  # the bilateral filter
+    c.ensemble(n, ENSEMBLES["rand"], p.attack_budget(randomised=True), votes=p.defences.votes)  # the Gaussian noise
+    c.ensemble(n, ENSEMBLES["rand"], AttackBudget(steps=p.evaluation.steps, eot_samples=p.defences.eot_samples // noise + 1),
+               votes=p.certification.n0, noise=noise)  # randomized smoothing at one sigma
     return costs
 
 

@@ -171,3 +171,14 @@ def test_the_best_of_several_overlapping_rates_is_not_called_clearly_best():
     text = conclusions.best_of({0.03: p(10, 100), 0.12: p(14, 100)}, "sigma")
     assert text.startswith("sigma 0.12 is the highest point estimate, not clearly the best")
     assert conclusions.best_of({0.03: p(10, 100), 0.12: p(60, 100)}, "sigma").startswith("sigma 0.12 is clearly")
+
+
+def test_the_summary_names_the_defences_that_help_and_what_they_cost():
+    points = {"original": (p(98, 500), p(0, 500)), "bilateral": (p(98, 100), p(4, 100)),
+              "FARE-full": (p(93, 500), p(53, 500)), "TeCoA-full": (p(92, 500), p(51, 500))}
+    text = conclusions.summary_conclusions(points, 4 / 255)
+    assert "Clearly more robust than the undefended model at 4/255: bilateral, FARE-full and TeCoA-full." in text
+    assert "The most robust is FARE-full" in text and "indistinguishable from it: TeCoA-full." in text  # not bilateral
+    assert "on clean images: FARE-full and TeCoA-full." in text
+    nothing = conclusions.summary_conclusions({"original": (p(98), p(0)), "noise": (p(97), p(1))}, 4 / 255)
+    assert "no defence of the study." in nothing and "images: none." in nothing

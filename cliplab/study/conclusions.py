@@ -337,3 +337,29 @@ def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candid
                  + (f"{_listing(cleaner)} {'is' if len(cleaner) == 1 else 'are'} clearly more accurate on clean "
                     "images." if cleaner else "none is clearly more accurate on clean images."))
     return _join(lines)
+
+
+# ------------------------------------------------------------------------------------------ 07: every defence
+
+
+def summary_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], eps: float, *,
+                        reference: str = "original") -> Markdown:
+    """07: every defence at one radius (name -> (clean, worst-case robust)), against the undefended ``reference``:
+    which are clearly more robust, which is the most robust and which are indistinguishable from it, and what each
+    clearly costs on clean images."""
+    clean_0, robust_0 = points[reference]
+    defences = [name for name in points if name != reference]
+    gains = [name for name in defences if compare(points[name][1], robust_0) > 0]
+    lines = [f"- Undefended: clean {rate(clean_0)}, worst case at {_eps(eps)} {rate(robust_0)}.",
+             f"- Clearly more robust than the undefended model at {_eps(eps)}: "
+             + (f"{_listing(gains)}." if gains else "no defence of the study.")]
+    if gains:
+        top = max(gains, key=lambda name: points[name][1].value)
+        peers = [name for name in gains if name != top and compare(points[name][1], points[top][1]) == 0]
+        lines.append(f"- The most robust is {top} ({rate(points[top][1])})"
+                     + (f"; indistinguishable from it: {_listing(peers)}." if peers else
+                        ", clearly above every other defence."))
+    costly = [name for name in defences if compare(points[name][0], clean_0) < 0]
+    lines.append("- Clearly less accurate than the undefended model on clean images: "
+                 + (f"{_listing(costly)}." if costly else "none."))
+    return _join(lines)

@@ -31,6 +31,7 @@ from ..training.oft import check_block_size, merge_oft
 from ..training.runs import check_run_directory, check_same_run, run_lock, run_settings
 from ..training.trainer import finetune
 from .conclusions import Markdown
+from .measures import trainable_parameters
 from .shared import fingerprint, shared
 
 if TYPE_CHECKING:  # the profile calls into this module (Profile.sweep): no import back, no circle
@@ -61,6 +62,60 @@ class FinetuneStudy:
         self.original = profile.load_classifier()
         self.x_train, self.y_train, self.class_names = profile.load_dataset("train", n=profile.finetuning.images)
         self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
+
+    def runs(self) -> dict[str, tuple[str, FinetuneConfig]]:
+        """Every fine-tuned model of the study, name -> (cache name, config): FARE and TeCoA on the whole encoder
+        (05), and FARE with OFT (06) at each of the profile's block sizes, then the largest blocks again at two and
+        three times the clean term's weight, the knob between clean and robust accuracy."""
+        finetuning = self.profile.finetuning
+        config = self.profile.finetune_config
+        runs = {"FARE-full": ("fare-full", config("fare", "full")), "TeCoA-full": ("tecoa-full", config("tecoa", "full"))}
+        largest = max(finetuning.oft_block_sizes)
+        ofts = [config("fare", "oft", block_size=b) for b in sorted(finetuning.oft_block_sizes)]
+        ofts += [config("fare", "oft", block_size=largest, clean_weight=k * finetuning.oft_clean_weight) for k in (2, 3)]
+        for oft in ofts:
+            weight = "" if oft.clean_weight == finetuning.oft_clean_weight else f"-cw{oft.clean_weight:g}"
+            runs[f"FARE-OFT b={oft.block_size} cw={oft.clean_weight:g}"] = (f"fare-oft{oft.block_size}{weight}", oft)
+        return runs
+
+    def models(self, *names: str) -> tuple[dict[str, ZeroShotClassifier], dict[str, list[dict]]]:
+        """The original and the fine-tuned models ``names`` (of ``runs``; all of them when none is named), each from
+        the cache or trained now, and their training histories."""
+        runs = self.runs()
+        unknown = set(names) - set(runs)
+        if unknown:
+            raise ValueError(f"names must be among {', '.join(runs)}, got {', '.join(sorted(unknown))}")
+        models, histories = {"original": self.original}, {}
+        for name in names or runs:
+            models[name], histories[name] = self.fine_tuned(*runs[name])
+        return models, histories
+
+    def parameter_table(self, names) -> Markdown:
+        """How many parameters each fine-tuned model of ``names`` trains, and their share of the image encoder."""
+        runs = self.runs()
+        encoder = trainable_parameters(self.original, self.profile.finetune_config("fare", "full"))
+        rows = []
+        for name in names:
+            config = runs[name][1]
+            count = trainable_parameters(self.original, config)
+            adapter = config.adapter if config.adapter == "full" else f"{config.adapter}, b={config.block_size}"
+            rows.append(f"| {name} | {adapter} | {count:,} | {count / encoder:.1%} |")
+        return Markdown("| model | adapter | trainable parameters | share of the image encoder |\n|---|---|---|---|\n"
+                        + "\n".join(rows))
+
+    def adversarial_views(self, models: Mapping[str, nn.Module], images: int = 4):
+        """The first ``images`` test images attacked at the largest radius on each model (one untargeted PGD run of
+        4x the profile's steps, seed 0: a picture, not the worst case), side by side with their perturbations."""
+        from ..attacks import pgd
+        from ..evaluation.prediction import predict
+        from . import plots  # pyplot only when a figure is drawn
+
+        x, y, eps = self.x_test[:images], self.y_test[:images], self.eval_eps[-1]
+        views = {}
+        for name, model in models.items():
+            x_adv = pgd(model, x, y, eps=eps, steps=4 * self.profile.sweeps.steps, seed=0).x_adv
+            views[name] = x_adv, predict(model, x_adv).cpu()
+        return plots.show_adversarial_views(x, y.cpu(), views, self.class_names, eps=eps)
 
     def fine_tuned(self, name: str, config: FinetuneConfig) -> tuple[ZeroShotClassifier, list[dict]]:
         """A copy of the original fine-tuned with ``config`` and its training history: from the cache

@@ -210,7 +210,7 @@ PROFILES = {
         finetuning=Finetuning(images=10_000, steps=1000, batch_size=64, attack_steps=10, lr=5e-4, oft_lr=2e-3,
                               oft_clean_weight=1.0, oft_block_sizes=(128, 16)),
         runtime=Runtime(device="cpu")),
-    # Sized to run in 25 to 72 minutes on one H100 (docs/costs.md, "The real study": the worst-case evaluations
+    # Sized to run in 28 to 77 minutes on one H100 (docs/costs.md, "The real study": the worst-case evaluations
     # cost more the more images survive): 500 images for the defence sweeps (95% CI about +-4 points), 1,000 draws
     # per certificate (radii up to 2.5 sigma), one epoch of fine-tuning (400 steps of 128 images), AutoAttack's
     # APGD budget with 1,000 Square queries.
