@@ -265,3 +265,29 @@ def test_trainable_parameters_count_what_each_adapter_trains(random_shapes_clf):
     widths = [w.shape[1] for name, w in visual.state_dict().items() if name.endswith(ADAPTED_WEIGHTS)]
     assert oft == sum(w // 16 * (16 * 15 // 2) for w in widths) < full
     assert not any("parametrizations" in name for name, _ in visual.named_parameters()), "counted on a copy"
+
+
+def test_the_study_runs_name_the_committed_encoders_with_their_settings():
+    """05, 06 and 07 name their fine-tuned models through finetune_runs: every committed encoder is one of them,
+    trained with exactly its settings, so that `cliplab reproduce` on shapes trains nothing it has."""
+    from pathlib import Path
+
+    from cliplab.study.finetuning import finetune_runs
+    from cliplab.training.runs import check_same_run
+
+    committed = Path(__file__).resolve().parents[1] / "notebooks" / "encoders" / "shapes"
+    runs = finetune_runs(cliplab.get_profile("shapes"))
+    assert sorted(cache for cache, _ in runs.values()) == sorted(p.stem for p in committed.glob("*.safetensors"))
+    for cache, config in runs.values():
+        check_same_run(json.loads((committed / f"{cache}.json").read_text())["config"], config, cache)
+
+
+def test_the_study_refuses_a_model_it_does_not_know_and_shows_each_model_attacked(smoke_profile):
+    setup = study.FinetuneStudy(smoke_profile)
+    with pytest.raises(ValueError, match="names must be among FARE-full, TeCoA-full"):
+        setup.models("FARE-ful")
+    cache = smoke_profile.encoder_cache_dir
+    assert not cache.exists() or not any(cache.glob("*.safetensors")), "refused before training anything"
+    fig = setup.adversarial_views({"original": setup.original}, images=2)
+    assert len(fig.axes) == 2 * 2 * 2  # the clean row and the model's: image and perturbation for each of 2 images
+    assert fig.axes[4].get_title().startswith("original:\n")

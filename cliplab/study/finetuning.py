@@ -64,19 +64,8 @@ class FinetuneStudy:
         self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
 
     def runs(self) -> dict[str, tuple[str, FinetuneConfig]]:
-        """Every fine-tuned model of the study, name -> (cache name, config): FARE and TeCoA on the whole encoder
-        (05), and FARE with OFT (06) at each of the profile's block sizes, then the largest blocks again at two and
-        three times the clean term's weight, the knob between clean and robust accuracy."""
-        finetuning = self.profile.finetuning
-        config = self.profile.finetune_config
-        runs = {"FARE-full": ("fare-full", config("fare", "full")), "TeCoA-full": ("tecoa-full", config("tecoa", "full"))}
-        largest = max(finetuning.oft_block_sizes)
-        ofts = [config("fare", "oft", block_size=b) for b in sorted(finetuning.oft_block_sizes)]
-        ofts += [config("fare", "oft", block_size=largest, clean_weight=k * finetuning.oft_clean_weight) for k in (2, 3)]
-        for oft in ofts:
-            weight = "" if oft.clean_weight == finetuning.oft_clean_weight else f"-cw{oft.clean_weight:g}"
-            runs[f"FARE-OFT b={oft.block_size} cw={oft.clean_weight:g}"] = (f"fare-oft{oft.block_size}{weight}", oft)
-        return runs
+        """``finetune_runs`` of the profile."""
+        return finetune_runs(self.profile)
 
     def models(self, *names: str) -> tuple[dict[str, ZeroShotClassifier], dict[str, list[dict]]]:
         """The original and the fine-tuned models ``names`` (of ``runs``; all of them when none is named), each from
@@ -161,6 +150,21 @@ class FinetuneStudy:
         heading that names the radius."""
         return Markdown(f"**At {255 * self.eval_eps[-1]:g}/255, attack by attack.** "
                         + robustness_table({name: by_eps[self.eval_eps[-1]] for name, by_eps in reports.items()}))
+
+
+def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:
+    """Every fine-tuned model of the study, name -> (cache name, config): FARE and TeCoA on the whole encoder
+    (05), and FARE with OFT (06) at each of the profile's block sizes, then the largest blocks again at two and
+    three times the clean term's weight, the knob between clean and robust accuracy."""
+    finetuning, config = profile.finetuning, profile.finetune_config
+    runs = {"FARE-full": ("fare-full", config("fare", "full")), "TeCoA-full": ("tecoa-full", config("tecoa", "full"))}
+    largest = max(finetuning.oft_block_sizes)
+    ofts = [config("fare", "oft", block_size=b) for b in sorted(finetuning.oft_block_sizes)]
+    ofts += [config("fare", "oft", block_size=largest, clean_weight=k * finetuning.oft_clean_weight) for k in (2, 3)]
+    for oft in ofts:
+        weight = "" if oft.clean_weight == finetuning.oft_clean_weight else f"-cw{oft.clean_weight:g}"
+        runs[f"FARE-OFT b={oft.block_size} cw={oft.clean_weight:g}"] = (f"fare-oft{oft.block_size}{weight}", oft)
+    return runs
 
 
 def save_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
