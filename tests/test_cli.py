@@ -415,10 +415,10 @@ def test_clean_notebook_drops_what_changes_on_every_run():
 
 
 def test_committed_notebooks_show_their_figures_and_diff_cleanly():
-    """Every notebook that draws embeds its figures (PNG), all six stay under 4 MB, and nothing in them changes
+    """Every notebook that draws embeds its figures (PNG), all seven stay under 4 MB, and nothing in them changes
     from one run to the next (widget views name a kernel-side model id that does)."""
     paths = sorted(runner.default_notebook_dir().glob("[0-9][0-9]_*.ipynb"))
-    assert len(paths) == 6
+    assert len(paths) == 7
     assert sum(path.stat().st_size for path in paths) < 4 * 2**20
     for path in paths:
         notebook = nbformat.read(path, as_version=4)

@@ -143,7 +143,8 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     assert table[0] == f"worst case over PGD-{smoke_profile.sweeps.steps}, APGD-CE, APGD-T and Square:"
     assert table[1:] == cliplab.evaluation.format_accuracy_table(curves).splitlines()
     attacks = setup.attack_table(reports)
-    assert attacks.startswith("at 4/255, attack by attack") and f"{report.robust.percent()} |" in attacks
+    assert attacks.startswith("**At 4/255, attack by attack.**") and f"{report.robust.percent()} |" in attacks
+    assert attacks._repr_markdown_() == attacks  # a notebook renders it as a Markdown table
 
 
 def _same_reports(a, b) -> bool:
