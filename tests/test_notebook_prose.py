@@ -82,7 +82,8 @@ def test_fare_no_better_than_the_original_is_said_so_and_its_target_missed():
     results = {"original": curve(98, 40, 10, 1), "FARE-full": curve(97, 41, 11, 2)}
     reports = {name: {EPS[-1]: report(r[0].value * 100, r[EPS[-1]].value * 100, EPS[-1])}
                for name, r in results.items()}
-    text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40), masking_passed=True)
+    text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40),
+                                            masking=("FARE-full", 100, True))
     assert "Clearly more robust at no radius." in text
     assert "**missed**" in text and "**met**" not in text
     assert "indistinguishable from the original's" in text
@@ -93,7 +94,7 @@ def test_fare_that_gains_and_matches_tecoa_is_said_so():
     reports = {"original": {EPS[-1]: report(98, 0, EPS[-1], after_pgd=12)},
                "FARE-full": {EPS[-1]: report(93, 53, EPS[-1], after_pgd=55)}}
     text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40),
-                                            masking_passed=False)
+                                            masking=("FARE-full", 100, False))
     assert "Clearly more robust at 1/255, 2/255 and 4/255." in text
     assert "never sees a label, does as well" in text and "**met**" in text
     assert "PGD alone clearly overstates its robustness" in text  # the original: 12% after PGD, 0% worst case
@@ -141,7 +142,7 @@ def test_attack_conclusions_warn_when_success_falls_with_eps():
 def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
     same = conclusions.eot_conclusions((1, 20), {"untargeted": [p(70, 100), p(70, 100)]},
                                        {"untargeted": p(38, 100)}, "random blur", 4 / 255)
-    assert "indistinguishable" in same and "does not mean the defence resists" in same
+    assert "Indistinguishable (untargeted) means" in same and "does not mean the defence resists" in same
     gain = conclusions.eot_conclusions((1, 20), {"untargeted": [p(30, 100), p(90, 100)]},
                                        {"untargeted": p(20, 100)}, "noise", 4 / 255)
     assert "clearly stronger than plain PGD" in gain and "does not mean" not in gain

@@ -104,3 +104,12 @@ def test_the_adversarial_views_show_each_model_on_the_same_images(batch):
     assert fig.axes[6].get_title() == f"a:\nclass {y[0].item()} (right)"
     assert fig.axes[12].get_title().endswith("(wrong)")
     plt.close(fig)
+
+
+def test_a_figure_is_saved_whole_where_asked_and_nowhere_otherwise(tmp_path):
+    fig, ax = plt.subplots()
+    assert plots.save_figure(fig, "f", None) is None
+    path = plots.save_figure(fig, "f", tmp_path / "figures")
+    assert path == tmp_path / "figures" / "f.png" and path.read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in path.parent.iterdir()] == ["f.png"]  # no temporary file left beside it
+    plt.close(fig)

@@ -16,6 +16,7 @@ from .._arguments import check_images, check_labels
 from ..attacks.common import eot_gradient
 from ..attacks.pgd import pgd
 from .prediction import accuracy, looks_like_probabilities
+from .statistics import Proportion
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,11 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     check_labels(y, len(x), _torch.num_classes(model, x), "y")
     attack = dict(eot_samples=eot_samples, loss="margin", seed=seed)
 
-    def robust(eps_value, model_=model, **kwargs):
+    def robust(eps_value, model_=model, **kwargs) -> Proportion:
         x_adv = pgd(model_, x, y, eps=eps_value, **{"steps": steps, **attack, **kwargs}).x_adv
-        return accuracy(model, x_adv, y, votes=votes).value, x_adv
+        return accuracy(model, x_adv, y, votes=votes)
+
+    n = f" (n={len(x)}, 95% CI)"
 
     report = MaskingReport()
     with torch.no_grad(), _torch.eval_mode(model):
@@ -75,22 +78,24 @@ def gradient_masking_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         report.checks.append(Check("the model returns logits", False, "its rows are probabilities (in [0, 1], "
                                    "summing to 1): cross-entropy attacks on them understate robustness"))
     report.checks.append(_gradient_check(model, x, y, eot_samples))
-    curve = [robust(e)[0] for e in (eps / 2, eps, 2 * eps)]
-    report.checks.append(Check("accuracy falls as eps grows", all(b <= a + tolerance for a, b in zip(curve, curve[1:])),
-                               "accuracy at eps/2, eps, 2eps: " + ", ".join(f"{100 * a:.1f}%" for a in curve)))
-    unbounded = robust(1.0)[0]
+    curve = [robust(e) for e in (eps / 2, eps, 2 * eps)]
+    report.checks.append(Check("accuracy falls as eps grows",
+                               all(b.value <= a.value + tolerance for a, b in zip(curve, curve[1:])),
+                               "accuracy at eps/2, eps, 2eps: " + ", ".join(p.percent(unit="%") for p in curve) + n))
+    unbounded = robust(1.0)
     limit = 0.05 if votes == 1 else 0.10
-    report.checks.append(Check("unbounded attack (eps=1) reaches ~0% accuracy", unbounded <= limit,
-                               f"{100 * unbounded:.1f}% (limit {100 * limit:.0f}%)"))
-    stronger = robust(eps, steps=4 * steps, restarts=2)[0]
-    report.checks.append(Check("more steps and restarts are never weaker", stronger <= curve[1] + tolerance,
-                               f"{steps} steps: {100 * curve[1]:.1f}%, {4 * steps} steps x 2 restarts: "
-                               f"{100 * stronger:.1f}%"))
+    report.checks.append(Check("unbounded attack (eps=1) reaches ~0% accuracy", unbounded.value <= limit,
+                               f"{unbounded.percent(unit='%')} (limit {100 * limit:.0f}%)" + n))
+    stronger = robust(eps, steps=4 * steps, restarts=2)
+    report.checks.append(Check("more steps and restarts are never weaker", stronger.value <= curve[1].value + tolerance,
+                               f"{steps} steps: {curve[1].percent(unit='%')}, {4 * steps} steps x 2 restarts: "
+                               f"{stronger.percent(unit='%')}" + n))
     if undefended is not None:
-        transfer = robust(eps, model_=undefended, eot_samples=1)[0]
-        report.checks.append(Check("white-box at least as strong as transfer", curve[1] <= transfer + tolerance,
-                                   f"white-box {100 * curve[1]:.1f}%, transfer from undefended "
-                                   f"{100 * transfer:.1f}%"))
+        transfer = robust(eps, model_=undefended, eot_samples=1)
+        report.checks.append(Check("white-box at least as strong as transfer",
+                                   curve[1].value <= transfer.value + tolerance,
+                                   f"white-box {curve[1].percent(unit='%')}, transfer from undefended "
+                                   f"{transfer.percent(unit='%')}" + n))
     for check in report.checks:
         if not check.passed:
             warnings.warn(f"gradient-masking check failed: {check.name} ({check.detail})", stacklevel=2)

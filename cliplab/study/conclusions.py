@@ -137,9 +137,9 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
     unchanged = [mode for mode, curve in by_samples.items() if compare(curve[-1], curve[0]) == 0
                  and max(p.ci95[0] for p in curve) > 0.05]  # a rate at the floor can show no change at all
     if unchanged:
-        lines.append(f"- \"EOT changes nothing\" ({_listing(unchanged)}) means: averaging the gradient over draws "
-                     f"of the {transform} did not make the attack measurably stronger at this n. It does not mean "
-                     "the defence resists: read the success rates themselves for that.")
+        lines.append(f"- Indistinguishable ({_listing(unchanged)}) means: averaging the gradient over draws of the "
+                     f"{transform} did not make the attack measurably stronger at this n. It does not mean the "
+                     "defence resists: read the success rates themselves for that.")
     return _join(lines)
 
 
@@ -262,11 +262,11 @@ def grid_conclusions(robust: Mapping[tuple[float, float], Proportion], clean: Ma
 
 def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
                          reports: Mapping[str, Mapping[float, RobustnessReport]], *, reference: str = "original",
-                         robust_target: tuple[str, float] | None = None, masking_passed: bool | None = None
-                         ) -> Markdown:
+                         robust_target: tuple[str, float] | None = None,
+                         masking: tuple[str, int, bool] | None = None) -> Markdown:
     """05: each fine-tuned model against ``reference`` (``results``: name -> {0: clean, eps: worst case}), the
     fine-tuned models against each other, what the ensemble found beyond PGD, and a robustness target (model name,
-    lowest robust accuracy at the largest radius)."""
+    lowest robust accuracy at the largest radius) and the gradient-masking checks (model name, images, passed)."""
     original = results[reference]
     radii = [eps for eps in original if eps]
     eps = radii[-1]
@@ -290,9 +290,12 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
         name, target = robust_target
         lines.append(f"- Target: {name} at least {100 * target:.0f}% worst-case robust at {_eps(eps)}: "
                      f"**{verdict(results[name][eps], target)}** ({rate(results[name][eps])}).")
-    if masking_passed is not None:
-        lines.append("- The gradient-masking checks " + ("all pass: nothing suggests the robustness is an artefact of "
-                     "broken gradients." if masking_passed else "**fail**: the robust numbers cannot be trusted."))
+    if masking is not None:
+        name, n, passed = masking
+        lines.append(f"- The gradient-masking checks on {name} ({n} images) "
+                     + ("all pass: nothing there suggests its robustness is an artefact of broken gradients (the "
+                        "other models were not checked)." if passed else
+                        "**fail**: its robust numbers cannot be trusted."))
     return _join(lines)
 
 
@@ -330,9 +333,11 @@ def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candid
                  + (f"; for {_listing(unsettled)} this n cannot settle it" if unsettled else "")
                  + (", and every other misses at least one." if both or unsettled else ": each misses at least one."))
     most_robust = max(candidates, key=lambda name: results[name][eps].value)
+    low, high = selected_interval(results[most_robust][eps], len(candidates))
     cleaner = [name for name in candidates if compare(results[name][0], results[full][0]) > 0]
     lines.append(f"- Against {full} ({rate(results[full][eps])} at {_eps(eps)}, clean {rate(results[full][0])}): "
-                 f"the most robust restricted model, {most_robust}, is "
+                 f"the most robust restricted model here, {most_robust} (chosen among {len(candidates)}: "
+                 f"[{100 * low:.1f}, {100 * high:.1f}] with Bonferroni), is "
                  f"{relation(results[most_robust][eps], results[full][eps])} it under attack; "
                  + (f"{_listing(cleaner)} {'is' if len(cleaner) == 1 else 'are'} clearly more accurate on clean "
                     "images." if cleaner else "none is clearly more accurate on clean images."))

@@ -26,11 +26,19 @@ def use_style() -> None:
     plt.rcParams.update(STYLE)
 
 
+# the study's models keep one colour in every notebook (05, 06, 07); OFT variants and other defences take the next
+# free colour of their own list, in the order named (the same in 06 and 07)
+MODEL_COLOURS = {"original": "tab:blue", "FARE-full": "tab:green", "TeCoA-full": "tab:purple"}
+RESTRICTED_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "darkgoldenrod", "teal", "navy", "lime")
+OTHER_COLOURS = ("tab:gray", "black", "gold", "magenta", "darkkhaki", "slateblue")
+
+
 def colours_for(names: Sequence[str]) -> dict[str, str]:
-    """One colour per name (a model, an attack), the same in every figure of a notebook that passes it on; none of
-    them red or orange, which the top-5 bars keep for the label and the target."""
-    palette = ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
-    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    """One colour per name (a model, a defence), the same in every figure of a notebook that passes it on and, for
+    the study's models, in every notebook; none red or orange, which the top-5 bars keep for the label and target."""
+    restricted, others = iter(RESTRICTED_COLOURS), iter(OTHER_COLOURS)
+    return {name: MODEL_COLOURS.get(name) or next(restricted if name.startswith("FARE-OFT") else others)
+            for name in names}
 
 
 def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None) -> Path | None:
@@ -115,14 +123,16 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
 
 
 def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportion]], *, xlabel: str,
-                  ylabel: str, colors: Mapping[str, str] | None = None) -> None:
+                  ylabel: str, colors: Mapping[str, str] | None = None, markers: Mapping[str, str] | None = None
+                  ) -> None:
     """One point per model at (clean, robust) accuracy, with 95% intervals as error bars on both axes (the legend,
-    beside the axes, says so)."""
+    beside the axes, says so); ``markers`` may set a point's marker (e.g. one per family of defences)."""
     for label, (clean, robust) in points.items():
         x, y = 100 * clean.value, 100 * robust.value
         xerr = [[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]]
         yerr = [[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{label} (n={clean.n})",
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker=(markers or {}).get(label, "o"), capsize=3, alpha=0.85,
+                    label=f"{label} (n={clean.n})",
                     **({"color": colors[label]} if colors and label in colors else {}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
