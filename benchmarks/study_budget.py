@@ -169,8 +169,8 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
     c, n = costs["07_every_defence"], p.defences.images
     c.ensemble(n, ENSEMBLES["standard"], p.attack_budget())  # the bilateral filter
     c.ensemble(n, ENSEMBLES["rand"], p.attack_budget(randomised=True), votes=p.defences.votes)  # the Gaussian noise
-    c.ensemble(n, ENSEMBLES["rand"], AttackBudget(steps=p.evaluation.steps, eot_samples=p.defences.eot_samples // noise + 1),
-               votes=p.certification.n0, noise=noise)  # randomized smoothing at one sigma
+    smoothing = AttackBudget(steps=p.evaluation.steps, eot_samples=p.defences.eot_samples // noise + 1)
+    c.ensemble(n, ENSEMBLES["rand"], smoothing, votes=p.certification.n0, noise=noise)  # smoothing at one sigma
     return costs
 
 

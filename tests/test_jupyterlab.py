@@ -1,11 +1,12 @@
-"""The interactive path as a person takes it: JupyterLab 4 serves notebook 04, a headless Chromium opens it, runs
-every cell from the Run menu, moves the spatial-sigma slider, and the denoised figure changes.
+"""The interactive path as a person takes it: JupyterLab 4 serves a notebook with an explorer (01's eps slider, 03's
+noise slider, 04's sigma sliders), a headless Chromium opens it, runs every cell from the Run menu, moves the slider,
+and the explorer's figure is redrawn.
 
-A separate check (`pytest -m browser -n 0`, 243 s and 262 s in two runs on 2 cores): it needs Chromium from the
-system's packages (Debian: `apt-get install chromium`) and Playwright (`pip install playwright`; its own browser
-download is not used). Skipped without them. Screenshots before and after the slider move go to
-`results/jupyterlab/`. CI does not run it: it would add about 4.5 minutes of both cores, and the Chromium install, to a
-suite already over its 25-minute goal.
+A separate check (`pytest -m browser -n 0`; 04 alone took 243 s and 262 s in two runs on 2 cores, each notebook costs
+about its own run time): it needs Chromium from the system's packages (Debian: `apt-get install chromium`) and
+Playwright (`pip install playwright`; its own browser download is not used). Skipped without them. Screenshots before
+and after the slider move go to `results/jupyterlab/`. CI does not run it: the three notebooks run for about 10
+minutes of the machine, twice the 5 minutes the browser check may add to CI, and the Chromium install comes on top.
 
 It waits on states that stay once reached, never on a passing one: an earlier version waited for the kernel's Busy
 light after Run All Cells and failed on a fresh machine when that light was missed. Now every cell starts without
@@ -54,13 +55,20 @@ PROMPTS = "[...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p 
 RUN_ENDED = f"() => {{ const p = {PROMPTS}; return p.some(t => /^\\[\\d+\\]:$/.test(t)) && !p.includes('[*]:'); }}"
 
 
+# each explorer: its notebook, the slider's description, and the move a person makes: a value typed into the
+# readout and the readout shown after it, or None for one step right with the keyboard (a selection slider's readout
+# cannot be typed into)
+EXPLORERS = {"01_attacks": ("eps", None, None), "03_randomized_smoothing": ("noise σ", "0.2", "0.20"),
+             "04_denoising": ("spatial σ", "3.0", "3.00")}
+
+
 @pytest.fixture
-def jupyterlab(tmp_path):
-    """JupyterLab on a copy of notebook 04 without its outputs: running it in the browser must not touch the committed
-    notebook, and a cell that ran shows a prompt number it cannot have had before."""
+def jupyterlab(tmp_path, request):
+    """JupyterLab on a copy of the notebook ``request.param`` without its outputs: running it in the browser must not
+    touch the committed notebook, and a cell that ran shows a prompt number it cannot have had before."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    _copy_without_outputs(ROOT / "notebooks" / "04_denoising.ipynb", notebooks / "04_denoising.ipynb")
+    _copy_without_outputs(ROOT / "notebooks" / f"{request.param}.ipynb", notebooks / f"{request.param}.ipynb")
     settings = tmp_path / "lab-settings"
     for name, values in LAB_SETTINGS.items():
         path = settings / "@jupyterlab" / f"{name}.jupyterlab-settings"
@@ -92,13 +100,16 @@ def jupyterlab(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium from the system's packages (apt-get install chromium)")
-def test_notebook_04_slider_changes_the_figure(jupyterlab):
+@pytest.mark.parametrize("jupyterlab", list(EXPLORERS), indirect=True)
+def test_moving_an_explorers_slider_redraws_its_figure(jupyterlab, request):
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright (pip install playwright)")
+    name = request.node.callspec.params["jupyterlab"]
+    description, typed, shown = EXPLORERS[name]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{jupyterlab}/lab/tree/04_denoising.ipynb?token={TOKEN}")
+        page.goto(f"{jupyterlab}/lab/tree/{name}.ipynb?token={TOKEN}")
         page.locator(".jp-Notebook").wait_for(timeout=60_000)
         _wait_for_idle_kernel(page, timeout_s=60)
 
@@ -112,30 +123,34 @@ def test_notebook_04_slider_changes_the_figure(jupyterlab):
         prompts = page.evaluate(f"() => {PROMPTS}")
         assert all(prompt[1:-2].isdigit() for prompt in prompts), f"every cell ran: {prompts}"
         _wait_for_idle_kernel(page, timeout_s=60)
-        slider = page.locator(".widget-hslider").filter(has_text="spatial σ")
-        figure = page.locator(".jp-OutputArea-output img").last  # the interactive figure, in the last cell
-        assert slider.count() == 1 and figure.count() == 1
-        assert page.locator(".jp-Cell").last.locator(".jp-OutputArea-output img").count() == 1, "one figure"
+        slider = page.locator(".widget-hslider").filter(has_text=description)
+        explorer = page.locator(".jp-Cell").filter(has=slider)  # the widget cell, wherever it sits in the notebook
+        figure = explorer.locator(".jp-OutputArea-output img")
+        assert slider.count() == 1 and explorer.count() == 1 and figure.count() == 1, "one slider, one figure"
         before = figure.get_attribute("src")
         slider.scroll_into_view_if_needed()
-        page.screenshot(path=SCREENSHOTS / "04_slider_before.png")
+        page.screenshot(path=SCREENSHOTS / f"{name}_slider_before.png")
 
         readout = slider.locator(".widget-readout")
-        readout.click()
-        page.keyboard.press("Control+A")
-        page.keyboard.type("3.0")
-        page.keyboard.press("Enter")
-        # the slider's output is redrawn, its <img> replaced: look the last one up afresh
-        page.wait_for_function("""before => {
-            const images = document.querySelectorAll('.jp-OutputArea-output img');
-            return images.length && images[images.length - 1].src !== before;
-        }""", arg=before, timeout=120_000)
+        start = readout.inner_text().strip()
+        if typed is None:  # one step right, as the arrow key moves it
+            slider.locator(".noUi-handle").focus()
+            page.keyboard.press("ArrowRight")
+        else:
+            readout.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.type(typed)
+            page.keyboard.press("Enter")
+        # the explorer's output is redrawn, its <img> replaced: look it up afresh until its source changes
+        deadline = time.monotonic() + 120
+        while figure.get_attribute("src") == before and time.monotonic() < deadline:
+            time.sleep(0.5)
         _wait_for_idle_kernel(page, timeout_s=120)
-        assert readout.inner_text().strip() == "3.00"
-        after = page.locator(".jp-OutputArea-output img").last.get_attribute("src")
-        page.screenshot(path=SCREENSHOTS / "04_slider_after.png")
+        assert readout.inner_text().strip() == (shown or readout.inner_text().strip()) != start
+        after = figure.get_attribute("src")
+        page.screenshot(path=SCREENSHOTS / f"{name}_slider_after.png")
         browser.close()
-    assert after != before, "moving the spatial-sigma slider must redraw the denoised images"
+    assert after != before, f"moving {name}'s {description} slider must redraw its figure"
 
 
 def _copy_without_outputs(source: Path, target: Path) -> None:

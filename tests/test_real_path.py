@@ -99,7 +99,8 @@ def _check_smoke_run(offline, tmp_path: Path, capsys, device: str, precision: st
         assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
         assert list((out / "figures" / path.stem).glob("*.png")), f"{path.name} saved no figure"
         # the conclusions are written from the smoke run's own numbers: there, and never of an empty sample
-        said = [o.data["text/markdown"] for cell in code_cells for o in cell.outputs if "text/markdown" in o.get("data", {})]
+        said = [o.data["text/markdown"] for cell in code_cells for o in cell.outputs
+                if "text/markdown" in o.get("data", {})]
         assert said and not any("nan" in text for text in said), f"{path.name}: {said}"
     profile_print = "".join(o.get("text", "") for o in nbformat.read(executed[0], as_version=4).cells[1].outputs)
     assert profile_print.startswith("profile 'cifar100' (smoke") and f"device='{device}'" in profile_print
