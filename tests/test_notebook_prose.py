@@ -97,7 +97,7 @@ def test_fare_that_gains_and_matches_tecoa_is_said_so():
                                             masking=("FARE-full", 100, False))
     assert "Clearly more robust at 1/255, 2/255 and 4/255." in text
     assert "never sees a label, does as well" in text and "**met**" in text
-    assert "PGD alone clearly overstates its robustness" in text  # the original: 12% after PGD, 0% worst case
+    assert "a PGD quick look would overstate robustness" in text  # the original: 12% after PGD, 0% worst case
     assert "**fail**" in text
 
 
@@ -175,11 +175,13 @@ def test_the_best_of_several_overlapping_rates_is_not_called_clearly_best():
 
 
 def test_the_summary_names_the_defences_that_help_and_what_they_cost():
-    points = {"original": (p(98, 500), p(0, 500)), "bilateral": (p(98, 100), p(4, 100)),
-              "FARE-full": (p(93, 500), p(53, 500)), "TeCoA-full": (p(92, 500), p(51, 500))}
-    text = conclusions.summary_conclusions(points, 4 / 255)
-    assert "Clearly more robust than the undefended model at 4/255: bilateral, FARE-full and TeCoA-full." in text
+    points = {"original": (p(98, 500), p(0, 500)), "original, 100 images": (p(98, 100), p(0, 100)),
+              "bilateral": (p(98, 100), p(4, 100)), "FARE-full": (p(93, 500), p(53, 500)),
+              "TeCoA-full": (p(92, 500), p(51, 500))}
+    text = conclusions.summary_conclusions(points, 4 / 255, references={"bilateral": "original, 100 images"})
+    # bilateral's 4% [1.1, 9.9] is clearly above the 0% [0, 0.7] of 500 images, but not above the same 100 images'
+    assert "on the same images at 4/255: FARE-full and TeCoA-full." in text
     assert "The most robust is FARE-full" in text and "indistinguishable from it: TeCoA-full." in text  # not bilateral
-    assert "on clean images: FARE-full and TeCoA-full." in text
+    assert "on the same images: FARE-full and TeCoA-full." in text
     nothing = conclusions.summary_conclusions({"original": (p(98), p(0)), "noise": (p(97), p(1))}, 4 / 255)
-    assert "no defence of the study." in nothing and "images: none." in nothing
+    assert "no defence of the study." in nothing and "same images: none." in nothing

@@ -300,13 +300,16 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
 
 
 def _pgd_gap(name: str, report: RobustnessReport) -> str:
-    """What the ensemble found beyond the PGD quick look, for one model at one radius."""
+    """What the attacks after PGD found, for one model at one radius (the images standing after the smaller radii
+    and PGD, against the worst case)."""
     after_pgd = report.per_attack.get("pgd")
     if after_pgd is None:
         return ""
-    return (f"- {name} at {_eps(report.eps)}: {rate(after_pgd)} after PGD alone, {rate(report.robust)} worst case: "
-            + ("PGD alone clearly overstates its robustness." if compare(after_pgd, report.robust) > 0 else
-               "the stronger attacks find no more than this sample can show."))
+    return (f"- {name} at {_eps(report.eps)}: {rate(after_pgd)} still standing after the smaller radii and PGD, "
+            f"{rate(report.robust)} once APGD and Square have run too: "
+            + ("the attacks after PGD break clearly more images, so a PGD quick look would overstate robustness."
+               if compare(after_pgd, report.robust) > 0 else
+               "the attacks after PGD break no more than this sample can show."))
 
 
 def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candidates: Sequence[str],
@@ -348,23 +351,26 @@ def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candid
 
 
 def summary_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], eps: float, *,
-                        reference: str = "original") -> Markdown:
-    """07: every defence at one radius (name -> (clean, worst-case robust)), against the undefended ``reference``:
-    which are clearly more robust, which is the most robust and which are indistinguishable from it, and what each
-    clearly costs on clean images."""
-    clean_0, robust_0 = points[reference]
-    defences = [name for name in points if name != reference]
-    gains = [name for name in defences if compare(points[name][1], robust_0) > 0]
-    lines = [f"- Undefended: clean {rate(clean_0)}, worst case at {_eps(eps)} {rate(robust_0)}.",
-             f"- Clearly more robust than the undefended model at {_eps(eps)}: "
-             + (f"{_listing(gains)}." if gains else "no defence of the study.")]
+                        references: Mapping[str, str] | None = None, reference: str = "original") -> Markdown:
+    """07: every defence at one radius (name -> (clean, worst-case robust)), each against the undefended model
+    measured on the same images (``references``: defence -> the name of that measurement; ``reference`` for the
+    others): which are clearly more robust, which is the most robust and which are indistinguishable from it, and
+    what each clearly costs on clean images."""
+    references = {name: (references or {}).get(name, reference) for name in points}
+    undefended = set(references.values())
+    defences = [name for name in points if name not in undefended]
+    gains = [name for name in defences if compare(points[name][1], points[references[name]][1]) > 0]
+    lines = [f"- Undefended ({name}): clean {rate(points[name][0])}, worst case at {_eps(eps)} {rate(points[name][1])}."
+             for name in dict.fromkeys(references.values())]
+    lines.append(f"- Clearly more robust than the undefended model on the same images at {_eps(eps)}: "
+                 + (f"{_listing(gains)}." if gains else "no defence of the study."))
     if gains:
         top = max(gains, key=lambda name: points[name][1].value)
         peers = [name for name in gains if name != top and compare(points[name][1], points[top][1]) == 0]
         lines.append(f"- The most robust is {top} ({rate(points[top][1])})"
                      + (f"; indistinguishable from it: {_listing(peers)}." if peers else
-                        ", clearly above every other defence."))
-    costly = [name for name in defences if compare(points[name][0], clean_0) < 0]
-    lines.append("- Clearly less accurate than the undefended model on clean images: "
+                        ", clearly above the others that help."))
+    costly = [name for name in defences if compare(points[name][0], points[references[name]][0]) < 0]
+    lines.append("- Clearly less accurate on clean images than the undefended model on the same images: "
                  + (f"{_listing(costly)}." if costly else "none."))
     return _join(lines)
