@@ -1,5 +1,5 @@
 """The real study's path, proven offline: `cliplab reproduce --profile cifar100 --smoke` executes every cell of
-all six notebooks with OpenAI CLIP's architecture (ViT-B-32, randomly initialised and saved to a local file,
+all seven notebooks with OpenAI CLIP's architecture (ViT-B-32, randomly initialised and saved to a local file,
 loaded through --pretrained PATH) on a CIFAR-100 stand-in in torchvision's on-disk format (read by
 torchvision's CIFAR100 through --data DIR); bad weights or data fail within seconds, before any notebook runs."""
 from __future__ import annotations

@@ -4,7 +4,9 @@
 - ``finetuning``: 05 and 06's shared setup (``FinetuneStudy``), the cache of fine-tuned encoders, and
   ``finetune_and_evaluate`` (``cliplab finetune``);
 - ``shared``: the worst-case evaluations the notebooks of one run share (05 and 06 evaluate two models alike);
-- ``measures``: the seeded targets of the targeted attacks, 03's certified accuracy, 06's neuron geometry;
+- ``measures``: the seeded targets of the targeted attacks, 03's certified accuracy, 06's neuron geometry and
+  trainable parameters;
+- ``conclusions``: what each notebook's results say, written from them (judgements by disjoint 95% intervals);
 - ``report``: ``cliplab evaluate``'s worst-case report card;
 - ``plots``: the notebooks' figures.
 
