@@ -204,7 +204,8 @@ def show_denoising(classifier: torch.nn.Module, image: torch.Tensor, label: int,
     aim = "" if target is None else f", target: {class_names[target]}"
     show_image(axes[0], image, f"{name}\n(label: {class_names[label]}{aim})")
     show_image(axes[1], denoised[0], f"denoised\ns={sigma_space:.2g}, c={sigma_color:.2g}, k={kernel_size}")
-    show_image(axes[2], 0.5 + 0.5 * removed / removed.abs().max().clamp_min(1e-8), "removed (amplified)")
+    scale = 0.5 / max(removed.abs().max().item(), 1e-8)
+    show_image(axes[2], 0.5 + scale * removed, f"removed, x{scale:.0f}\n(L-inf {255 * removed.abs().max():.1f}/255)")
     key = "red: the label" + ("" if target is None else "; orange: the target")
     show_top5(axes[3], p_clean, class_names, title=f"top-5, image ({key})", highlight=[label], target=target)
     show_top5(axes[4], p_denoised, class_names, title=f"top-5, denoised ({key})", highlight=[label], target=target)
