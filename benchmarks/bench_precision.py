@@ -1,9 +1,10 @@
 """bf16 on the CPU (``--precision bf16``): what it buys, and what it changes in the worst-case numbers.
 
 1. One forward + input-backward pass (what every attack step is) of the trained shapes CLIP (250 images) and of a
-   random ViT-B-32 (8 images), in fp32, then in bf16 autocast through ``nn.MultiheadAttention`` (cliplab before
-   ``SelfAttention``), then through cliplab's ``SelfAttention``: the median of ``--repeats`` passes each, with the
-   ratio to fp32.
+   random ViT-B-32 (8 images), in fp32 (cliplab's modules), then in bf16 autocast through open_clip's own modules
+   (``nn.MultiheadAttention``, every token through the last block: cliplab before ``SelfAttention`` and
+   ``ClassTokenBlock``), then through cliplab's: the median of ``--repeats`` passes each, with the ratio to fp32.
+   (``bench_pass.py`` sets each pass beside its matrix products.)
 2. The worst-case evaluation of notebooks 05 and 06 (``FinetuneStudy.evaluate``: the profile's attacks, budget and
    radii) of the committed models, in fp32 and in bf16: seconds, the robust accuracy per radius, and the images whose
    standing differs.
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 
 import cliplab
 from cliplab._torch import SelfAttention, cast_cache
@@ -48,15 +50,17 @@ def pass_seconds(clf, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
 def compare_passes(name: str, clf, x: torch.Tensor, y: torch.Tensor, repeats: int) -> None:
     for parameter in clf.parameters():
         parameter.requires_grad_(False)  # as in an attack on a frozen model
-    attentions = [m for m in clf.modules() if isinstance(m, SelfAttention)]
+    ours = {module: type(module) for module in clf.modules()
+            if isinstance(module, (SelfAttention, ResidualAttentionBlock))}
     clf.precision = "fp32"
     fp32 = pass_seconds(clf, x, y, repeats)
     clf.precision = "bf16"
-    for attention in attentions:
-        attention.__class__ = torch.nn.MultiheadAttention
+    for module in ours:  # open_clip's own modules
+        module.__class__ = (torch.nn.MultiheadAttention if isinstance(module, SelfAttention)
+                            else ResidualAttentionBlock)
     before = pass_seconds(clf, x, y, repeats)
-    for attention in attentions:
-        SelfAttention.adopt(attention)
+    for module, cls in ours.items():
+        module.__class__ = cls
     after = pass_seconds(clf, x, y, repeats)
     print(f"| {name} | {len(x)} | {fp32:.3f} | {before:.3f} ({fp32 / before:.2f}x) | {after:.3f} "
           f"({fp32 / after:.2f}x) |", flush=True)
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s); one forward + input-backward pass, seconds "
           f"(median of {args.repeats}), speed-up over fp32:\n")
-    print("| model | images | fp32 | bf16, nn.MultiheadAttention | bf16, SelfAttention |")
+    print("| model | images | fp32 | bf16, open_clip's modules | bf16, cliplab's modules |")
     print("|---|---:|---:|---:|---:|")
     x, y, _ = cliplab.load_dataset("shapes", split="test", n=250)
     compare_passes("shapes CLIP (trained)", cliplab.load_classifier("shapes", device="cpu"), x, y, args.repeats)

@@ -9,7 +9,6 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -70,10 +69,45 @@ def cpu_emulates_bf16() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not cpu_has_bf16()
 
 
+@functools.cache
+def _cuda_has_bf16(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)  # Ampere on; earlier GPUs emulate it
+
+
+def computes_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU from Ampere on, an x86 CPU with AVX512-BF16 or
+    AMX (``cpu_has_bf16``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and _cuda_has_bf16(device.index or 0)
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def resolve_precision(device: torch.device | str, precision: str) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``precision`` means on ``device``. ``"auto"`` is bf16 autocast wherever the
+    device computes bf16 natively (``computes_bf16``), fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if computes_bf16(device) else "fp32"
+    return precision
+
+
+def precision_line(device: torch.device | str, precision: str) -> str:
+    """One line that says which precision runs on ``device`` and why (what every command prints)."""
+    resolved = resolve_precision(device, precision)
+    arithmetic = "bf16 autocast" if resolved == "bf16" else "fp32"
+    if precision != "auto":
+        return f"precision: {arithmetic}, as asked (--precision {precision})"
+    kind = torch.device(device).type
+    what = "this GPU" if kind == "cuda" else "this CPU" if kind == "cpu" else f"the {kind} device"
+    native = "computes bf16 natively" if resolved == "bf16" else "has no native bf16 arithmetic"
+    return f"precision: {arithmetic} (auto: {what} {native}; --precision fp32 for the committed arithmetic)"
+
+
 def autocast(device: torch.device, precision: str | bool):
     """The autocast context of ``precision`` on ``device``.
 
-    - ``"auto"``: bfloat16 autocast on CUDA; elsewhere the caller's autocast state is left as it is.
+    - ``"auto"``: bfloat16 autocast where the device computes bf16 natively (``computes_bf16``: CUDA from Ampere
+      on, CPUs with AVX512-BF16 or AMX); elsewhere the caller's autocast state is left as it is.
     - ``"bf16"`` (or True): bfloat16 autocast on any device that supports it.
     - ``"fp32"``: autocast switched off, even inside a caller's autocast region.
     - False: the caller's state, unchanged.
@@ -87,7 +121,7 @@ def autocast(device: torch.device, precision: str | bool):
         return contextlib.nullcontext()  # e.g. the meta device, which has no autocast
     if precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if precision == "bf16" or (precision == "auto" and computes_bf16(device)):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -138,24 +172,25 @@ class PatchEmbedding(nn.Conv2d):
 
 
 class SelfAttention(nn.MultiheadAttention):
-    """A batch-first ``nn.MultiheadAttention`` (open_clip's ViT blocks) with the same arithmetic, except under bfloat16
-    autocast on the CPU, where it steps around two of PyTorch's CPU kernels that are slow for CLIP's shapes (2-core
-    AMD EPYC with AVX512-BF16, torch 2.15, one thread; ``benchmarks/bench_precision.py``):
+    """A batch-first ``nn.MultiheadAttention`` (open_clip's ViT blocks) that computes self-attention without a mask in
+    a layout made for attacks and fine-tuning, the same module on every device and in every precision:
 
-    - batch-first, ``nn.MultiheadAttention`` hands its input projection a transposed view, and ``F.linear`` on a
-      strided 3-D input that needs a gradient becomes a batched matmul over the weight broadcast to every token,
-      which the bf16 kernel copies out: ViT-B/32's forward + input-backward of 8 images took 4.3 s in bf16 against
-      1.9 s in fp32. Sequence-first and contiguous, the projection is one GEMM (0.9 s).
-    - the flash-attention backward in bf16: 217 ms of a 357 ms forward + backward of 250 shapes images. The math
-      backend (GEMMs and a softmax) takes about 20 ms.
+    - one GEMM for the queries, keys and values of every token (batch-first, contiguous), viewed into heads: no
+      transposed copies in, no zero-filled gradient chunks for q, k and v out (``nn.MultiheadAttention`` transposes
+      a batch-first input to sequence-first and back, and its in-projection of a strided input ran as a batched
+      matmul over the weight broadcast to every token, which bf16's kernel copies out: 4.3 s against 0.9 s for
+      ViT-B/32's pass of 8 images);
+    - on the CPU, two batched products and a softmax, where flash attention cost more than it saved on CLIP's short
+      sequences (17 tokens for the shapes model, 50 for ViT-B/32; its bf16 backward took 217 ms of a 357 ms pass);
+      elsewhere ``F.scaled_dot_product_attention``, whose fused kernels pay on a GPU;
+    - ``attend(x, queries=...)`` computes the attention of some tokens only, for ``ClassTokenBlock``.
 
-    It takes this path for passes without a gradient too: a version that left those to ``nn.MultiheadAttention``'s
-    fused inference kernel and wrote the attention out (``need_weights=True``) instead of ``sdpa_kernel`` made the
-    cifar100 smoke run in bf16 45% slower (643 s against 445 s, ``benchmarks/RESULTS.md``). Everything else (fp32,
-    fp16, CUDA, cross-attention) is ``nn.MultiheadAttention``'s own path, bit for bit.
-    ``SelfAttention.adopt(attention)`` turns one in place: the same parameters and state-dict keys. (``applies_to``
-    takes only a plain ``nn.MultiheadAttention``: one that OFT already parametrizes keeps its own class, and its slow
-    path; ``ZeroShotClassifier`` adopts before any OFT is applied.)"""
+    The arithmetic is the same attention, in another order: fp32 results agree with ``nn.MultiheadAttention``'s to
+    about 1e-7 (``benchmarks/bench_pass.py``). A mask, the attention weights asked for (``need_weights``), dropout
+    in training, or cross-attention take ``nn.MultiheadAttention``'s own path. ``SelfAttention.adopt(attention)``
+    turns one in place: the same parameters and state-dict keys. (``applies_to`` takes only a plain
+    ``nn.MultiheadAttention``; ``ZeroShotClassifier`` adopts before any OFT is applied, so that OFT's
+    parametrized class derives from this one.)"""
 
     @classmethod
     def adopt(cls, attention: nn.MultiheadAttention) -> "SelfAttention":
@@ -164,26 +199,31 @@ class SelfAttention(nn.MultiheadAttention):
 
     @staticmethod
     def applies_to(module: nn.Module) -> bool:
-        return type(module) is nn.MultiheadAttention and module.batch_first and module._qkv_same_embed_dim
+        return (type(module) is nn.MultiheadAttention and module.batch_first and module._qkv_same_embed_dim
+                and module.in_proj_bias is not None and module.bias_k is None and not module.add_zero_attn)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not self._bf16_on_the_cpu(query, key, value):
+        plain = (query is key is value and query.dim() == 3 and key_padding_mask is None and attn_mask is None
+                 and not need_weights and not is_causal and not (self.training and self.dropout > 0))
+        if not plain:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                                    is_causal)
-        x = query.transpose(0, 1).contiguous()  # (L, N, D): the in-projection becomes one GEMM
-        # sdpa_kernel sets process-wide switches for the block: a thread computing attention meanwhile would use the
-        # math backend too (cliplab's passes run in one thread)
-        with sdpa_kernel(SDPBackend.MATH):
-            out, weights = F.multi_head_attention_forward(
-                x, x, x, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
-                self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
-                training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        return out.transpose(0, 1), weights
+        return self.attend(query), None
 
-    @staticmethod
-    def _bf16_on_the_cpu(query, key, value) -> bool:
-        """Self-attention on a batch in bf16 autocast on the CPU."""
-        return (query is key is value and query.dim() == 3 and query.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    def attend(self, x: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
+        """Self-attention of the (N, L, D) tokens ``x``, for the tokens ``x[:, queries]`` (default: all), each
+        attending to every token. Returns (N, L_queries, D)."""
+        width, heads = self.embed_dim, self.num_heads
+        if queries is None:  # (N, L, 3, H, d) viewed as q, k, v of (N, H, L, d) each
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, heads, -1)) \
+                .permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            (w_q, w_kv), (b_q, b_kv) = (t.split([width, 2 * width]) for t in (self.in_proj_weight, self.in_proj_bias))
+            q = F.linear(x[:, queries], w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
+            k, v = F.linear(x, w_kv, b_kv).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        if x.device.type == "cpu":
+            out = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return F.linear(out.transpose(1, 2).flatten(2), self.out_proj.weight, self.out_proj.bias)

@@ -65,14 +65,16 @@ class ZeroShotClassifier(nn.Module):
         text_head: (num_classes, embed_dim) class embeddings already computed by ``build_text_head`` for these
             class names and templates (a cache); default: computed here.
         mean, std: normalisation of the model (``model.visual.image_mean``/``image_std`` by default).
-        precision: ``"auto"`` (bfloat16 autocast for the image encoder on CUDA, fp32 elsewhere), ``"bf16"``
+        precision: ``"auto"`` (bfloat16 autocast for the image encoder where the device computes bf16 natively,
+            fp32 elsewhere; ``_torch.computes_bf16``), ``"bf16"``
             (on any device) or ``"fp32"`` (always, even inside a caller's autocast). Logits and features
             are returned in fp32 either way, so losses and statistics stay fp32. An attribute: set
             ``classifier.precision`` to switch an existing classifier.
 
     A ViT's patch-embedding convolution (``model.visual.conv1``) is replaced in place by ``PatchEmbedding``, the
     same map as one matmul sharing its weight (same state dict), which the GPU runs far faster; its self-attention
-    modules become ``SelfAttention``, the same modules with a fast bf16 path on the CPU.
+    modules become ``SelfAttention``, the same modules in a layout without copies, and the last block of a ViT that
+    returns its class token alone becomes a ``ClassTokenBlock``, which computes that token only.
 
     Every buffer (normalisation, text head) is created on the device of ``model``'s parameters and
     follows the model through ``.to()``, so the classifier is wholly on one device.
@@ -97,6 +99,8 @@ class ZeroShotClassifier(nn.Module):
         for module in model.visual.modules():
             if SelfAttention.applies_to(module):
                 SelfAttention.adopt(module)
+        if ClassTokenBlock.applies_to(model.visual):
+            ClassTokenBlock.adopt(model.visual.transformer.resblocks[-1])
         self.model, self.tokenizer = model, tokenizer
         self.class_names = list(class_names)
         self.templates = list(templates)
@@ -175,11 +179,51 @@ class ZeroShotClassifier(nn.Module):
         return self.logits_from_features(self.image_features(x))
 
 
+class ClassTokenBlock:
+    """The last block of a ViT whose output is its class token alone (open_clip's ``pool_type='tok'``, no attentional
+    pooler, no token outputs), computed for that token only: the other tokens' attention outputs, MLPs and residuals
+    feed nothing, and their keys and values are all it needs of them. For the shapes model that is 16 of 17 rows of
+    the block's queries, output projection and MLP, a fifth of an attack pass's matrix products; for ViT-B/32, 49 of
+    50 rows of one of 12 blocks. The block then returns (N, 1, D) tokens, which ``ln_post`` and the pooling take as
+    they took (N, L, D).
+
+    ``ClassTokenBlock.adopt(block)`` turns open_clip's ``ResidualAttentionBlock`` into one in place (the same
+    parameters and state-dict keys): its class becomes one derived from both."""
+
+    @staticmethod
+    def applies_to(visual: nn.Module) -> bool:
+        transformer = getattr(visual, "transformer", None)
+        blocks = getattr(transformer, "resblocks", None)
+        return (getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
+                and not getattr(visual, "output_tokens", False) and getattr(transformer, "batch_first", False)
+                and bool(blocks) and type(blocks[-1]).__name__ == "ResidualAttentionBlock"
+                and not hasattr(blocks[-1], "ln_1_kv") and isinstance(blocks[-1].attn, SelfAttention))
+
+    @staticmethod
+    def adopt(block: nn.Module) -> nn.Module:
+        block.__class__ = _class_token_class(type(block))
+        return block
+
+    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if k_x is not None or v_x is not None or attn_mask is not None:
+            return super().forward(q_x, k_x, v_x, attn_mask)
+        x = q_x[:, :1] + self.ls_1(self.attn.attend(self.ln_1(q_x), queries=slice(0, 1)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+@functools.cache
+def _class_token_class(block_class: type) -> type:
+    """``ClassTokenBlock`` over ``block_class`` (one class per base, as torch's parametrizations make theirs)."""
+    return type(f"ClassToken{block_class.__name__}", (ClassTokenBlock, block_class), {})
+
+
 class WithPrecision(nn.Module):
     """Any image classifier run in ``precision``, as a ``ZeroShotClassifier`` runs in its own: the one precision
     switch, which every attack, defence and evaluation follows because each of them only calls the model.
 
-    ``precision``: ``"auto"`` (bfloat16 autocast on CUDA, the caller's state elsewhere), ``"bf16"`` (on any device
+    ``precision``: ``"auto"`` (bfloat16 autocast where the device computes bf16 natively, the caller's state
+    elsewhere), ``"bf16"`` (on any device
     that has it) or ``"fp32"`` (even inside a caller's autocast). Logits come out in fp32.
     """
 

@@ -46,7 +46,8 @@ def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: S
         class_names: readable class names; default: the profile's data set (CIFAR-100 for model names).
         templates: prompt templates with one ``{}``; default: the data set's templates.
         device: where to put the model; default CUDA when available, else CPU.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``
+        precision: ``"auto"`` (bf16 autocast where the device computes bf16 natively: CUDA from Ampere on, CPUs
+            with AVX512-BF16 or AMX; fp32 elsewhere), ``"bf16"`` or ``"fp32"``
             (see ``ZeroShotClassifier``).
         text_head: the class embeddings computed earlier for these class names and templates (skips the text
             encoder).

@@ -27,6 +27,9 @@ torch.set_num_threads(1)
 # (a notebook measured 30x slower under load). torch reads these when a kernel imports it.
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+# nbval compares the notebooks' checked outputs with the committed ones, which are fp32 (`cliplab reproduce --update`
+# pins it): their kernels inherit this, so that "auto" (bf16 where the CPU computes it) changes no digit of them
+os.environ["CLIPLAB_PRECISION"] = "fp32"
 
 
 # The longest test files, longest first (measured on 2 cores, one thread per worker): xdist hands whole files to its
@@ -80,6 +83,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The models the tests share compute in fp32, on every machine: what a test checks to float rounding (against
+# open_clip, torchattacks, AutoAttack) must not move with the CPU, and "auto" is bf16 on a CPU that computes it.
+# Tests of the precision switch set it themselves.
+FIXTURES_PRECISION = "fp32"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Same global RNG state at the start of every test, whatever ran before (order independence)."""
@@ -95,15 +104,15 @@ def shapes_clf():
     """
     candidate = os.environ.get("CLIPLAB_TEST_SHAPES_WEIGHTS")
     if candidate:
-        return cliplab.load_classifier("shapes", pretrained=candidate, device="cpu")
-    return cliplab.load_classifier("shapes", device="cpu")
+        return cliplab.load_classifier("shapes", pretrained=candidate, device="cpu", precision=FIXTURES_PRECISION)
+    return cliplab.load_classifier("shapes", device="cpu", precision=FIXTURES_PRECISION)
 
 
 @pytest.fixture(scope="session")
 def random_shapes_clf():
     """The `shapes` architecture, randomly initialised (seeded): no checkpoint needed."""
     torch.manual_seed(0)
-    return cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+    return cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision=FIXTURES_PRECISION)
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +123,7 @@ def random_vit():
 
     torch.manual_seed(0)
     return cliplab.load_classifier("ViT-B-32", pretrained=None, class_names=list(CIFAR100_CLASSES[:10]),
-                                   templates=list(CIFAR_TEMPLATES[:3]), device="cpu")
+                                   templates=list(CIFAR_TEMPLATES[:3]), device="cpu", precision=FIXTURES_PRECISION)
 
 
 @pytest.fixture(scope="session")

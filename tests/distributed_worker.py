@@ -29,7 +29,7 @@ def training_data():
 
 def random_classifier():
     torch.manual_seed(0)
-    classifier = cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+    classifier = cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp32")
     torch.manual_seed(0)
     return classifier
 
@@ -54,7 +54,7 @@ def finetune(args, rank: int) -> None:
 
 
 def evaluate(args, rank: int) -> None:
-    classifier = cliplab.load_classifier("shapes", device="cpu")
+    classifier = cliplab.load_classifier("shapes", device="cpu", precision="fp32")
     x, y, _ = cliplab.load_dataset("shapes", split="test", n=90)
     eps = 4 / 255
     budget = evaluation.AttackBudget(steps=5, num_targets=2, queries=20)

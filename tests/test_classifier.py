@@ -3,6 +3,8 @@ build_zero_shot_classifier), the text head, embeddings, any input resolution, di
 the trained `shapes` CLIP's zero-shot accuracy."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,34 @@ def test_vit_patch_embedding_is_swapped(vit):
 
     assert type(vit[0].model.visual.conv1) is PatchEmbedding
     assert "model.visual.conv1.weight" in vit[0].state_dict()
+
+
+def test_the_last_block_computes_the_class_token_alone(random_shapes_clf):
+    """The last ViT block runs for the class token only: the same features and input gradients as open_clip's own
+    modules (every token through every block), to float rounding, in float64 too; the same state dict; a model
+    that pools every token keeps its block."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from cliplab.classifier import ClassTokenBlock
+
+    clf = copy.deepcopy(random_shapes_clf).double()
+    visual = clf.model.visual
+    assert isinstance(visual.transformer.resblocks[-1], ClassTokenBlock)
+    assert not any(isinstance(block, ClassTokenBlock) for block in visual.transformer.resblocks[:-1])
+    reference = copy.deepcopy(clf)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.__class__ = torch.nn.MultiheadAttention
+    reference.model.visual.transformer.resblocks[-1].__class__ = ResidualAttentionBlock
+    assert clf.state_dict().keys() == reference.state_dict().keys()
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    ours, theirs = clf.image_features(x), reference.image_features(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    weights = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad((ours * weights).sum(), x)[0],
+                               torch.autograd.grad((theirs * weights).sum(), x)[0], rtol=0, atol=1e-12)
+    visual.pool_type = "avg"
+    assert not ClassTokenBlock.applies_to(visual)
 
 
 def test_embeddings_are_unit_vectors(vit, random_shapes_clf):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import nbformat
 import psutil
 import pytest
+import torch
 
 import cliplab._torch
 from cliplab.cli import commands as cli
@@ -574,3 +575,40 @@ def test_finetune_into_a_directory_in_use_is_refused_before_loading(no_work, tmp
         assert f"is in use by another fine-tuning run (pid {holder.pid})" in capsys.readouterr().err
     finally:
         holder.kill()
+
+
+@pytest.mark.parametrize("device, native, precision, resolved", [
+    ("cpu", True, "auto", "bf16"), ("cpu", False, "auto", "fp32"), ("cpu", False, "bf16", "bf16"),
+    ("cpu", True, "fp32", "fp32"), ("meta", True, "auto", "fp32")])
+def test_auto_precision_is_bf16_where_the_device_computes_it(device, native, precision, resolved, monkeypatch):
+    """--precision auto: bf16 autocast on a CPU with bf16 arithmetic, fp32 on one without; the line every command
+    prints names the arithmetic and the reason."""
+    monkeypatch.setattr(cliplab._torch, "cpu_has_bf16", lambda: native)
+    assert cliplab._torch.resolve_precision(device, precision) == resolved
+    line = cliplab._torch.precision_line(device, precision)
+    assert line.startswith(f"precision: {'bf16 autocast' if resolved == 'bf16' else 'fp32'}")
+    assert ("computes bf16 natively" in line) == (precision == "auto" and resolved == "bf16")
+    if device == "cpu":
+        with cliplab._torch.autocast(torch.device(device), precision):
+            assert torch.is_autocast_enabled("cpu") == (resolved == "bf16")
+
+
+def test_update_pins_fp32_and_refuses_bf16(monkeypatch):
+    """The committed notebooks read the same on every machine: --update runs fp32 whatever the CPU computes."""
+    monkeypatch.setattr(cliplab._torch, "cpu_has_bf16", lambda: True)
+    monkeypatch.delenv("CLIPLAB_PRECISION", raising=False)
+    job = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"], update=True)
+    assert job.profile.runtime.precision == "fp32" and "precision: fp32" in str(job)
+    assert "committed notebooks" in job.arithmetic()
+    with pytest.raises(ValueError, match="--update writes the committed notebooks.*drop --precision bf16"):
+        runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu", precision="bf16"), only=["01"],
+                                 update=True)
+    plain = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"])
+    assert "bf16 autocast (auto: this CPU computes bf16 natively" in str(plain)
+    assert "bf16" in plain.arithmetic() and "--precision fp32" in plain.arithmetic()
+
+
+def test_the_suite_pins_the_notebooks_to_fp32():
+    """nbval's kernels inherit the test process's environment (conftest): fp32, the committed outputs' arithmetic."""
+    assert os.environ["CLIPLAB_PRECISION"] == "fp32"
+    assert cliplab.get_profile("shapes").runtime.precision == "fp32"

@@ -76,6 +76,39 @@ def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluat
     assert torch.equal(alone.standing, every_step.standing)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", [None, "fare-oft128-cw2"])
+def test_cliplabs_attention_and_class_token_block_never_weaken_the_notebooks_evaluation(shapes_clf, shapes_test,
+                                                                                        encoder):
+    """On the committed models with 05/06's evaluation: the worst case through cliplab's SelfAttention and
+    ClassTokenBlock (the same arithmetic in another order) leaves standing no image that the worst case through
+    open_clip's own modules broke, at any radius."""
+    from pathlib import Path
+
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from cliplab.study import FinetuneStudy, load_encoder
+
+    model = copy.deepcopy(shapes_clf)
+    if encoder:
+        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "encoders" / "shapes" / f"{encoder}.safetensors")
+    as_open_clip_built_it = copy.deepcopy(model)
+    for module in as_open_clip_built_it.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.__class__ = torch.nn.MultiheadAttention
+        elif isinstance(module, ResidualAttentionBlock):
+            module.__class__ = ResidualAttentionBlock
+    x, y, _ = shapes_test
+    x, y = x[:48], y[:48]
+    settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
+                    batch_size=250, seed=0, progress=False)
+    ours = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
+    theirs = evaluation.robustness_vs_eps(as_open_clip_built_it, x, y, FinetuneStudy.eval_eps, **settings)
+    for eps in FinetuneStudy.eval_eps:
+        assert ours[eps].clean == theirs[eps].clean, eps
+        assert not (ours[eps].standing & ~theirs[eps].standing).any(), eps
+
+
 def test_nested_radii_attack_only_the_survivors_of_the_smaller_one(shapes_clf, batch):
     x, y = batch
     reports = evaluation.robustness_vs_eps(shapes_clf, x, y, [4 / 255, 1 / 255], budget=SMALL, progress=False)

@@ -27,7 +27,7 @@ def data(shapes_test):
 @functools.cache
 def _random_classifier():
     torch.manual_seed(0)
-    return cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+    return cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp32")
 
 
 def fresh():
@@ -215,7 +215,7 @@ def adversarial_distance(classifier, target, x, eps):
 @pytest.mark.slow
 def test_fare_pulls_adversarial_embeddings_back_to_the_original_ones(data, tmp_path):
     x, y = data
-    classifier = cliplab.load_classifier("shapes", device="cpu")
+    classifier = cliplab.load_classifier("shapes", device="cpu", precision="fp32")
     with torch.no_grad():
         target = classifier.image_features(x)  # f0(x)
     before = adversarial_distance(classifier, target, x, 4 / 255)
@@ -236,7 +236,8 @@ def test_oft_trains_only_rotations_and_export_merges(data, tmp_path):
     with torch.no_grad():
         before = classifier(probe)
     study.export_weights(classifier, tmp_path / "final.safetensors")
-    loaded = cliplab.load_classifier("shapes", pretrained=tmp_path / "final.safetensors", device="cpu")
+    loaded = cliplab.load_classifier("shapes", pretrained=tmp_path / "final.safetensors", device="cpu",
+                                     precision="fp32")
     with torch.no_grad():
         torch.testing.assert_close(loaded(probe), before, atol=1e-4, rtol=1e-4)
 

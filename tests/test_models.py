@@ -20,13 +20,13 @@ def _logits(clf, x):
 def test_shapes_checkpoint_round_trip(shapes_clf, tmp_path):
     path = tmp_path / "m.safetensors"
     cliplab.save_weights(shapes_clf, path)
-    loaded = cliplab.load_classifier("shapes", pretrained=path, device="cpu")
+    loaded = cliplab.load_classifier("shapes", pretrained=path, device="cpu", precision="fp32")
     x = render_shapes(8, seed=0)[0]
     assert torch.equal(_logits(loaded, x), _logits(shapes_clf, x))
     assert not loaded.training
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"], "save left temporary files behind"
     # a str path goes through the same call
-    loaded_str = cliplab.load_classifier("shapes", pretrained=str(path), device="cpu")
+    loaded_str = cliplab.load_classifier("shapes", pretrained=str(path), device="cpu", precision="fp32")
     assert torch.equal(_logits(loaded_str, x), _logits(shapes_clf, x))
 
 
@@ -39,7 +39,7 @@ def test_random_shapes_checkpoint_round_trip_float16(random_shapes_clf, tmp_path
     with safe_open(str(path), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float16 in dtypes and torch.float32 not in dtypes
-    loaded = cliplab.load_classifier("shapes", pretrained=path, device="cpu")
+    loaded = cliplab.load_classifier("shapes", pretrained=path, device="cpu", precision="fp32")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = render_shapes(4, seed=0)[0]
     torch.testing.assert_close(_logits(loaded, x), _logits(random_shapes_clf, x), atol=5e-2, rtol=0)
@@ -51,7 +51,7 @@ def test_vit_checkpoint_round_trip(random_vit, tmp_path):
     path = tmp_path / "vit.safetensors"
     cliplab.save_weights(random_vit, path)
     loaded = cliplab.load_classifier("ViT-B-32", pretrained=path, class_names=random_vit.class_names,
-                                     templates=random_vit.templates, device="cpu")
+                                     templates=random_vit.templates, device="cpu", precision="fp32")
     x = render_shapes(2, seed=0)[0]
     assert torch.equal(_logits(loaded, x), _logits(random_vit, x))
     assert sorted(os.listdir(tmp_path)) == ["vit.safetensors"]
@@ -84,7 +84,7 @@ def test_save_creates_parent_directories(random_shapes_clf, tmp_path):
 
 def test_loaded_classifier_defaults():
     torch.manual_seed(0)
-    clf = cliplab.load_classifier("shapes", pretrained=None, device="cpu")
+    clf = cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp32")
     assert not clf.training
     assert clf.num_classes == 100 and clf.class_names[0] == "red circle"
     assert clf.image_size == (32, 32)
@@ -214,7 +214,8 @@ def test_profile_loads_what_it_names(tmp_path, monkeypatch):
     cliplab.save_weights(cliplab.load_classifier("shapes", pretrained=None, device="cpu"), path)
     profile = cliplab.get_profile("shapes", device="cpu", weights=path, precision="fp32", smoke=True)
     classifier = profile.load_classifier()
-    reference = cliplab.load_classifier("shapes", pretrained=path, device="cpu", templates=["a photo of a {}."])
+    reference = cliplab.load_classifier("shapes", pretrained=path, device="cpu", templates=["a photo of a {}."],
+                                        precision="fp32")
     x, y, names = profile.load_dataset("test", n=4)
     assert classifier.precision == "fp32" and classifier.templates == ["a photo of a {}."]
     with torch.no_grad():
@@ -255,7 +256,8 @@ def test_cifar100_profile_builds_openai_clip_for_local_weights_too(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "vit.safetensors"
     cliplab.save_weights(open_clip.create_model("ViT-B-32"), path, dtype=torch.float16)
-    names = dict(class_names=list(CIFAR100_CLASSES[:3]), templates=["a photo of a {}."], device="cpu")
+    names = dict(class_names=list(CIFAR100_CLASSES[:3]), templates=["a photo of a {}."], device="cpu",
+                 precision="fp32")
     profile = cliplab.load_classifier("cifar100", pretrained=path, **names)
     bare = cliplab.load_classifier("ViT-B-32", pretrained=path, **names)
     activation = lambda clf: type(clf.model.visual.transformer.resblocks[0].mlp.gelu)  # noqa: E731

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     profile, out = job.profile, job.out
     print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
+    print(f"  {job.arithmetic()}")
     for run_ in sorted(runs, key=lambda run_: run_.name):
         figures = out / "figures" / run_.name
         count = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
@@ -275,6 +276,7 @@ def _benchmark(args) -> int:
     from ..study import benchmark
 
     settings = _distributed.on_every_rank(lambda: _benchmark_settings(args), "cliplab benchmark's checks")
+    _say_precision(settings.runtime)
     cells = benchmark.run(settings, args.out, progress=not args.quiet, log=print, checked=True)
     if _distributed.is_main():
         written = benchmark.write_outputs(cells, settings, args.out)
@@ -342,6 +344,7 @@ def _evaluate(args) -> int:
     from ..study import report
 
     settings = _distributed.on_every_rank(lambda: _report_settings(args), "cliplab evaluate's checks")
+    _say_precision(settings.runtime)
     reports = report.evaluate(settings, progress=not args.quiet)
     if _distributed.is_main():
         print(report.markdown(reports))
@@ -408,9 +411,10 @@ def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(
         "--precision", choices=PRECISIONS,
-        help="auto (the default): bfloat16 autocast on CUDA, float32 on the CPU; bf16: bfloat16 autocast on the CPU "
-             "too, for CPUs with bf16 arithmetic (AVX512-BF16, AMX), where an attack step runs about 1.9x faster, "
-             "with other rounding; fp32: float32 everywhere. reproduce and finetune default to $CLIPLAB_PRECISION")
+        help="auto (the default): bfloat16 autocast where the device computes bf16 natively (CUDA GPUs from Ampere "
+             "on, CPUs with AVX512-BF16 or AMX), float32 elsewhere; bf16: bfloat16 autocast on any device; fp32: "
+             "float32 everywhere, the arithmetic of the committed notebooks (reproduce --update always runs it). "
+             "reproduce and finetune default to $CLIPLAB_PRECISION")
     precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="--precision fp32")
 
 
@@ -432,6 +436,14 @@ def _warn_if_bf16_is_emulated(runtime: Runtime) -> Runtime:
         warnings.warn("precision bf16: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so torch emulates it, "
                       "more slowly than fp32")
     return runtime
+
+
+def _say_precision(runtime: Runtime) -> None:
+    """Every command's one line on the precision it runs in, and why (on the main process only)."""
+    from .. import _torch
+
+    if _distributed.is_main():
+        print(_torch.precision_line(runtime.device, runtime.precision), flush=True)
 
 
 def _profile(args, smoke: bool = False) -> Profile:
@@ -488,6 +500,7 @@ def _finetune(args, profile: Profile) -> int:
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
     config = profile.finetune_config(args.method, args.adapter, block_size=args.block_size,
                                      **{k: v for k, v in given.items() if v is not None})
+    _say_precision(profile.runtime)
     metrics = finetune_and_evaluate(profile, config, args.out, resume=args.resume)
     if not _distributed.is_main():
         return 0

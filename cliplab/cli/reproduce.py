@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .._arguments import check_directory, check_int
 from .._io import atomic_write
+from .._torch import precision_line, resolve_precision
 from ..study.profiles import Profile, profile_environment
 
 # what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra
@@ -293,9 +294,22 @@ class Reproduction:
 
     def __str__(self) -> str:
         at_a_time = f"{self.jobs} notebooks at a time" if self.jobs > 1 else "one notebook at a time"
+        runtime = self.profile.runtime
+        precision = ("precision: fp32, the committed outputs' arithmetic (--update writes them)" if self.update
+                     else precision_line(runtime.device, runtime.precision))
         return (f"profile {self.profile.name}{' (smoke run)' if self.profile.smoke else ''} on "
-                f"{self.profile.runtime.device}, {at_a_time}, {self.threads} torch "
-                f"thread{'s' * (self.threads != 1)} per notebook kernel")
+                f"{runtime.device}, {at_a_time}, {self.threads} torch "
+                f"thread{'s' * (self.threads != 1)} per notebook kernel\n{precision}")
+
+    def arithmetic(self) -> str:
+        """What the run's numbers are, said when it ends: the committed fp32 ones, or bf16's."""
+        runtime = self.profile.runtime
+        if resolve_precision(runtime.device, runtime.precision) == "fp32":
+            committed = self.profile.name == "shapes" and not self.profile.smoke
+            return ("computed in fp32" + (", the arithmetic of the committed notebooks: their checked outputs are these"
+                                          if committed else ""))
+        return ("computed in bf16 autocast: a few images can stand or fall otherwise than in the fp32 arithmetic of "
+                "the committed notebooks (--precision fp32 gives theirs)")
 
 
 def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
@@ -312,6 +326,11 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     if update and profile.smoke:
         raise ValueError("--update writes the executed notebooks into the repository, which a --smoke run must "
                          "never do: drop --update (a smoke run's notebooks go to its results directory)")
+    if update:  # the committed outputs read the same on every machine: fp32, whatever the CPU computes
+        if profile.runtime.precision == "bf16":
+            raise ValueError("--update writes the committed notebooks, whose outputs are fp32 on every machine: drop "
+                             "--precision bf16 (or $CLIPLAB_PRECISION=bf16)")
+        profile = profile.with_runtime(precision="fp32")
     for value, name in ((threads, "threads"), (jobs, "jobs")):
         if value is not None:
             check_int(value, name)

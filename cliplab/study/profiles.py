@@ -90,7 +90,7 @@ class Runtime:
     """Where and how the work runs, and where its files are: not what it measures. ``cliplab evaluate`` uses it too."""
 
     device: str = "cpu"  # "cuda" or "cpu"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" or "fp32" on every device
+    precision: str = "auto"  # "auto": bf16 autocast where the device computes bf16 natively; "bf16"; "fp32"
     weights: str | None = None  # checkpoint path or open_clip tag; None: the model's own (shipped / OpenAI)
     data_root: str | None = None  # directory holding cifar-100-python/; None: load_dataset's default
     encoder_cache: str | None = None  # 05/06's fine-tuned encoders; None: encoders/<profile> (in notebooks/)
@@ -139,7 +139,7 @@ class Profile:
         L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate;
         OFT runs take the profile's OFT learning rate and clean-term weight, and its first block size unless
         ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's, from the
-        runtime's ``precision``: by default bf16 autocast on CUDA, fp32 on the CPU.)
+        runtime's ``precision``: by default bf16 autocast where the device computes bf16 natively, else fp32.)
         """
         if block_size is not None and adapter != "oft":
             raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
@@ -256,7 +256,8 @@ def get_profile(name: str | None = None, device: str | None = None, *, precision
     Args:
         name: ``"shapes"`` or ``"cifar100"``.
         device: ``"cuda"`` or ``"cpu"``.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
+        precision: ``"auto"`` (bf16 autocast where the device computes bf16 natively, fp32 elsewhere), ``"bf16"``
+            or ``"fp32"``.
         weights: a checkpoint file or an open_clip tag instead of the profile's weights.
         data_root: the directory holding ``cifar-100-python/``.
         encoder_cache: where 05 and 06 cache their fine-tuned encoders.

@@ -32,8 +32,10 @@ def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: di
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
-    context = {**settings, "device": _torch.device_of(model, x.device).type,
-               "precision": getattr(model, "precision", None), "torch": torch.__version__, "cliplab": _source()}
+    device = _torch.device_of(model, x.device)
+    precision = getattr(model, "precision", None)  # "auto" as what it means here: machines differ
+    context = {**settings, "device": device.type, "torch": torch.__version__, "cliplab": _source(),
+               "precision": precision and _torch.resolve_precision(device, precision)}
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 
