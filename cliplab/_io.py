@@ -1,8 +1,10 @@
 """Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), the one
-safetensors writer built on them, and a file lock (``file_lock``)."""
+safetensors writer built on them, a file lock (``file_lock``) and a file's content digest (``file_digest``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -79,3 +81,20 @@ def _fsync(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read once per version of the file in a process (a version: its resolved
+    path, size and modification time): what a cached result that depends on the file is keyed by, never its name."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -94,6 +94,24 @@ def check_weights(name: str = "shapes", *, pretrained=_DEFAULT) -> torch.nn.Modu
         return _create_model(model_name, pretrained, torch.device("meta"), options)
 
 
+def weights_file(name: str = "shapes", *, pretrained=_DEFAULT) -> Path | None:
+    """The file ``load_classifier(name, pretrained=...)`` reads its weights from: a local checkpoint, a tag's or a hub
+    model's file in the local cache (fetched if the host answers), the shipped shapes weights; None for random
+    initialisation (``pretrained=None``). What a result computed from the weights is keyed by (``_io.file_digest``)."""
+    model_name, pretrained, _, _ = _resolve(name, pretrained)
+    if name.startswith(HUB_PREFIX):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [try_to_load_from_cache(name[len(HUB_PREFIX):], file) for file in HUB_FILES[1]]
+        return next((Path(file) for file in cached if isinstance(file, str)), None)
+    if pretrained is None:
+        return None
+    import open_clip
+
+    tag = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+    return Path(_cached_weights(model_name, str(pretrained), tag)) if tag else Path(pretrained)
+
+
 def _resolve(name: str, pretrained) -> tuple[str, str | os.PathLike | None, str, dict]:
     """(open_clip model name, weights, data set of its class names, create_model options) for a profile or
     model name. A profile's architecture is that of its own weights, whatever is loaded into it: OpenAI's
@@ -136,6 +154,15 @@ def _create_model(model_name: str, pretrained: str | os.PathLike | None, device:
                   options: dict) -> nn.Module:
     import open_clip
 
+    if pretrained is None and model_name.startswith(HUB_PREFIX):
+        try:
+            return open_clip.create_model(model_name, device=device, **options)
+        except Exception as error:  # a truncated or foreign file in the hub cache: name it, not a loader trace
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise ValueError(f"the hub model {model_name} cannot be loaded from its cached weights "
+                             f"{weights_file(model_name)}: they are truncated, corrupted or hold another "
+                             f"architecture ({type(error).__name__}: {reason}); delete them to fetch them again"
+                             ) from None
     if pretrained is None:
         return open_clip.create_model(model_name, device=device, **options)
     pretrained = str(pretrained)
@@ -152,6 +179,10 @@ def _create_model(model_name: str, pretrained: str | os.PathLike | None, device:
     try:
         return open_clip.create_model(model_name, pretrained=pretrained, device=device, **options).float()
     except Exception as error:  # a truncated or foreign file: name it and say why, not a deep loader trace
+        if "weights_only" in str(error):  # torch refused to unpickle objects: not damage, and not to be retried
+            raise ValueError(f"pretrained checkpoint {pretrained} holds pickled Python objects besides tensors, which "
+                             "cliplab does not unpickle (unpickling can run code): save the model's state dict as "
+                             ".safetensors (or a plain tensor state dict) and load that") from None
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ValueError(f"pretrained checkpoint {pretrained} cannot be loaded into {model_name}: it is truncated, "
                          f"corrupted or holds another architecture ({type(error).__name__}: {reason})") from error

@@ -149,6 +149,15 @@ def load_suite_set(name: str, root: str | os.PathLike | None = None, n: int | No
     return x, torch.tensor([label for _, label in pictures], dtype=torch.int64), names
 
 
+def check_suite_images(name: str, root: str | os.PathLike | None = None, n: int | None = None, *,
+                       seed: int = 0) -> None:
+    """Open and decode every image ``load_suite_set(name, root, n, seed=seed)`` will read, without keeping them: a
+    truncated or unreadable file is named (with its path where the set has files) before any model loads."""
+    dataset = open_set(name, root)
+    for index in sample_indices(len(dataset), n, seed).tolist():
+        _read(dataset, index, name).convert("RGB")
+
+
 def sample_indices(size: int, n: int | None, seed: int = 0) -> torch.Tensor:
     """The first ``n`` of a seeded permutation of ``range(size)`` (all of it when ``n`` is None)."""
     check_seed(seed)
@@ -163,14 +172,34 @@ def _picture(dataset, index: int, native_size: int | None, image_size: int, name
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    try:
-        image, label = dataset[index]
-    except OSError as error:  # a truncated or unreadable image file
-        raise ValueError(f"dataset {name}: image {index} cannot be read ({error})") from error
+    image, label = _read(dataset, index, name)
     image = image.convert("RGB")
     if native_size is None or image.size != (native_size, native_size):
         image = TF.center_crop(TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True), image_size)
     return TF.pil_to_tensor(image).float().div(255), int(label)
+
+
+def _read(dataset, index: int, name: str):
+    """``dataset[index]`` with its pixels decoded (PIL opens lazily), or an error naming the set, the image and its
+    file."""
+    try:
+        image, label = dataset[index]
+        image.load()
+    except OSError as error:  # a truncated or unreadable image file
+        path = _image_file(dataset, index)
+        raise ValueError(f"dataset {name}: image {index}{f' ({path})' if path else ''} cannot be read "
+                         f"({error})") from None
+    return image, label
+
+
+def _image_file(dataset, index: int) -> str | None:
+    """The file of image ``index`` where torchvision's class keeps one (image folders and file lists)."""
+    for attribute in ("samples", "imgs", "_samples", "_image_files", "_images"):
+        files = getattr(dataset, attribute, None)
+        if isinstance(files, (list, tuple)) and index < len(files):
+            entry = files[index]
+            return str(entry[0] if isinstance(entry, (list, tuple)) else entry)
+    return None
 
 
 def _number_of_classes(dataset) -> int | None:

@@ -60,8 +60,10 @@ def test_a_missing_or_damaged_set_is_named_with_its_path(tmp_path, monkeypatch):
     suite_standins.write("dtd", tmp_path)
     for image in (tmp_path / "dtd").rglob("*.jpg"):
         image.write_bytes(image.read_bytes()[:40])  # truncated
-    with pytest.raises(ValueError, match="dataset dtd: image .* cannot be read"):
+    with pytest.raises(ValueError, match=rf"dataset dtd: image \d+ \({tmp_path / 'dtd'}/.*\.jpg\) cannot be read"):
         suite.load_suite_set("dtd", tmp_path, n=2)
+    with pytest.raises(ValueError, match=r"dataset dtd: image \d+ .* cannot be read"):
+        suite.check_suite_images("dtd", tmp_path, n=2)
     with pytest.raises(ValueError, match="n must be at most 6"):
         suite.load_suite_set("dtd", tmp_path, n=7)
 
@@ -81,6 +83,8 @@ def test_model_specs():
     assert ModelSpec.parse("ViT-B-32:/ckpt/final.safetensors").slug == "ViT-B-32_ckpt_final.safetensors"
     with pytest.raises(ValueError, match="names no model"):
         ModelSpec.parse(":openai")
+    with pytest.raises(ValueError, match="'shapes:' names no weights after ':'"):
+        ModelSpec.parse("shapes:")
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +166,30 @@ def test_cells_made_with_other_settings_are_refused_before_any_model_loads(grid,
     assert missing.returncode == 2 and "hf-hub:cliplab/missing" in missing.stderr and "offline" in missing.stderr
 
 
+@pytest.mark.slow
+def test_a_cell_and_a_text_head_belong_to_the_weights_not_to_their_path(grid, tmp_path):
+    """Other weights behind the same path and label: the cells made with the old ones are refused, naming the
+    weights; once deleted, the cells are evaluated again with a text head of the new weights, as a fresh --out
+    evaluates them (the old text head, kept under the label, is not reused)."""
+    import shutil
+
+    import cliplab
+
+    checkpoint = tmp_path / "mine.safetensors"
+    shutil.copy(SHAPES_WEIGHTS, checkpoint)
+    command, env = benchmark_command(grid, f"mine=shapes:{checkpoint}", tmp_path / "out", "--n", "2")
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    torch.manual_seed(1)
+    cliplab.save_weights(cliplab.load_classifier("shapes", pretrained=None, device="cpu"), checkpoint)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "(weights_sha256 differ)" in again.stderr, again.stderr[-2000:]
+    shutil.rmtree(tmp_path / "out" / "cells")
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    fresh_command, _ = benchmark_command(grid, f"mine=shapes:{checkpoint}", tmp_path / "fresh", "--n", "2")
+    assert subprocess.run(fresh_command, env=env, capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / "out" / "benchmark.csv").read_text() == (tmp_path / "fresh" / "benchmark.csv").read_text()
+
+
 def test_every_data_set_is_checked_before_any_model_loads(tmp_path, monkeypatch):
     from cliplab.study import benchmark
 
@@ -173,5 +201,108 @@ def test_every_data_set_is_checked_before_any_model_loads(tmp_path, monkeypatch)
     monkeypatch.setattr("cliplab.models.check_weights", lambda *a, **k: pytest.fail("a model was checked first"))
     with pytest.raises(ValueError, match="n must be at most 6, the size of dtd's test split, got 8"):
         benchmark.check(settings, tmp_path / "out")
-    with pytest.raises(ValueError, match="num_targets must be at most"):
-        benchmark.check(replace(settings, n=4, budget=benchmark.AttackBudget()), tmp_path / "out")
+    for image in (tmp_path / "data" / "dtd").rglob("*.jpg"):
+        image.write_bytes(image.read_bytes()[:40])  # the second set's images truncated
+    with pytest.raises(ValueError, match=rf"dataset dtd: image \d+ \({tmp_path / 'data' / 'dtd'}/.*jpg\) cannot be"):
+        benchmark.check(replace(settings, n=6), tmp_path / "out")
+
+
+def test_an_out_with_files_the_user_had_or_another_run_in_it_is_refused(tmp_path):
+    """A benchmark writes nothing over benchmark.md/.csv/.png that it did not write (an --out without cells/), and a
+    second run into one --out is refused at once, naming the run that holds it."""
+    import threading
+
+    from cliplab.study import benchmark
+    from cliplab.training.runs import RunLocked, run_lock
+
+    settings = benchmark.BenchmarkSettings(models=(ModelSpec.parse("shapes"),), datasets=("cifar10",))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "benchmark.csv").write_text("my own table\n")
+    with pytest.raises(FileExistsError, match=r"holds benchmark.csv, which no benchmark run wrote there"):
+        benchmark.check(settings, tmp_path / "mine")
+    assert (tmp_path / "mine" / "benchmark.csv").read_text() == "my own table\n"
+
+    held, release = threading.Event(), threading.Event()
+
+    def another_run():
+        with run_lock(tmp_path / "busy", "benchmark run"):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=another_run)
+    thread.start()
+    try:
+        held.wait(30)
+        with pytest.raises(RunLocked, match=rf"in use by another benchmark run \(pid {os.getpid()}\)"):
+            benchmark.run(settings, tmp_path / "busy", checked=True)
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.mark.slow
+def test_a_two_class_set_evaluates_with_the_default_budget(tmp_path):
+    """PCAM has 2 classes: with the default 9 targets the ensemble fits itself (1 target, the targeted
+    cross-entropy) and the table says what ran."""
+    patches = suite_standins.write("pcam", tmp_path / "data", per_class=3)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(suite_standins.checksum_source(patches))
+    command = [sys.executable, "-m", "cliplab", "benchmark", "--models", "shapes", "--datasets", "pcam", "--data",
+               str(tmp_path / "data"), "--n", "6", "--steps", "3", "--queries", "4", "--single-template",
+               "--device", "cpu", "--out", str(tmp_path / "out"), "--quiet"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "pcam has 2 classes: the ensemble ran as apgd-ce, apgd-t-ce (1 target), square" in job.stdout
+    cell = json.loads((tmp_path / "out" / "cells" / "shapes--pcam.json").read_text())
+    assert cell["ensemble"] == {"attacks": ["apgd-ce", "apgd-t-ce", "square"], "num_targets": 1}
+
+
+def test_every_folder_a_benchmark_writes_in_is_probed_before_it_runs(tmp_path, monkeypatch):
+    from cliplab.study import benchmark
+
+    probed = []
+    monkeypatch.setattr(benchmark, "check_directory", lambda path, name: probed.append(Path(path)))
+    settings = benchmark.BenchmarkSettings(models=(ModelSpec.parse("shapes"),), datasets=("cifar10",))
+    monkeypatch.setattr("cliplab.suite.open_set", lambda *a, **k: pytest.fail("a data set was read first"))
+    with pytest.raises(pytest.fail.Exception):
+        benchmark.check(settings, tmp_path / "out")
+    assert probed == [tmp_path / "out", tmp_path / "out" / "cells", tmp_path / "out" / "text-heads"]
+
+
+def test_labels_are_checked_where_they_are_written():
+    """A label names a row and its files: other characters, or a label too long for a file name, are refused as
+    what they are; a long path given as the label makes a short file name; two labels of one file name are refused."""
+    from cliplab.study import benchmark
+
+    for label in ("my model", "a/b", "x" * 101):
+        with pytest.raises(ValueError, match=r"may use letters, digits, '_', '.' and '-' only, at most 100"):
+            ModelSpec.parse(f"{label}=shapes")
+    long_path = ModelSpec.parse("ViT-B-32:/" + "d" * 300 + "/final.safetensors")
+    assert len(long_path.slug) <= 100 and long_path.slug != ModelSpec.parse("ViT-B-32:/" + "d" * 301).slug
+    twins = (ModelSpec.parse("ViT-B-32:/a/b.safetensors"), ModelSpec.parse("ViT-B-32:/a_b.safetensors"))
+    with pytest.raises(ValueError, match="would share the files ViT-B-32_a_b.safetensors--"):
+        benchmark.check(benchmark.BenchmarkSettings(models=twins, datasets=("cifar10",)), "/tmp/unused-out")
+
+
+def test_a_damaged_text_head_is_computed_again(tmp_path):
+    from cliplab.study import benchmark
+
+    path = tmp_path / "text-heads" / "shapes--cifar10.safetensors"
+    benchmark._write_text_head(path, torch.ones(3, 4), "key")
+    assert torch.equal(benchmark._read_text_head(path, "key"), torch.ones(3, 4))
+    assert benchmark._read_text_head(path, "other key") is None
+    path.write_bytes(path.read_bytes()[:20])  # truncated
+    assert benchmark._read_text_head(path, "key") is None
+
+
+def test_a_truncated_hub_model_is_named_without_a_traceback(grid, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(SHAPES_WEIGHTS.read_bytes()[:1000])
+    suite_standins.write_hub_model(grid / "hf", "cliplab/truncated", json.loads(SHAPES_CONFIG.read_text()), truncated)
+    command, env = benchmark_command(grid, "x=hf-hub:cliplab/truncated", tmp_path / "out", "--n", "2")
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 2 and "Traceback" not in job.stderr, job.stderr[-2000:]
+    assert "hf-hub:cliplab/truncated cannot be loaded from its cached weights" in job.stderr
+    assert "open_clip_model.safetensors" in job.stderr

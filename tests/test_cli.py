@@ -486,6 +486,12 @@ def test_an_explicit_cuda_device_without_a_gpu_is_refused_by_every_command(comma
     assert cli.main(argv) == 2
     error = capsys.readouterr().err
     assert "--device cuda: no CUDA GPU is available" in error and "Traceback" not in error
+    monkeypatch.setenv("CLIPLAB_DEVICE", "cuda")  # the same request from the environment: the same answer, once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(argv[:-2]) == 2
+    error = capsys.readouterr().err
+    assert error.count("$CLIPLAB_DEVICE cuda: no CUDA GPU is available") == 1 and not caught
 
 
 def _interrupt_reproduce(directory, results, jobs: int, started, signum) -> tuple[int, str]:
@@ -612,3 +618,49 @@ def test_the_suite_pins_the_notebooks_to_fp32():
     """nbval's kernels inherit the test process's environment (conftest): fp32, the committed outputs' arithmetic."""
     assert os.environ["CLIPLAB_PRECISION"] == "fp32"
     assert cliplab.get_profile("shapes").runtime.precision == "fp32"
+
+
+@pytest.mark.parametrize("option", ["threads", "jobs"])
+def test_more_threads_or_jobs_than_cores_are_refused(option):
+    cores = runner.usable_cores()
+    with pytest.raises(ValueError, match=rf"^--{option} must be at most {cores}, the cores this process may use, "
+                                         rf"got {cores + 1}$"):
+        runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"], **{option: cores + 1})
+
+
+def test_update_probes_the_notebooks_directory_before_any_notebook_runs(monkeypatch, tmp_path):
+    """--update writes into the notebooks' directory: it is probed with --results, before the first kernel starts
+    (this suite runs as root, for whom no mode bit makes a directory read-only: the probe is made to fail)."""
+    probed = []
+
+    def probe(path, name):
+        probed.append(name)
+        if name == "notebooks":
+            raise PermissionError(f"notebooks: cannot write in {path} (Read-only file system)")
+
+    monkeypatch.setattr(runner, "check_directory", probe)
+    with pytest.raises(PermissionError, match="^notebooks: cannot write in"):
+        runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"], update=True,
+                                 results=tmp_path)
+    assert probed == ["results", "notebooks"]
+    probed.clear()
+    runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"], results=tmp_path)
+    assert probed == ["results"]
+
+
+def test_evaluate_help_prints_its_percent_signs_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "95% CIs" in out and "%%" not in out
+
+
+def test_a_truncated_notebook_is_named_before_any_kernel_starts(tmp_path, notebooks):
+    broken = tmp_path / "notebooks"
+    broken.mkdir()
+    for path in Path(notebooks).glob("*.ipynb"):
+        (broken / path.name).write_text(path.read_text())
+    victim = sorted(broken.glob("[0-9][0-9]_*.ipynb"))[-1]
+    victim.write_text(victim.read_text()[:50])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(victim))} is not a readable notebook"):
+        runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), notebooks=broken, results=tmp_path)

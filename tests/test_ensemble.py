@@ -187,3 +187,37 @@ def test_nan_logits_are_refused():
     with pytest.raises(ValueError, match="NaN or infinite logits"):
         evaluate_robustness(Broken(), torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.int64), eps=1 / 255,
                             budget=SMALL, progress=False)
+
+
+@pytest.mark.parametrize("classes, standard, rand, targets", [
+    (2, ["apgd-ce", "apgd-t-ce", "square"], ["apgd-ce"], 1),
+    (3, ["apgd-ce", "apgd-t-ce", "square"], ["apgd-ce", "apgd-dlr"], 2),
+    (4, ["apgd-ce", "apgd-t", "square"], ["apgd-ce", "apgd-dlr"], 3),
+    (100, ["apgd-ce", "apgd-t", "square"], ["apgd-ce", "apgd-dlr"], 9)])
+def test_the_ensemble_fits_a_task_of_few_classes(classes, standard, rand, targets):
+    """As AutoAttack is run on few classes: at most C - 1 targets, APGD-T on the targeted cross-entropy below 4
+    classes (the targeted DLR needs four logits), no APGD-DLR below 3."""
+    budget = AttackBudget()
+    names, fitted = evaluation.fit_to_classes(evaluation.check_attack_plan("standard", "linf", budget, classes),
+                                              budget, classes)
+    assert names == standard and fitted.num_targets == targets
+    assert evaluation.fit_to_classes(evaluation.check_attack_plan("rand", "linf", budget, classes), budget,
+                                     classes)[0] == rand
+
+
+def test_a_two_class_task_is_evaluated_with_the_attacks_that_exist_for_it(shapes_clf, shapes_test):
+    """The default ensemble and budget on a 2-class task run to the end and the report names what ran; the attacks
+    whose loss a task of so few classes lacks say so when called alone."""
+    x, y, names = shapes_test
+    two = shapes_clf.for_classes(names[:2], ["a photo of a {}."])
+    keep = y < 2
+    x, y = x[keep][:16], y[keep][:16]
+    report = evaluate_robustness(two, x, y, eps=4 / 255, budget=AttackBudget(steps=5, queries=10), progress=False)
+    assert list(report.per_attack) == ["apgd-ce", "apgd-t-ce", "square"]
+    assert report.robust.hits <= report.clean.hits
+    with pytest.raises(ValueError, match=r"loss='dlr' needs at least 3 classes .* the model has 2: use loss='ce'"):
+        cliplab.apgd(two, x, y, eps=4 / 255, steps=2, loss="dlr")
+    three = shapes_clf.for_classes(names[:3], ["a photo of a {}."])
+    with pytest.raises(ValueError, match=r"targeted DLR\) needs at least 4 classes .* the model has 3"):
+        cliplab.apgd_targeted(three, x, y, eps=4 / 255, steps=2, num_targets=2)
+    assert cliplab.apgd_targeted(two, x, y, eps=4 / 255, steps=2, num_targets=1, loss="ce").x_adv.shape == x.shape

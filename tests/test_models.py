@@ -269,3 +269,16 @@ def test_cifar100_profile_builds_openai_clip_for_local_weights_too(tmp_path):
     x = render_shapes(2, seed=0)[0]
     with torch.no_grad():
         torch.testing.assert_close(profile.image_features(x), reference.encode_image(profile.preprocess(x)).float())
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused_as_such(tmp_path):
+    """torch refuses to unpickle objects that are not tensors; the message says that, not 'truncated', and does not
+    pass on torch's advice to unpickle anyway."""
+    import argparse
+
+    path = tmp_path / "with-objects.pt"
+    state = cliplab.load_classifier("shapes", pretrained=None, device="cpu").model.state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ValueError, match="holds pickled Python objects besides tensors") as caught:
+        cliplab.load_classifier("shapes", pretrained=path, device="cpu")
+    assert "weights_only=False" not in str(caught.value) and "truncated" not in str(caught.value)

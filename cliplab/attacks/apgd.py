@@ -8,6 +8,7 @@ accepts. Same [0, 1] contract, EOT and ``AttackResult`` as ``cliplab.pgd``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _torch
@@ -46,16 +47,21 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
     check_choice(loss, "loss", APGD_LOSSES)
     y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=restarts, eot_samples=eot_samples,
                       seed=seed)
+    if loss == "dlr" and _torch.num_classes(model, x) < 3:
+        raise ValueError(f"loss='dlr' needs at least 3 classes (the three largest logits), the model has "
+                         f"{_torch.num_classes(model, x)}: use loss='ce'")
     objective = (lambda logits, labels: attack_objective(logits, labels, loss, targeted=False))
     return _run_restarts(model, x, y, [None] * restarts, objective, eps=eps, steps=steps, norm=norm,
                          eot_samples=eot_samples, seed=seed, early_stop=early_stop)
 
 
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
-                  num_targets: int = 9, norm: str = "linf", eot_samples: int = 1, seed: int | None = None,
-                  early_stop: bool = False) -> AttackResult:
+                  num_targets: int = 9, norm: str = "linf", loss: str = "dlr", eot_samples: int = 1,
+                  seed: int | None = None, early_stop: bool = False) -> AttackResult:
     """APGD-T: targeted APGD on the targeted DLR loss, once towards each of the ``num_targets`` classes the model
-    ranks highest after the label (Croce & Hein 2020, Eq. 8; AutoAttack's APGD-T with 9 targets).
+    ranks highest after the label (Croce & Hein 2020, Eq. 8; AutoAttack's APGD-T with 9 targets). ``loss="ce"``
+    ascends the targeted cross-entropy instead: the targeted DLR needs the four largest logits, so a task of fewer
+    than 4 classes needs it.
 
     The goal is still to leave ``y`` (success means misclassified): aiming at the likeliest wrong classes in turn
     finds adversarial images that untargeted losses miss. Each target runs only on the samples not yet fooled.
@@ -63,19 +69,23 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     Args:
         num_targets: target classes tried, at most C - 1; the other arguments (``early_stop`` too) as in ``apgd``.
     """
+    check_choice(loss, "loss", APGD_LOSSES)
     y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=1, eot_samples=eot_samples, seed=seed)
     check_int(num_targets, "num_targets")
     num_classes = _torch.num_classes(model, x)
     if num_targets > num_classes - 1:
         raise ValueError(f"num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {num_targets}")
+    if loss == "dlr" and num_classes < 4:
+        raise ValueError(f"loss='dlr' (the targeted DLR) needs at least 4 classes (the four largest logits), the "
+                         f"model has {num_classes}: use loss='ce'")
     with torch.no_grad(), _torch.eval_mode(model):  # the ranking of the classes on the clean images
         ranked = eot_logits(model, x, eot_samples).mean(dim=0).sort(dim=1, descending=True).indices
     # the k-th likeliest class other than the label: skip the label wherever it sits in the ranking
     others = ranked.masked_select(ranked != y[:, None]).view(len(x), -1)  # (N, C - 1)
     targets = [others[:, k] for k in range(num_targets)]
-    return _run_restarts(model, x, y, targets, targeted_dlr, eps=eps, steps=steps, norm=norm,
-                         eot_samples=eot_samples, seed=seed, early_stop=early_stop)
+    return _run_restarts(model, x, y, targets, targeted_dlr if loss == "dlr" else targeted_ce, eps=eps, steps=steps,
+                         norm=norm, eot_samples=eot_samples, seed=seed, early_stop=early_stop)
 
 
 def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -87,6 +97,11 @@ def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     top = logits.topk(4, dim=1).values
     margin = logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
     return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def targeted_ce(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted cross-entropy, to ascend: minus the cross-entropy of the target, (N, C) -> (N,) (any C >= 2)."""
+    return -F.cross_entropy(logits, target, reduction="none")
 
 
 def step_size_checks(steps: int) -> list[int]:

@@ -7,6 +7,7 @@ This module only parses arguments and dispatches: the notebook runner is ``cli.r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -187,7 +188,7 @@ def _distributed_command(args) -> int:
 def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="worst-case robust accuracy of a model over an attack ensemble (a robustness report card)",
-        description="Clean, per-attack and worst-case robust accuracy at each radius, with n and 95%% CIs: a "
+        description="Clean, per-attack and worst-case robust accuracy at each radius, with n and 95% CIs: a "
                     "Markdown table on stdout and, with --out, a JSON file with the settings, versions and seed.")
     evaluate.add_argument("--model", default=None,
                           help="a profile (shapes, cifar100) or an open_clip model name such as ViT-B-32 "
@@ -274,14 +275,17 @@ def _add_benchmark_parser(commands) -> None:
 def _benchmark(args) -> int:
     """``cliplab benchmark``: check everything, evaluate the missing cells, write the table, CSV and figure."""
     from ..study import benchmark
+    from ..training.runs import run_lock
 
     settings = _distributed.on_every_rank(lambda: _benchmark_settings(args), "cliplab benchmark's checks")
     _say_precision(settings.runtime)
-    cells = benchmark.run(settings, args.out, progress=not args.quiet, log=print, checked=True)
-    if _distributed.is_main():
-        written = benchmark.write_outputs(cells, settings, args.out)
-        print("\n" + benchmark.markdown(cells, settings))
-        print("\nwritten: " + ", ".join(map(str, written)))
+    # one run per --out, from the cells to the tables (run takes the same lock, held here already)
+    with run_lock(args.out, "benchmark run") if _distributed.is_main() else contextlib.nullcontext():
+        cells = benchmark.run(settings, args.out, progress=not args.quiet, log=print, checked=True)
+        if _distributed.is_main():
+            written = benchmark.write_outputs(cells, settings, args.out)
+            print("\n" + benchmark.markdown(cells, settings))
+            print("\nwritten: " + ", ".join(map(str, written)))
     return 0
 
 
@@ -419,13 +423,15 @@ def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_device(device: str | None) -> None:
-    """One rule for every command: an explicit ``--device cuda`` without a GPU is an error, before any work; only a
-    device nobody asked for (the cifar100 profile's default) falls back to the CPU, with a warning."""
+    """One rule for every command: a CUDA device asked for (``--device cuda``, or ``$CLIPLAB_DEVICE=cuda`` where
+    ``--device`` is not given) without a GPU is an error, before any work; only a device nobody asked for (the
+    cifar100 profile's default) falls back to the CPU, with a warning."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available to torch here (torch.cuda.is_available() is "
-                         "False); use --device cpu, or leave --device out")
+    source = "--device" if device else "$CLIPLAB_DEVICE"
+    if (device or os.environ.get("CLIPLAB_DEVICE")) == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{source} cuda: no CUDA GPU is available to torch here (torch.cuda.is_available() is "
+                         f"False); use --device cpu, or leave {source} out")
 
 
 def _warn_if_bf16_is_emulated(runtime: Runtime) -> Runtime:

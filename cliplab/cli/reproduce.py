@@ -225,6 +225,17 @@ def _interruption(signum) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def check_notebook(path: Path) -> None:
+    """A notebook nbformat can read (a truncated or hand-broken file is named before any kernel starts)."""
+    import nbformat
+
+    try:
+        nbformat.read(path, as_version=4)
+    except Exception as error:  # JSON, schema or encoding errors, each of nbformat's own kinds
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable notebook ({type(error).__name__}: {reason})") from None
+
+
 def check_notebook_extra() -> None:
     """Fail at once, saying what to install, when the ``notebooks`` extra is missing."""
     missing = [module for module in NOTEBOOK_MODULES if importlib.util.find_spec(module) is None]
@@ -334,11 +345,18 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     for value, name in ((threads, "threads"), (jobs, "jobs")):
         if value is not None:
             check_int(value, name)
+            if value > usable_cores():  # more would only queue for the cores and thrash
+                raise ValueError(f"--{name} must be at most {usable_cores()}, the cores this process may use, got "
+                                 f"{value}")
     check_notebook_extra()
     paths = find_notebooks(notebooks or default_notebook_dir(), only)
+    for path in paths:
+        check_notebook(path)
     jobs, threads = parallelism(profile.runtime.device, len(paths), threads, jobs)
     out = results_dir(results, profile)
     check_directory(out, "results")
+    if update:  # the executed notebooks replace these, each by a rename in their directory
+        check_directory(paths[0].parent, "notebooks")
     profile.check_inputs()
     if profile.smoke and profile.runtime.encoder_cache is None:
         profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .prediction import _bar, _judge_everything, _judged, _same_task, looks_like
 from .statistics import Proportion
 
 # The attacks of a worst-case evaluation, and the named ensembles (AutoAttack's "standard" and "rand" versions)
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "pgd")
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-t-ce", "square", "pgd")
 ENSEMBLES = {"standard": ("apgd-ce", "apgd-t", "square"), "rand": ("apgd-ce", "apgd-dlr"), "pgd": ("pgd",)}
 # robustness_vs_eps's name, in a report's per_attack, for the images already broken at a smaller radius
 SMALLER_RADII = "smaller radii"
@@ -110,8 +110,8 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     Returns:
         RobustnessReport with the clean, worst-case and per-attack accuracies, each with n and a 95% CI.
     """
-    names = _check_evaluation(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size,
-                              votes=votes, seed=seed)
+    names, budget = _check_evaluation(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget,
+                                      batch_size=batch_size, votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
     judge = judge or _vote(model, batch_size, votes)
     correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
@@ -126,15 +126,16 @@ def _success_is_final(votes, judge, budget: AttackBudget) -> bool:
     return votes == 1 and judge is None and budget.eot_samples == 1
 
 
-def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed) -> list[str]:
+def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed):
     """Every argument of ``evaluate_robustness`` checked in every process, the same task in every process, and a
-    model that returns finite logits; returns the attack names."""
-    names = _distributed.on_every_rank(lambda: _check_robustness_arguments(
+    model that returns finite logits; returns the attack names and the budget, fitted to the number of classes
+    (``fit_to_classes``)."""
+    names, budget = _distributed.on_every_rank(lambda: _check_robustness_arguments(
         model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
         seed=seed), "the evaluation's arguments")
     _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
     _check_logits(model, x, _torch.device_of(model, x.device))
-    return names
+    return names, budget
 
 
 def _vote(model, batch_size, votes) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -188,8 +189,8 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
         raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
     if len(set(eps_values)) != len(eps_values):
         raise ValueError(f"eps_values must not repeat a radius, got {eps_values!r}")
-    names = _check_evaluation(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm, budget=budget,
-                              batch_size=batch_size, votes=votes, seed=seed)
+    names, budget = _check_evaluation(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm, budget=budget,
+                                      batch_size=batch_size, votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
     judge = judge or _vote(model, batch_size, votes)
     correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
@@ -201,8 +202,9 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
     return {eps: reports[eps] for eps in eps_values}
 
 
-def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed) -> list[str]:
-    """Every argument checked before any attack runs; returns the attack names."""
+def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, seed):
+    """Every argument checked before any attack runs; returns the attack names and the budget, fitted to the number
+    of classes."""
     check_images(x)
     check_nonempty(x)
     check_radius(eps, norm)
@@ -212,7 +214,7 @@ def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batc
     check_int(batch_size, "batch_size")
     check_int(votes, "votes")
     check_seed(seed)
-    return names
+    return fit_to_classes(names, budget, num_classes)
 
 
 def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBudget, num_classes: int) -> list[str]:
@@ -233,10 +235,32 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
         raise TypeError(f"budget must be an AttackBudget, got {type(budget).__name__}")
     for name in ("steps", "num_targets", "queries", "restarts", "eot_samples", "pgd_steps", "pgd_restarts"):
         check_int(getattr(budget, name), f"budget.{name}")
+    check_int(num_classes, "num_classes", minimum=2)
+    return names
+
+
+def check_targets(names: Sequence[str], budget: AttackBudget, num_classes: int) -> None:
+    """Where the user names one task and its targets (``cliplab evaluate``): more APGD-T targets than the other
+    classes is an error, not something to fit."""
     if "apgd-t" in names and budget.num_targets > num_classes - 1:
         raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {budget.num_targets}")
-    return names
+
+
+def fit_to_classes(names: Sequence[str], budget: AttackBudget, num_classes: int) -> tuple[list[str], AttackBudget]:
+    """The ensemble ``names`` and its ``budget`` for a task of ``num_classes`` classes, as AutoAttack is run on few
+    classes (its own ``check_n_classes`` names the limits): APGD-T aims at no more than the C - 1 other classes; its
+    targeted DLR loss needs the 4 largest logits, so with fewer classes APGD-T ascends the targeted cross-entropy
+    instead (``apgd-t-ce``); the untargeted DLR needs 3, so with 2 classes APGD-DLR is left out (APGD-CE attacks
+    the same images). A report's ``per_attack`` names the attacks that ran."""
+    names = list(names)
+    if "apgd-t" in names and num_classes < 4:
+        names[names.index("apgd-t")] = "apgd-t-ce"
+    if "apgd-dlr" in names and num_classes < 3:
+        names.remove("apgd-dlr")
+    if budget.num_targets > num_classes - 1 and any(name.startswith("apgd-t") for name in names):
+        budget = replace(budget, num_targets=num_classes - 1)
+    return names, budget
 
 
 def _check_logits(model, x, device) -> None:
@@ -264,8 +288,9 @@ def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, ear
     if name == "pgd":
         return pgd(model, x, y, steps=budget.pgd_steps, restarts=budget.pgd_restarts, loss="margin", norm=norm,
                    eot_samples=budget.eot_samples, **common).x_adv
-    if name == "apgd-t":
+    if name.startswith("apgd-t"):
         return apgd_targeted(model, x, y, steps=budget.steps, num_targets=budget.num_targets, norm=norm,
-                             eot_samples=budget.eot_samples, **common).x_adv
+                             loss="ce" if name == "apgd-t-ce" else "dlr", eot_samples=budget.eot_samples,
+                             **common).x_adv
     return apgd(model, x, y, steps=budget.steps, loss=name.removeprefix("apgd-"), norm=norm,
                 restarts=budget.restarts, eot_samples=budget.eot_samples, **common).x_adv

@@ -9,6 +9,7 @@ mixed in. The text head of each (model, data set) is kept in ``OUT/text-heads/``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,11 +21,12 @@ from pathlib import Path
 
 from .. import _distributed
 from .._arguments import check_choice, check_directory, check_int, check_seed
-from .._io import atomic_write
-from .._torch import PRECISIONS
-from ..evaluation.ensemble import AttackBudget, check_attack_plan, robustness_vs_eps
+from .._io import atomic_write, file_digest
+from .._torch import PRECISIONS, resolve_precision
+from ..evaluation.ensemble import AttackBudget, check_attack_plan, fit_to_classes, robustness_vs_eps
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
+from ..training.runs import run_lock
 from .profiles import Runtime
 from .report import check_encoder, results_document, versions
 
@@ -44,12 +46,19 @@ class ModelSpec:
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
         text = text.strip()
-        label, _, rest = text.partition("=") if re.match(r"^[\w.-]+=", text) else ("", "", text)
+        named = re.match(r"^([^=:+/]*[^=:+]*?)=", text)  # LABEL= before any ':' or '+' of the source
+        if named and not re.fullmatch(r"[\w.-]{1,100}", named.group(1)):
+            raise ValueError(f"models: the label {named.group(1)!r} of {text!r} may use letters, digits, '_', '.' and "
+                             "'-' only, at most 100 of them (it names the row and its files)")
+        label, _, rest = text.partition("=") if named else ("", "", text)
         source, _, encoder = rest.partition("+")
         if source.startswith("hf-hub:"):
             name, pretrained = source, None
         else:
-            name, _, pretrained = source.partition(":")
+            name, colon, pretrained = source.partition(":")
+            if colon and not pretrained:
+                raise ValueError(f"models: {text!r} names no weights after ':'; write NAME:TAG or NAME:/path/to/"
+                                 f"checkpoint, or {name or 'NAME'} alone for the model's own weights")
         if not name:
             raise ValueError(f"models: {text!r} names no model; write [LABEL=]NAME[:PRETRAINED][+ENCODER], e.g. "
                              "ViT-B-32:openai or fare=hf-hub:chs20/fare2-clip")
@@ -57,8 +66,19 @@ class ModelSpec:
 
     @property
     def slug(self) -> str:
-        """The label as a file name."""
-        return re.sub(r"[^\w.-]+", "_", self.label).strip("_") or "model"
+        """The label as a file name (a long one, a path given as the label, shortened and told apart by a digest of
+        the label: a file name has at most 255 bytes)."""
+        slug = re.sub(r"[^\w.-]+", "_", self.label).strip("_") or "model"
+        return slug if len(slug) <= 100 else f"{slug[:80]}-{hashlib.sha256(self.label.encode()).hexdigest()[:12]}"
+
+    def contents(self) -> dict:
+        """The SHA-256 of the weights and of the encoder file this row loads (None: random initialisation, no
+        encoder): a cell or a text head is the row's only while these are the same, whatever the paths."""
+        from ..models import weights_file
+
+        weights = weights_file(self.name, **({} if self.pretrained is None else {"pretrained": self.pretrained}))
+        return {"weights_sha256": weights and file_digest(weights),
+                "encoder_sha256": self.encoder and file_digest(self.encoder)}
 
 
 @dataclass(frozen=True)
@@ -78,10 +98,15 @@ class BenchmarkSettings:
     runtime: Runtime = Runtime()  # device, precision and the data directory (weights are per model)
 
     def cell_settings(self, model: ModelSpec, dataset: str) -> dict:
-        """What a cell's numbers depend on: a cell on disk is reused only when these are the same."""
+        """What a cell's numbers depend on: a cell on disk is reused only when these are the same (the weights by
+        their content, the precision as what it means on this device)."""
         measured = {k: v for k, v in asdict(self).items() if k not in ("models", "datasets", "runtime")}
-        return {"model": asdict(model), "dataset": dataset, **measured, "device": self.runtime.device,
-                "precision": self.runtime.precision}
+        return {"model": asdict(model), **model.contents(), "dataset": dataset, **measured,
+                "device": self.runtime.device,
+                "precision": resolve_precision(self.runtime.device, self.runtime.precision)}
+
+
+OUTPUTS = ("benchmark.md", "benchmark.csv", "benchmark.png")  # what write_outputs writes into OUT
 
 
 def cell_path(out: Path, model: ModelSpec, dataset: str) -> Path:
@@ -89,19 +114,30 @@ def cell_path(out: Path, model: ModelSpec, dataset: str) -> Path:
 
 
 def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
-    """Every setting, every data set (its files, its classes, one image) and every model's weights checked, and the
+    """Every setting, every data set (its files, its classes, every image the run will read) and every model's
+    weights checked, and the
     cells already in ``out`` compared with these settings, before any model is built: a bad one fails in seconds."""
     from ..models import check_weights
-    from ..suite import load_suite_set, open_set, suite_class_names
+    from ..suite import check_suite_images, open_set, suite_class_names
 
     if not settings.models or not settings.datasets:
         raise ValueError("models and datasets must each name at least one")
-    check_directory(Path(out), "out")
+    for where in (Path(out), Path(out) / "cells", Path(out) / "text-heads"):  # every folder a run writes in
+        check_directory(where, "out")
+    theirs = [name for name in OUTPUTS if (Path(out) / name).exists()]
+    if theirs and not (Path(out) / "cells").is_dir():  # not a benchmark's directory: files a user had
+        raise FileExistsError(f"out: {out} holds {', '.join(theirs)}, which no benchmark run wrote there (it has no "
+                              "cells/); choose another --out, or move those files away")
     for name in settings.datasets:
         check_choice(name, "datasets", SUITE)
-    for what, values in (("models", [m.slug for m in settings.models]), ("datasets", settings.datasets)):
-        if len(set(values)) != len(values):
-            raise ValueError(f"{what} must not repeat one, got {', '.join(values)}")
+    slugs = {}
+    for model in settings.models:  # two rows whose labels give one file name would share their cells
+        if model.slug in slugs:
+            raise ValueError(f"models: {slugs[model.slug]!r} and {model.label!r} would share the files {model.slug}--*;"
+                             " give one of them a label (LABEL=NAME...)")
+        slugs[model.slug] = model.label
+    if len(set(settings.datasets)) != len(settings.datasets):
+        raise ValueError(f"datasets must not repeat one, got {', '.join(settings.datasets)}")
     if not settings.eps or any(not 0 < eps <= 1 for eps in settings.eps) or len(set(settings.eps)) != len(settings.eps):
         raise ValueError(f"eps must be distinct radii in (0, 1] (pixel values are in [0, 1]), got {settings.eps}")
     for name in ("n", "batch_size", "image_size"):
@@ -114,7 +150,7 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
         check_attack_plan(settings.attacks, "linf", settings.budget, len(suite_class_names(dataset, opened)))
         if settings.n > len(opened):
             raise ValueError(f"n must be at most {len(opened)}, the size of {dataset}'s test split, got {settings.n}")
-        load_suite_set(dataset, settings.runtime.data_root, 1, seed=settings.seed, image_size=settings.image_size)
+        check_suite_images(dataset, settings.runtime.data_root, settings.n, seed=settings.seed)
     for model in settings.models:
         architecture = check_weights(model.name, **({} if model.pretrained is None else {"pretrained": model.pretrained}))
         if model.encoder is not None:
@@ -136,9 +172,14 @@ def run(settings: BenchmarkSettings, out: str | os.PathLike, progress: bool = Tr
     Returns:
         ``{(model label, data set): cell}``, each cell as written (``settings``, ``results`` per radius, ``versions``).
     """
-    if not checked:
-        check(settings, out)
     out = Path(out)
+    with run_lock(out, "benchmark run") if _distributed.is_main() else contextlib.nullcontext():
+        if not checked:
+            check(settings, out)
+        return _run(settings, out, progress, log)
+
+
+def _run(settings: BenchmarkSettings, out: Path, progress: bool, log) -> dict:
     cells = {}
     for model in settings.models:
         classifier = None  # loaded once per model, for its first data set to evaluate
@@ -167,7 +208,8 @@ def _evaluate_cell(settings: BenchmarkSettings, model: ModelSpec, dataset: str, 
                                  image_size=settings.image_size)
     templates = ["a photo of a {}."] if settings.single_template else suite_templates(dataset)
     head_path = out / "text-heads" / f"{model.slug}--{dataset}.safetensors"
-    head = _read_text_head(head_path, names, templates)
+    key = _text_head_key(names, templates, model.contents()["weights_sha256"])
+    head = _read_text_head(head_path, key)
     if classifier is None:
         weights = {} if model.pretrained is None else {"pretrained": model.pretrained}
         classifier = load_classifier(model.name, class_names=names, templates=templates, device=runtime.device,
@@ -179,12 +221,15 @@ def _evaluate_cell(settings: BenchmarkSettings, model: ModelSpec, dataset: str, 
     else:
         classifier = classifier.for_classes(names, templates, head)
     if head is None and _distributed.is_main():
-        _write_text_head(head_path, classifier.text_head, names, templates)
+        _write_text_head(head_path, classifier.text_head, key)
     attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
     reports = robustness_vs_eps(classifier, x, y, settings.eps, attacks=attacks, budget=settings.budget,
                                 batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    ran, budget = fit_to_classes(check_attack_plan(attacks, "linf", settings.budget, len(names)), settings.budget,
+                                 len(names))
     cell = {"settings": settings.cell_settings(model, dataset), "classes": len(names),
-            "results": results_document(reports), "versions": versions()}
+            "ensemble": {"attacks": ran, "num_targets": budget.num_targets}, "results": results_document(reports),
+            "versions": versions()}
     return classifier, json.loads(json.dumps(cell))  # as it reads back from disk (tuples as lists)
 
 
@@ -205,27 +250,31 @@ def _read_cell(path: Path, expected: dict) -> dict | None:
     return cell
 
 
-def _prompts_digest(names, templates) -> str:
-    return hashlib.sha256(json.dumps([list(names), list(templates)]).encode()).hexdigest()
+def _text_head_key(names, templates, weights_sha256: str | None) -> str:
+    """What a text head depends on: the class names, the prompts and the text tower's weights (the file's content;
+    an image encoder loaded on top leaves the text tower as it is)."""
+    return hashlib.sha256(json.dumps([list(names), list(templates), weights_sha256]).encode()).hexdigest()
 
 
-def _read_text_head(path: Path, names, templates):
+def _read_text_head(path: Path, key: str):
     from safetensors import safe_open
 
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as file:
-        if (file.metadata() or {}).get("prompts") != _prompts_digest(names, templates):
-            return None  # made for other class names or templates: computed again
-        return file.get_tensor("text_head")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            if (file.metadata() or {}).get("key") != key:
+                return None  # made for other weights, class names or prompts: computed again
+            return file.get_tensor("text_head")
+    except Exception:  # a cache of this command's own, truncated or damaged (safetensors' own error type): redone
+        return None
 
 
-def _write_text_head(path: Path, head, names, templates) -> None:
+def _write_text_head(path: Path, head, key: str) -> None:
     from safetensors.torch import save_file
 
     with atomic_write(path) as tmp:
-        save_file({"text_head": head.detach().cpu().contiguous()}, tmp,
-                  metadata={"prompts": _prompts_digest(names, templates)})
+        save_file({"text_head": head.detach().cpu().contiguous()}, tmp, metadata={"key": key})
 
 
 def _proportion(entry: dict) -> Proportion:
@@ -252,7 +301,22 @@ def markdown(cells: dict, settings: BenchmarkSettings) -> str:
             lines.append(f"| {model.label} | " + " | ".join(
                 f"{_proportion(r['clean']).percent()} / {_proportion(r['robust']).percent()}" for r in row) + " |")
         tables.append("\n".join(lines))
-    return "\n\n".join(tables)
+    return "\n\n".join(tables + _fitted_ensembles(cells, settings))
+
+
+def _fitted_ensembles(cells: dict, settings: BenchmarkSettings) -> list[str]:
+    """A line for each data set whose ensemble was fitted to its few classes (``fit_to_classes``): what ran."""
+    asked = check_attack_plan(settings.attacks, "linf", settings.budget, 1000)
+    notes = []
+    for dataset in settings.datasets:
+        cell = cells[settings.models[0].label, dataset]
+        ensemble = cell.get("ensemble", {"attacks": asked, "num_targets": settings.budget.num_targets})
+        if ensemble["attacks"] != asked or ensemble["num_targets"] != settings.budget.num_targets:
+            targets = (f" ({ensemble['num_targets']} target{'s' * (ensemble['num_targets'] != 1)})"
+                       if any(a.startswith("apgd-t") for a in ensemble["attacks"]) else "")
+            notes.append(f"{dataset} has {cell['classes']} classes: the ensemble ran as "
+                         f"{', '.join(ensemble['attacks'])}{targets} (AutoAttack's limits on few classes)")
+    return notes
 
 
 CSV_COLUMNS = ("model", "dataset", "eps_255", "n", "clean", "clean_low", "clean_high", "robust", "robust_low",
@@ -310,12 +374,12 @@ def write_outputs(cells: dict, settings: BenchmarkSettings, out: str | os.PathLi
 
     out = Path(out)
     written = []
-    for name, text in (("benchmark.md", markdown(cells, settings) + "\n"), ("benchmark.csv", csv_text(cells))):
+    for name, text in zip(OUTPUTS, (markdown(cells, settings) + "\n", csv_text(cells))):
         with atomic_write(out / name) as tmp:
             Path(tmp).write_text(text)
         written.append(out / name)
     fig = plot(cells, settings)
-    with atomic_write(out / "benchmark.png") as tmp:
+    with atomic_write(out / OUTPUTS[2]) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    return [*written, out / "benchmark.png"]
+    return [*written, out / OUTPUTS[2]]

@@ -20,6 +20,7 @@ from ..evaluation.ensemble import (
     AttackBudget,
     RobustnessReport,
     check_attack_plan,
+    check_targets,
     robustness_vs_eps,
 )
 from ..evaluation.tables import robustness_table
@@ -53,7 +54,8 @@ def check(settings: ReportSettings) -> None:
     from ..models import check_weights
 
     check_choice(settings.dataset, "dataset", DATASETS)
-    check_attack_plan(settings.attacks, "linf", settings.budget, len(class_names(settings.dataset)))
+    classes = len(class_names(settings.dataset))
+    check_targets(check_attack_plan(settings.attacks, "linf", settings.budget, classes), settings.budget, classes)
     check_int(settings.n, "n")
     if settings.n > DATASET_TEST_SIZES[settings.dataset]:
         raise ValueError(f"n must be at most {DATASET_TEST_SIZES[settings.dataset]}, the size of the "

@@ -132,11 +132,12 @@ _HELD: set[tuple[Path, int]] = set()  # (run directory, thread) for each lock th
 
 
 @contextlib.contextmanager
-def run_lock(out: Path):
+def run_lock(out: Path, what: str = "fine-tuning run"):
     """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
-    second run into the same directory fails at once, naming the holder. The kernel drops the lock when the
-    holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it before loading
-    anything, and the ``finetune`` it calls finds it held; another thread, like another process, is refused."""
+    second run into the same directory fails at once, naming the holder, which ``what`` describes. The kernel drops
+    the lock when the holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it
+    before loading anything, and the ``finetune`` it calls finds it held; another thread, like another process, is
+    refused."""
     import fcntl
 
     key = (Path(out).resolve(), threading.get_ident())
@@ -151,7 +152,7 @@ def run_lock(out: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunLocked(f"{out} is in use by another fine-tuning run (pid {holder}): wait for it to end, "
+            raise RunLocked(f"{out} is in use by another {what} (pid {holder}): wait for it to end, "
                             f"or choose another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
