@@ -155,7 +155,7 @@ def check_suite_images(name: str, root: str | os.PathLike | None = None, n: int 
     truncated or unreadable file is named (with its path where the set has files) before any model loads."""
     dataset = open_set(name, root)
     for index in sample_indices(len(dataset), n, seed).tolist():
-        _read(dataset, index, name).convert("RGB")
+        _read(dataset, index, name)
 
 
 def sample_indices(size: int, n: int | None, seed: int = 0) -> torch.Tensor:

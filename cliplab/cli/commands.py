@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
     profile, out = job.profile, job.out
     print(f"\nprofile {profile.name}{' (smoke run)' if profile.smoke else ''}: results in {out}")
-    print(f"  {job.arithmetic()}")
     for run_ in sorted(runs, key=lambda run_: run_.name):
         figures = out / "figures" / run_.name
         count = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
@@ -112,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             cell = max(run_.cell_seconds, key=run_.cell_seconds.get)
             status += f"; slowest: cell {cell}, {run_.cell_seconds[cell]:.0f} s"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
+    print(job.arithmetic())
     return 1 if any(run_.error for run_ in runs) else 0
 
 

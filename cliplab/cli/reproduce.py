@@ -317,10 +317,11 @@ class Reproduction:
         runtime = self.profile.runtime
         if resolve_precision(runtime.device, runtime.precision) == "fp32":
             committed = self.profile.name == "shapes" and not self.profile.smoke
-            return ("computed in fp32" + (", the arithmetic of the committed notebooks: their checked outputs are these"
-                                          if committed else ""))
-        return ("computed in bf16 autocast: a few images can stand or fall otherwise than in the fp32 arithmetic of "
-                "the committed notebooks (--precision fp32 gives theirs)")
+            return ("These numbers were computed in fp32" +
+                    (", the arithmetic of the committed notebooks: their checked outputs read the same."
+                     if committed else "."))
+        return ("These numbers were computed in bf16 autocast: a few images can stand or fall otherwise than in the "
+                "fp32 arithmetic of the committed notebooks (--precision fp32 gives theirs).")
 
 
 def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,

@@ -312,10 +312,10 @@ def _fitted_ensembles(cells: dict, settings: BenchmarkSettings) -> list[str]:
         cell = cells[settings.models[0].label, dataset]
         ensemble = cell.get("ensemble", {"attacks": asked, "num_targets": settings.budget.num_targets})
         if ensemble["attacks"] != asked or ensemble["num_targets"] != settings.budget.num_targets:
-            targets = (f" ({ensemble['num_targets']} target{'s' * (ensemble['num_targets'] != 1)})"
-                       if any(a.startswith("apgd-t") for a in ensemble["attacks"]) else "")
-            notes.append(f"{dataset} has {cell['classes']} classes: the ensemble ran as "
-                         f"{', '.join(ensemble['attacks'])}{targets} (AutoAttack's limits on few classes)")
+            targets = f" ({ensemble['num_targets']} target{'s' * (ensemble['num_targets'] != 1)})"
+            ran = [name + targets if name.startswith("apgd-t") else name for name in ensemble["attacks"]]
+            notes.append(f"{dataset} has {cell['classes']} classes: the ensemble ran as {', '.join(ran)} "
+                         "(AutoAttack's limits on few classes)")
     return notes
 
 
