@@ -47,9 +47,9 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
     check_choice(loss, "loss", APGD_LOSSES)
     y = _check_attack(model, x, y, eps=eps, steps=steps, norm=norm, restarts=restarts, eot_samples=eot_samples,
                       seed=seed)
-    if loss == "dlr" and _torch.num_classes(model, x) < 3:
+    if loss == "dlr" and (num_classes := _torch.num_classes(model, x)) < 3:
         raise ValueError(f"loss='dlr' needs at least 3 classes (the three largest logits), the model has "
-                         f"{_torch.num_classes(model, x)}: use loss='ce'")
+                         f"{num_classes}: use loss='ce'")
     objective = (lambda logits, labels: attack_objective(logits, labels, loss, targeted=False))
     return _run_restarts(model, x, y, [None] * restarts, objective, eps=eps, steps=steps, norm=norm,
                          eot_samples=eot_samples, seed=seed, early_stop=early_stop)

@@ -23,7 +23,7 @@ from .. import _distributed
 from .._arguments import check_choice, check_directory, check_int, check_seed
 from .._io import atomic_write, file_digest
 from .._torch import PRECISIONS, resolve_precision
-from ..evaluation.ensemble import AttackBudget, check_attack_plan, fit_to_classes, robustness_vs_eps
+from ..evaluation.ensemble import ENSEMBLES, AttackBudget, check_attack_plan, fit_to_classes, robustness_vs_eps
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
 from ..training.runs import run_lock
@@ -46,7 +46,7 @@ class ModelSpec:
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
         text = text.strip()
-        named = re.match(r"^([^=:+/]*[^=:+]*?)=", text)  # LABEL= before any ':' or '+' of the source
+        named = re.match(r"^([^=:+]*)=", text)  # LABEL= before any ':' or '+' of the source
         if named and not re.fullmatch(r"[\w.-]{1,100}", named.group(1)):
             raise ValueError(f"models: the label {named.group(1)!r} of {text!r} may use letters, digits, '_', '.' and "
                              "'-' only, at most 100 of them (it names the row and its files)")
@@ -306,7 +306,8 @@ def markdown(cells: dict, settings: BenchmarkSettings) -> str:
 
 def _fitted_ensembles(cells: dict, settings: BenchmarkSettings) -> list[str]:
     """A line for each data set whose ensemble was fitted to its few classes (``fit_to_classes``): what ran."""
-    asked = check_attack_plan(settings.attacks, "linf", settings.budget, 1000)
+    attacks = settings.attacks
+    asked = list(ENSEMBLES[attacks]) if isinstance(attacks, str) else list(attacks)
     notes = []
     for dataset in settings.datasets:
         cell = cells[settings.models[0].label, dataset]
