@@ -7,39 +7,53 @@ Layers (README, "Layout"), each a folder or a few modules, each importing only f
 private helpers (``_*.py``); kernels (``attacks/``, ``defences/``, ``evaluation/``, ``training/``, ``classifier``);
 loading (``models``, ``data``, ``shapes_clip``); the study (``study/``: profiles, 05/06's setup, the report card,
 plots); the command line (``cli/``: commands and the notebook runner).
-"""
-from .attacks import AttackResult, apgd, apgd_targeted, attack_objective, eot_gradient, pgd, square
-from .classifier import WithPrecision, ZeroShotClassifier, build_text_head
-from .data import load_dataset
-from .defences import ABSTAIN, Denoised, GaussianNoise, RandomizedSmoothing
-from .evaluation import (AttackBudget, DatasetAttack, Proportion, RobustAccuracy, RobustnessReport, accuracy,
-                         accuracy_vs_eps, attack_dataset, attack_success_rate, evaluate_robustness, predict,
-                         robust_accuracy)
-from .models import load_classifier, save_weights
-from .study import Profile, get_profile
-from .training import apply_oft, merge_oft
-# modules the public API has always had under these names
-from . import study
-from .defences import denoise
-from .evaluation import gradient_masking as checks
-from . import training as finetune
 
-__all__ = [
-    "ABSTAIN", "AttackBudget", "AttackResult", "DatasetAttack", "Denoised", "GaussianNoise", "Profile", "Proportion",
-    "RandomizedSmoothing", "RobustAccuracy", "RobustnessReport", "WithPrecision", "ZeroShotClassifier", "accuracy",
-    "accuracy_vs_eps",
-    "apgd", "apgd_targeted", "apply_oft", "attack_dataset", "attack_objective", "attack_success_rate", "build_text_head", "checks",
-    "denoise", "eot_gradient", "evaluate_robustness", "finetune", "get_profile", "load_classifier", "load_dataset",
-    "merge_oft", "pgd", "plots", "predict", "robust_accuracy", "save_weights", "square", "study",
-]
+Every public name is imported on first use (PEP 562), so that ``import cliplab`` and the command line start without
+torch: ``cliplab``'s signal handlers are in place before the seconds of torch's import (a Ctrl-C then is one line,
+not an import's traceback).
+"""
+from importlib import import_module
+
+# public name -> the module (relative to this package) that defines it
+_HOMES = {
+    **dict.fromkeys(["AttackResult", "apgd", "apgd_targeted", "attack_objective", "eot_gradient", "pgd", "square"],
+                    ".attacks"),
+    **dict.fromkeys(["WithPrecision", "ZeroShotClassifier", "build_text_head"], ".classifier"),
+    "load_dataset": ".data",
+    **dict.fromkeys(["ABSTAIN", "Denoised", "GaussianNoise", "RandomizedSmoothing"], ".defences"),
+    **dict.fromkeys(["AttackBudget", "DatasetAttack", "Proportion", "RobustAccuracy", "RobustnessReport", "accuracy",
+                     "accuracy_vs_eps", "attack_dataset", "attack_success_rate", "evaluate_robustness", "predict",
+                     "robust_accuracy"], ".evaluation"),
+    **dict.fromkeys(["load_classifier", "save_weights"], ".models"),
+    **dict.fromkeys(["Profile", "get_profile"], ".study"),
+    **dict.fromkeys(["apply_oft", "merge_oft"], ".training"),
+}
+# modules the public API has always had under these names
+_MODULES = {"checks": ".evaluation.gradient_masking", "denoise": ".defences.denoise", "finetune": ".training",
+            "plots": ".study.plots", "study": ".study"}
+
+__all__ = sorted([*_HOMES, *_MODULES])
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``cliplab.plots`` on first use: the figures need matplotlib's pyplot, which ``import cliplab`` need not load."""
-    if name == "plots":
-        from .study import plots
+    """A public name, or a submodule (``cliplab.models``), imported on first use and kept."""
+    if name in _HOMES:
+        value = getattr(import_module(_HOMES[name], __name__), name)
+    elif name in _MODULES:
+        value = import_module(_MODULES[name], __name__)
+    elif not name.startswith("__"):
+        try:
+            value = import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":  # the submodule exists and failed to import something
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return plots
-    raise AttributeError(f"module 'cliplab' has no attribute {name!r}")
 
+def __dir__():
+    return sorted({*globals(), *__all__})

@@ -1,6 +1,4 @@
 """``python -m cliplab`` (and ``torchrun -m cliplab``): the command line of ``cliplab.cli``."""
-import sys
+from .cli import console
 
-from .cli import main
-
-sys.exit(main())
+console()

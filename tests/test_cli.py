@@ -20,6 +20,7 @@ import torch
 
 import cliplab._torch
 from cliplab.cli import commands as cli
+from cliplab.cli import main
 from cliplab.cli import reproduce as runner
 
 OK_CELLS = [
@@ -57,7 +58,7 @@ def _clean_environment(monkeypatch):
 @pytest.mark.notebooks
 def test_reproduce_runs_all_and_reports_failure(notebooks, tmp_path, capsys):
     out = tmp_path / "results"
-    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out)])
+    code = main(["reproduce", "--notebooks", str(notebooks), "--results", str(out)])
     printed = capsys.readouterr().out
     assert code == 1
     shapes = out / "shapes"
@@ -96,7 +97,7 @@ def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
     """--only runs the named notebooks; --threads sets each kernel's torch threads (the test session's
     environment says 1), which wait passively, and the run says how many it used."""
     out = tmp_path / "results"
-    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(out), "--only", "01",
+    code = main(["reproduce", "--notebooks", str(notebooks), "--results", str(out), "--only", "01",
                      "--threads", "2"])
     printed = capsys.readouterr().out
     assert code == 0
@@ -133,7 +134,7 @@ def test_bad_arguments_fail_before_anything_runs(argv, message, notebooks, tmp_p
     if argv[0] == "reproduce":
         argv += ["--notebooks", str(notebooks)]
     try:
-        code = cli.main(argv)
+        code = main(argv)
     except SystemExit as exit_:  # argparse's own usage errors
         code = exit_.code
     assert code == 2
@@ -145,7 +146,7 @@ def test_bad_arguments_fail_before_anything_runs(argv, message, notebooks, tmp_p
                                              ("CLIPLAB_PRECISION", "half")])
 def test_profile_environment_is_validated_by_the_cli(variable, value, notebooks, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(variable, value)
-    assert cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
+    assert main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
     assert f"${variable} must be" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
@@ -197,13 +198,13 @@ def test_precision_and_fp32_together_are_refused(capsys):
 def test_a_missing_notebooks_extra_is_named(notebooks, tmp_path, capsys, monkeypatch):
     find_spec = runner.importlib.util.find_spec
     monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else find_spec(name))
-    assert cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
+    assert main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "ipywidgets" in error and "pip install 'cliplab[notebooks]'" in error
 
 
 def test_reproduce_unknown_notebook(notebooks, tmp_path, capsys):
-    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path), "--only", "01,07"])
+    code = main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path), "--only", "01,07"])
     captured = capsys.readouterr()
     assert code == 2
     assert "07" in captured.err and "--only" in captured.err
@@ -211,7 +212,7 @@ def test_reproduce_unknown_notebook(notebooks, tmp_path, capsys):
 
 
 def test_reproduce_only_naming_nothing(notebooks, tmp_path, capsys):
-    code = cli.main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path), "--only", ","])
+    code = main(["reproduce", "--notebooks", str(notebooks), "--results", str(tmp_path), "--only", ","])
     assert code == 2 and "--only names no notebook" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ipynb"))
 
@@ -222,13 +223,13 @@ def test_reproduce_only_naming_nothing(notebooks, tmp_path, capsys):
 ])
 def test_empty_out_is_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
+        main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_train_shapes_clip_refuses_zero_steps(tmp_path, capsys):
     for steps in ("0", "-1"):
-        assert cli.main(["train-shapes-clip", "--out", str(tmp_path / "w.safetensors"), "--steps", steps]) == 2
+        assert main(["train-shapes-clip", "--out", str(tmp_path / "w.safetensors"), "--steps", steps]) == 2
         assert "steps must be >= 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "no untrained model may be saved"
 
@@ -236,7 +237,7 @@ def test_train_shapes_clip_refuses_zero_steps(tmp_path, capsys):
 def test_finetune_out_that_is_a_file(tmp_path, capsys):
     file = tmp_path / "taken"
     file.write_text("a user's file")
-    assert cli.main(["finetune", "--out", str(file)]) == 2
+    assert main(["finetune", "--out", str(file)]) == 2
     assert "out must be a directory" in capsys.readouterr().err and file.read_text() == "a user's file"
 
 
@@ -247,7 +248,7 @@ def test_an_error_is_written_as_one_whole_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append))
     file = tmp_path / "taken"
     file.write_text("a user's file")
-    assert cli.main(["finetune", "--out", str(file)]) == 2
+    assert main(["finetune", "--out", str(file)]) == 2
     assert len(writes) == 1 and writes[0].startswith("cliplab finetune: ") and writes[0].count("\n") == 1
     assert writes[0].endswith("\n")
 
@@ -262,11 +263,11 @@ def test_finetune_resume_problems_are_found_before_anything_is_loaded(tmp_path, 
 
     monkeypatch.setattr(Profile, "load_classifier", never)
     monkeypatch.setattr(Profile, "load_dataset", never)
-    assert cli.main(["finetune", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert main(["finetune", "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert cli.main(["finetune", "--out", str(tmp_path / "other")]) == 2
+    assert main(["finetune", "--out", str(tmp_path / "other")]) == 2
     assert "not a cliplab run" in capsys.readouterr().err
 
 
@@ -298,14 +299,14 @@ def test_shell_replies_are_polled_in_slices():
 def test_reproduce_missing_notebook_directory(tmp_path, capsys):
     """A mistyped --notebooks directory is a usage error, not a successful run of nothing."""
     missing = tmp_path / "no_such_dir"
-    code = cli.main(["reproduce", "--notebooks", str(missing), "--results", str(tmp_path / "results")])
+    code = main(["reproduce", "--notebooks", str(missing), "--results", str(tmp_path / "results")])
     assert code == 2, "running zero notebooks must not report success"
     assert "no_such_dir" in capsys.readouterr().err
 
 
 def test_unknown_profile_is_a_usage_error(notebooks, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["reproduce", "--profile", "imagenet", "--notebooks", str(notebooks)])
+        main(["reproduce", "--profile", "imagenet", "--notebooks", str(notebooks)])
     assert exit_.value.code == 2
     assert "imagenet" in capsys.readouterr().err
 
@@ -320,8 +321,6 @@ def test_find_notebooks(notebooks):
 @pytest.mark.slow  # renders the profile's 10,000 training images; study.finetune_and_evaluate is tested quickly
 def test_finetune_command_writes_weights_and_metrics_and_refuses_to_overwrite(tmp_path, capsys):
     import json
-
-    from cliplab.cli import main
 
     out = tmp_path / "run"
     args = ["finetune", "--profile", "shapes", "--method", "tecoa", "--adapter", "oft", "--block-size", "8",
@@ -379,7 +378,7 @@ def test_notebooks_run_at_the_same_time_each_in_its_own_kernel(tmp_path, capsys)
             f"while not pathlib.Path({str(tmp_path)!r}, '{other}').exists():\n"
             f"    assert time.time() < deadline, 'the other notebook never started'\n    time.sleep(0.1)\n"
             f"print('met')"])
-    code = cli.main(["reproduce", "--notebooks", str(directory), "--results", str(tmp_path / "results"),
+    code = main(["reproduce", "--notebooks", str(directory), "--results", str(tmp_path / "results"),
                      "--jobs", "2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -456,7 +455,7 @@ def no_work(monkeypatch):
 def test_an_output_location_that_cannot_be_written_fails_before_the_work(argv, no_work, notebooks, capsys):
     if argv[0] == "reproduce":
         argv += ["--notebooks", str(notebooks)]
-    assert cli.main(argv) == 2  # not Started
+    assert main(argv) == 2  # not Started
     error = capsys.readouterr().err
     assert "cannot write in /proc/self" in error and "Traceback" not in error
 
@@ -466,12 +465,12 @@ def test_an_output_location_that_cannot_be_written_fails_before_the_work(argv, n
 def test_an_existing_output_is_replaced_only_with_overwrite(argv, existing, no_work, tmp_path, capsys):
     (tmp_path / existing).write_text("the user's earlier result")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    assert cli.main(argv) == 2
+    assert main(argv) == 2
     error = capsys.readouterr().err
     assert f"{existing} exists" in error and "--overwrite" in error
     assert (tmp_path / existing).read_text() == "the user's earlier result"
     with pytest.raises(Started):  # asked for: the checks pass and the work begins
-        cli.main([*argv, "--overwrite"])
+        main([*argv, "--overwrite"])
 
 
 @pytest.mark.parametrize("command", [["reproduce"], ["finetune", "--out", "{tmp}/run"], ["evaluate"]])
@@ -483,29 +482,33 @@ def test_an_explicit_cuda_device_without_a_gpu_is_refused_by_every_command(comma
     argv = [arg.format(tmp=tmp_path) for arg in command]
     if command[0] == "reproduce":
         argv += ["--notebooks", str(notebooks), "--results", str(tmp_path / "results")]
-    assert cli.main([*argv, "--device", "cuda"]) == 2
+    assert main([*argv, "--device", "cuda"]) == 2
     error = capsys.readouterr().err
     assert "--device cuda: no CUDA GPU is available" in error and "Traceback" not in error
     monkeypatch.setenv("CLIPLAB_DEVICE", "cuda")  # the same request from the environment: the same answer, once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cli.main(argv) == 2
+        assert main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("$CLIPLAB_DEVICE cuda: no CUDA GPU is available") == 1 and not caught
 
 
 def _interrupt_reproduce(directory, results, jobs: int, started, signum) -> tuple[int, str]:
-    """Run ``cliplab reproduce`` on ``directory`` in its own session, send ``signum`` once ``started()`` (Ctrl-C goes to
-    the whole process group, kernels included, as a terminal sends it; SIGTERM to cliplab alone); its exit status and
-    stderr."""
-    process = subprocess.Popen([sys.executable, "-m", "cliplab", "reproduce", "--notebooks", str(directory),
-                                "--results", str(results), "--jobs", str(jobs)], stdout=subprocess.PIPE,
+    """``_interrupt`` of ``cliplab reproduce`` on ``directory``."""
+    return _interrupt(["reproduce", "--notebooks", str(directory), "--results", str(results), "--jobs", str(jobs)],
+                      started, signum)
+
+
+def _interrupt(argv: list[str], started, signum, poll_s: float = 0.2) -> tuple[int, str]:
+    """Run ``cliplab *argv`` in its own session, send ``signum`` once ``started(pid)`` (Ctrl-C goes to the whole process
+    group, kernels included, as a terminal sends it; SIGTERM to cliplab alone); its exit status and stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "cliplab", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not started() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert started(), process.communicate(timeout=5)
+        while not started(process.pid) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        assert started(process.pid), process.communicate(timeout=5)
         os.killpg(process.pid, signum) if signum == signal.SIGINT else process.send_signal(signum)
         _, error = process.communicate(timeout=60)
     finally:
@@ -525,7 +528,7 @@ def test_an_interrupted_reproduce_says_in_one_line_what_finished_and_writes_no_h
     marker = tmp_path / "started"
     _write_notebook(directory / "01_ok.ipynb", ["print('fast')"])
     _write_notebook(directory / "02_slow.ipynb", [f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(120)"])
-    code, error = _interrupt_reproduce(directory, tmp_path / "results", 1, marker.exists, signum)
+    code, error = _interrupt_reproduce(directory, tmp_path / "results", 1, lambda _: marker.exists(), signum)
     assert code == status, error
     assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: 01_ok;")
     assert sorted(p.name for p in (tmp_path / "results" / "shapes").glob("*.ipynb")) == ["01_ok.ipynb"]
@@ -542,12 +545,49 @@ def test_an_interrupted_reproduce_stops_every_notebook_running_at_the_time(signu
         _write_notebook(directory / f"{marker.name}.ipynb", [
             f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"])
     code, error = _interrupt_reproduce(directory, tmp_path / "results", 2,
-                                       lambda: all(m.exists() and m.read_text() for m in markers), signum)
+                                       lambda _: all(m.exists() and m.read_text() for m in markers), signum)
     assert code == status, error
     assert error.strip().splitlines()[-1].startswith("cliplab reproduce: interrupted; notebooks finished: none;")
     assert not list((tmp_path / "results").rglob("*.ipynb"))
     kernels = [int(m.read_text()) for m in markers]  # both had started: they ran at the same time
     assert not [pid for pid in kernels if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_while_cliplab_starts_is_one_line(signum, status, tmp_path):
+    """A stop in the first seconds, while torch is importing: one line and the signal's status (before the handler
+    came first, Ctrl-C printed the import's traceback, 15 to 58 lines, and SIGTERM ended it without a word)."""
+    def torch_importing(pid):
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+    code, error = _interrupt(["evaluate", "--out", str(tmp_path / "eval")], torch_importing, signum, poll_s=0.005)
+    assert code == status, error
+    assert len(error.splitlines()) == 1 and error.startswith("cliplab") and "interrupted" in error, error
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_while_a_kernel_starts_is_one_line(signum, status, tmp_path):
+    """The signal comes as the notebook's kernel process starts, before its first cell (an asyncio.CancelledError
+    traceback, in two of three tries, before): one line, the signal's status, no kernel left."""
+    directory = tmp_path / "notebooks"
+    directory.mkdir()
+    _write_notebook(directory / "01_slow.ipynb", ["import time\ntime.sleep(120)"])
+    kernels = []
+
+    def kernel_started(pid):
+        kernels.extend(psutil.Process(pid).children(recursive=True))
+        return bool(kernels)
+
+    code, error = _interrupt_reproduce(directory, tmp_path / "results", 1, kernel_started, signum)
+    assert code == status, error
+    # the notebook's progress bar, then one line
+    assert [line for line in error.strip().splitlines() if not line.startswith("01_slow:")] == [
+        "cliplab reproduce: interrupted; notebooks finished: none; those running were stopped and not written "
+        "(their earlier copies, if any, are unchanged)"]
+    time.sleep(1)
+    assert not [kernel for kernel in kernels if kernel.is_running() and kernel.status() != "zombie"]
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -565,7 +605,7 @@ def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, 
 
     for owner, name in ((report, "evaluate"), (finetuning, "finetune_and_evaluate"), (shapes_clip, "train_shapes_clip")):
         monkeypatch.setattr(owner, name, interrupted)
-    assert cli.main([arg.format(tmp=tmp_path) for arg in argv]) == 130
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 130
     assert capsys.readouterr().err == f"cliplab {argv[0]}: {says.format(tmp=tmp_path)}\n"
 
 
@@ -577,7 +617,7 @@ def test_finetune_into_a_directory_in_use_is_refused_before_loading(no_work, tmp
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert cli.main(["finetune", "--out", str(tmp_path / "run")]) == 2  # not Started
+        assert main(["finetune", "--out", str(tmp_path / "run")]) == 2  # not Started
         assert f"is in use by another fine-tuning run (pid {holder.pid})" in capsys.readouterr().err
     finally:
         holder.kill()

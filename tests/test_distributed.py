@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import cliplab
 from cliplab import _distributed, finetune as ft
-from cliplab.cli import commands as cli
+from cliplab.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
@@ -121,7 +121,7 @@ def test_cliplab_evaluate_under_torchrun_reports_the_single_process_numbers(tmp_
     job = torchrun("-m", "cliplab", *args, "--out", tmp_path / "two")
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("| eps 4/255 |") == 1  # the table, printed by rank 0 only
-    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two, one = (json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("two", "one"))
     assert (two["processes"], one["processes"]) == (2, 1)
     assert two["results"] == one["results"] and two["settings"] == one["settings"]
@@ -140,7 +140,7 @@ def test_cliplab_benchmark_under_torchrun_writes_the_single_process_cells(tmp_pa
     job = torchrun("-m", "cliplab", *args, "--out", tmp_path / "two")
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("| shapes |") == 2  # a table per radius, printed by rank 0 only
-    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
     for cell in ("shapes--eurosat.json", "shapes--dtd.json"):
         two, one = (json.loads((tmp_path / run / "cells" / cell).read_text()) for run in ("two", "one"))
         assert two["results"] == one["results"] and two["settings"] == one["settings"]

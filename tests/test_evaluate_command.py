@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import cliplab
-from cliplab.cli import commands as cli
+from cliplab.cli import main
 
 NOTEBOOK_CHECKPOINTS = Path(__file__).resolve().parents[1] / "notebooks" / "encoders" / "shapes"
 FAST = ["--steps", "3", "--targets", "2", "--queries", "5", "--quiet"]
 
 
 def test_report_card_of_the_shapes_model(tmp_path, capsys):
-    code = cli.main(["evaluate", "--n", "40", "--eps", "2/255,4/255", *FAST, "--out", str(tmp_path)])
+    code = main(["evaluate", "--n", "40", "--eps", "2/255,4/255", *FAST, "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0
     assert "| eps 2/255 |" in printed and "| eps 4/255 |" in printed and "worst case" in printed
@@ -40,7 +40,7 @@ def test_report_card_of_a_fine_tuned_checkpoint_matches_the_library(tmp_path, ca
     torch.manual_seed(0)
     weights = tmp_path / "final.safetensors"
     cliplab.save_weights(cliplab.load_classifier("shapes", device="cpu").model, weights)
-    code = cli.main(["evaluate", "--model", "shapes", "--pretrained", str(weights), "--n", "24", "--eps", "4/255",
+    code = main(["evaluate", "--model", "shapes", "--pretrained", str(weights), "--n", "24", "--eps", "4/255",
                      "--attacks", "pgd,apgd-ce", *FAST, "--out", str(tmp_path / "out")])
     assert code == 0
     result = json.loads((tmp_path / "out" / "evaluation.json").read_text())["results"][0]
@@ -59,7 +59,7 @@ def test_report_card_of_a_cached_encoder(tmp_path, capsys):
     from cliplab.study import load_encoder
 
     encoder = NOTEBOOK_CHECKPOINTS / "fare-full.safetensors"
-    assert cli.main(["evaluate", "--encoder", str(encoder), "--n", "24", "--eps", "4/255", "--attacks", "apgd-ce",
+    assert main(["evaluate", "--encoder", str(encoder), "--n", "24", "--eps", "4/255", "--attacks", "apgd-ce",
                      *FAST, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "evaluation.json").read_text())["results"][0]
     x, y, _ = cliplab.load_dataset("shapes", n=24)
@@ -70,7 +70,7 @@ def test_report_card_of_a_cached_encoder(tmp_path, capsys):
 
     whole_model = tmp_path / "whole.safetensors"
     cliplab.save_weights(cliplab.load_classifier("shapes", device="cpu").model, whole_model)
-    assert cli.main(["evaluate", "--encoder", str(whole_model), "--out", str(tmp_path / "out")]) == 2
+    assert main(["evaluate", "--encoder", str(whole_model), "--out", str(tmp_path / "out")]) == 2
     assert "does not hold this model's image encoder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -84,7 +84,7 @@ def test_report_card_of_a_cached_encoder(tmp_path, capsys):
 ])
 def test_bad_arguments_are_usage_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["evaluate", *argv, "--out", str(tmp_path / "out")])
+        main(["evaluate", *argv, "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -100,7 +100,7 @@ def test_bad_arguments_are_usage_errors(argv, message, tmp_path, capsys):
 ])
 def test_bad_settings_fail_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["evaluate", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert main(["evaluate", *argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab.cli import commands as cli
+from cliplab.cli import main
 from cliplab._torch import cpu_has_bf16
 from cliplab.cli import reproduce as runner
 from standins import accept_checksums, kernel_startup, relabel, write_cifar100
@@ -58,7 +58,7 @@ def offline(standin, monkeypatch):
 
 
 def _reproduce(*args: str, results: Path) -> int:
-    return cli.main(["reproduce", "--notebooks", str(NOTEBOOKS), "--results", str(results), *args])
+    return main(["reproduce", "--notebooks", str(NOTEBOOKS), "--results", str(results), *args])
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -87,6 +87,7 @@ def _check_smoke_run(offline, tmp_path: Path, capsys, device: str, precision: st
     code = _reproduce("--profile", "cifar100", "--smoke", "--device", device, "--pretrained", str(offline.weights),
                       "--data", str(offline.data), "--precision", precision, "--jobs", "1", results=tmp_path)
     printed = capsys.readouterr().out
+    print(printed)  # the notebooks' times and slowest cells, in the report of a passed test too (pytest -rP)
     assert code == 0, printed
     out = tmp_path / "cifar100-smoke"
     executed = sorted(out.glob("*.ipynb"))
@@ -192,7 +193,7 @@ def test_smoke_run_of_the_shapes_profile(offline, tmp_path, capsys):
 def _evaluate_cifar100(offline, tmp_path, device: str) -> dict:
     import json
 
-    code = cli.main(["evaluate", "--model", "cifar100", "--pretrained", str(offline.weights), "--dataset", "cifar100",
+    code = main(["evaluate", "--model", "cifar100", "--pretrained", str(offline.weights), "--dataset", "cifar100",
                      "--data", str(offline.data), "--single-template", "--n", "8", "--eps", "4/255", "--steps", "2",
                      "--targets", "2", "--queries", "3", "--batch-size", "4", "--device", device, "--quiet",
                      "--out", str(tmp_path)])

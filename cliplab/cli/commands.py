@@ -10,9 +10,7 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -20,7 +18,8 @@ from .. import _distributed
 from .._arguments import check_int, check_new_file
 from .._torch import PRECISIONS
 from ..study.profiles import PROFILES, Profile, Runtime, get_profile
-from .reproduce import Terminated, plan_reproduction, reproduce
+from .reproduce import plan_reproduction, reproduce
+from .stopping import StopSignals
 
 # what bad input raises: reported as one line and exit status 2, not as a traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ModuleNotFoundError)
@@ -73,30 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None, stop: StopSignals) -> int:
+    """The command ``argv`` asks for, under ``stop`` (``cli.main``'s handler of SIGINT and SIGTERM)."""
     args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command in ("finetune", "evaluate", "benchmark") and _launched_by_torchrun():
         return _distributed_command(args)
     runs = []  # the notebooks that ran to the end, for the message of an interrupted reproduce
-    stop = _StopSignals()
     try:
-        with stop:
-            if args.command == "train-shapes-clip":
-                return _train_shapes_clip(args.out, args.steps, args.overwrite)
-            if args.command == "finetune":
-                return _finetune(args, _profile(args))
-            if args.command == "evaluate":
-                return _evaluate(args)
-            if args.command == "benchmark":
-                return _benchmark(args)
-            job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
-                                    args.update, args.threads, args.jobs)
-            print(job, flush=True)  # everything is checked: say what runs, then run it
-            runs.extend(reproduce(job))
+        if args.command == "train-shapes-clip":
+            return _train_shapes_clip(args.out, args.steps, args.overwrite)
+        if args.command == "finetune":
+            return _finetune(args, _profile(args))
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "benchmark":
+            return _benchmark(args)
+        job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
+                                args.update, args.threads, args.jobs)
+        print(job, flush=True)  # everything is checked: say what runs, then run it
+        runs.extend(reproduce(job))
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt) or stop.received is not None:
             _print_error(f"cliplab {args.command}: {_interrupted(args, runs)}")
-            return 143 if isinstance(error, Terminated) or stop.received == signal.SIGTERM else 130
+            return stop.status(error)
         if isinstance(error, USER_ERRORS):
             _print_error(f"cliplab {args.command}: {error}")
             return 2
@@ -113,30 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     print(job.arithmetic())
     return 1 if any(run_.error for run_ in runs) else 0
-
-
-class _StopSignals:
-    """While active, SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` in the main thread, and ``received``
-    keeps the signal: an error that the stop causes further down (a kernel or a socket torn down half-way) is then
-    reported as the interruption it is."""
-
-    def __init__(self):
-        self.received = None
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._stop)
-        return self
-
-    def _stop(self, signum, frame):
-        self.received = signum
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
 
 
 def _interrupted(args, runs) -> str:

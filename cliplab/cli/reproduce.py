@@ -22,6 +22,7 @@ from .._arguments import check_directory, check_int
 from .._io import atomic_write
 from .._torch import precision_line, resolve_precision
 from ..study.profiles import Profile, profile_environment
+from .stopping import STOP_SIGNALS, interruption
 
 # what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra
 NOTEBOOK_MODULES = ("nbclient", "nbformat", "ipykernel", "ipywidgets")
@@ -133,10 +134,6 @@ def _client_class():
     return SlicedPollClient
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, stopping a run as Ctrl-C does (exit status 143 instead of 130)."""
-
-
 def _local_kernel_manager(sockets: Path):
     """A kernel manager whose kernel talks over Unix sockets in ``sockets`` rather than TCP on the loopback: no port
     another local user could connect to, and no "Kernel is running over TCP without encryption" warning on every
@@ -219,10 +216,10 @@ async def execute_notebook(path: Path, out_dir: Path, env: dict[str, str], runni
 
 
 def _interruption(signum) -> KeyboardInterrupt:
-    """What a stopped run raises: ``Terminated`` for SIGTERM, ``KeyboardInterrupt`` for Ctrl-C."""
+    """What a stopped run raises (``stopping.interruption``), with the kernel clients' last words silenced."""
     # the kernel clients, collected at exit with their channels half-closed, would log a harmless warning
     logging.getLogger("traitlets").setLevel(logging.ERROR)
-    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    return interruption(signum)
 
 
 def check_notebook(path: Path) -> None:
@@ -242,9 +239,6 @@ def check_notebook_extra() -> None:
     if missing:
         raise ModuleNotFoundError(f"executing the notebooks needs {', '.join(missing)}: "
                                   "pip install 'cliplab[notebooks]' (in a checkout: pip install -e '.[notebooks]')")
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def usable_cores() -> int:
@@ -397,8 +391,12 @@ def _execute_all(job: Reproduction, profile: Profile) -> Iterator[NotebookRun]:
             return await execute_notebook(path, path.parent if job.update else job.out,
                                           {**env, **profile_environment(profile.with_runtime(figures=figures))},
                                           running)
-        except KeyboardInterrupt as interruption:
-            return interruption
+        except KeyboardInterrupt as stopped_here:
+            return stopped_here
+        except (Exception, asyncio.CancelledError):  # a kernel start cancelled, a channel closed under nbclient: what the stop caused
+            if stopped:
+                return _interruption(stopped[0])
+            raise
 
     with _event_loop(stop) as loop:
         try:
@@ -412,6 +410,10 @@ def _execute_all(job: Reproduction, profile: Profile) -> Iterator[NotebookRun]:
                     yield result
             if stopped:
                 raise _interruption(stopped[0])
+        except (Exception, asyncio.CancelledError):
+            if stopped:  # whatever broke as the kernels were being stopped, the run was interrupted
+                raise _interruption(stopped[0]) from None
+            raise
         finally:
             if tasks:  # an interruption or an error: stop the other kernels and wait for them to shut down
                 stop(stopped[0] if stopped else signal.SIGTERM)
