@@ -21,6 +21,25 @@ def device_of(model: nn.Module, default: torch.device) -> torch.device:
     return tensor.device if tensor is not None else default
 
 
+def computing_device(model: nn.Module, default: torch.device) -> torch.device:
+    """``device_of``, refusing the meta device: a model there holds no weights and computes nothing."""
+    device = device_of(model, default)
+    if device.type == "meta":
+        raise ValueError("model is on the meta device, which holds no weights and computes no predictions: load it "
+                         "on a real device (cpu, cuda)")
+    return device
+
+
+def logits_of(output, n: int) -> torch.Tensor:
+    """``output``, a model's answer to ``n`` images, if it is the (n, classes) logits every kernel here expects; a
+    clear error otherwise (a CLIP model's tuple of embeddings, one score per image, a batch of the wrong length)."""
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or len(output) != n:
+        got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
+        raise ValueError(f"model must map N images to (N, classes) logits; on {n} image{'s' * (n != 1)} it returned "
+                         f"{got}")
+    return output
+
+
 def num_classes(model: nn.Module, x: torch.Tensor) -> int:
     """The number of classes ``model`` predicts: its ``num_classes`` attribute, else the width of its logits on one
     image of ``x`` (so any ``nn.Module`` that maps images to logits works, a torchvision model or a plain wrapper)."""
@@ -28,7 +47,7 @@ def num_classes(model: nn.Module, x: torch.Tensor) -> int:
     if known is not None:
         return known
     with torch.no_grad():
-        return model(x[:1].to(device_of(model, x.device))).shape[1]
+        return logits_of(model(x[:1].to(computing_device(model, x.device))), 1).shape[1]
 
 
 @contextlib.contextmanager
@@ -51,6 +70,7 @@ def check_device(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
     """``x`` must be on ``model``'s device: a clear error at the boundary, not a device mismatch deep inside."""
     device = device_of(model, x.device)
     if x.device != device:
+        computing_device(model, x.device)  # a model on meta: say so, since moving x there would not help
         raise ValueError(f"{name} is on {x.device} but the model is on {device}: move it with "
                          f"{name}.to({str(device)!r}) (or the model with .to({name}.device))")
 

@@ -44,21 +44,48 @@ def test_buffers_follow_the_model_at_construction(random_shapes_clf):
     assert _devices(clf) == {"meta"}
 
 
-def test_images_on_another_device_get_a_clear_error(random_shapes_clf, toy_model, batch):
-    x, y = batch
+def test_images_on_another_device_get_a_clear_error(random_shapes_clf):
     with pytest.raises(ValueError, match=r"^x is on meta but the model is on cpu: move it with x.to\('cpu'\)"):
         random_shapes_clf(torch.rand(2, 3, 32, 32, device="meta"))
-    elsewhere = copy.deepcopy(toy_model).to("meta")  # any model, not only cliplab's classifier
-    for attack in (lambda: cliplab.pgd(elsewhere, x, y, eps=0.01), lambda: cliplab.eot_gradient(elsewhere, x, y)):
-        with pytest.raises(ValueError, match=r"^x is on cpu but the model is on meta"):
-            attack()
 
 
-def test_predicting_with_a_model_on_the_meta_device_is_named(random_shapes_clf, batch):
+def test_a_model_on_the_meta_device_is_named_by_every_entry_point(random_shapes_clf, toy_model, batch):
+    """Not "x is on cpu but the model is on meta: move it with x.to('meta')" (advice that cannot help), nor torch's
+    "Tensor.item() cannot be called on meta tensors" from the evaluation."""
     x, y = batch
-    on_meta = copy.deepcopy(random_shapes_clf).to("meta")
-    for call in (lambda: cliplab.predict(on_meta, x), lambda: cliplab.accuracy(on_meta, x, y)):
-        with pytest.raises(ValueError, match=r"^model is on the meta device, which holds no weights"):
+    for model in (copy.deepcopy(random_shapes_clf).to("meta"), copy.deepcopy(toy_model).to("meta")):
+        for call in (lambda: cliplab.predict(model, x), lambda: cliplab.accuracy(model, x, y),
+                     lambda: cliplab.pgd(model, x, y, eps=0.01), lambda: cliplab.eot_gradient(model, x, y),
+                     lambda: cliplab.square(model, x, y, eps=0.01, queries=2),
+                     lambda: cliplab.evaluate_robustness(model, x, y, eps=0.01)):
+            with pytest.raises(ValueError, match=r"^model is on the meta device, which holds no weights"):
+                call()
+
+
+class _Answers(torch.nn.Module):
+    """A model whose answer is not (N, classes) logits: ``kind`` says what it returns instead."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.linear = kind, torch.nn.Linear(3 * 32 * 32, 100)
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        return {"scores": logits.sum(1), "one row": logits[:1], "tuple": (logits, logits)}[self.kind]
+
+
+@pytest.mark.parametrize("kind, says", [("scores", r"it returned shape \(\d+,\)"),
+                                        ("one row", r"it returned shape \(1, 100\)"), ("tuple", "it returned a tuple")])
+def test_a_model_that_does_not_return_logits_is_named_by_every_entry_point(kind, says, batch):
+    """Before: torch's "tuple index out of range", "Dimension out of range" or "shape '[1, 4]' is invalid"."""
+    x, y = batch
+    model = _Answers(kind)
+    for call in (lambda: cliplab.predict(model, x), lambda: cliplab.accuracy(model, x, y),
+                 lambda: cliplab.pgd(model, x, y, eps=0.01), lambda: cliplab.apgd(model, x, y, eps=0.01, steps=2),
+                 lambda: cliplab.square(model, x, y, eps=0.01, queries=2),
+                 lambda: cliplab.evaluate_robustness(model, x, y, eps=0.01)):
+        with pytest.raises(ValueError, match=rf"^model must map N images to \(N, classes\) logits; on \d+ images? "
+                                             rf"{says}"):
             call()
 
 

@@ -148,7 +148,7 @@ def random_delta(x, eps, norm, generator):
 def eot_logits(model, x, eot_samples) -> torch.Tensor:
     """``eot_samples`` stochastic passes of ``model`` in one batch. (N, 3, H, W) -> (k, N, C)."""
     batch = x.repeat(eot_samples, 1, 1, 1) if eot_samples > 1 else x  # (k*N, 3, H, W)
-    logits = model(batch).float()
+    logits = _torch.logits_of(model(batch), len(batch)).float()
     return logits.view(eot_samples, len(x), -1)
 
 

@@ -57,7 +57,7 @@ def _square_run(model, x, y, *, eps, queries, generator, early_stop) -> AttackRe
 
     def margin(images, labels):
         with torch.no_grad():
-            logits = model(images).float()
+            logits = _torch.logits_of(model(images), len(images)).float()
         return attack_objective(logits, labels, "margin", targeted=False), logits
 
     def signs(*shape):

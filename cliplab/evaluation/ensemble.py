@@ -134,7 +134,7 @@ def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, vo
         model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
         seed=seed), "the evaluation's arguments")
     _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
-    _check_logits(model, x, _torch.device_of(model, x.device))
+    _check_logits(model, x, _torch.computing_device(model, x.device))
     return names, budget
 
 
@@ -269,7 +269,7 @@ def _check_logits(model, x, device) -> None:
     where the model is confident, so gradient attacks find less than they should (the worst case still counts every
     attack, but read its APGD-CE and PGD columns with care)."""
     with torch.no_grad(), _torch.eval_mode(model):
-        logits = model(x[:8].to(device)).float()
+        logits = _torch.logits_of(model(x[:8].to(device)), len(x[:8])).float()
     if not torch.isfinite(logits).all():
         raise ValueError("model returned NaN or infinite logits on the clean images: no attack can be evaluated "
                          "against it")

@@ -24,15 +24,13 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, votes: 
     check_images(x)
     check_int(batch_size, "batch_size")
     check_int(votes, "votes")
-    device = _torch.device_of(model, x.device)
-    if device.type == "meta":
-        raise ValueError("model is on the meta device, which holds no weights and computes no predictions: load it "
-                         "on a real device (cpu, cuda)")
+    device = _torch.computing_device(model, x.device)
     out = []
     with torch.no_grad(), _torch.eval_mode(model), _torch.cast_cache(device):
         for start in tqdm(range(0, len(x), batch_size), disable=not progress, desc="predict"):
             batch = x[start:start + batch_size].to(device)
-            logits = model(batch.repeat(votes, 1, 1, 1) if votes > 1 else batch)  # (votes*B, C)
+            logits = _torch.logits_of(model(batch.repeat(votes, 1, 1, 1) if votes > 1 else batch),
+                                      votes * len(batch))  # (votes*B, C)
             choices = logits.argmax(dim=1).view(votes, len(batch))
             counts = F.one_hot(choices, logits.shape[1]).sum(dim=0)  # (B, C)
             out.append(counts.argmax(dim=1).cpu())
