@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None, stop: StopSignals) -> int:
     """The command ``argv`` asks for, under ``stop`` (``cli.main``'s handler of SIGINT and SIGTERM)."""
     args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
-    if args.command in ("finetune", "evaluate", "benchmark") and _launched_by_torchrun():
-        return _distributed_command(args)
     runs = []  # the notebooks that ran to the end, for the message of an interrupted reproduce
     try:
+        if args.command in ("finetune", "evaluate", "benchmark") and _launched_by_torchrun():
+            return _distributed_command(args)
         if args.command == "train-shapes-clip":
             return _train_shapes_clip(args.out, args.steps, args.overwrite)
         if args.command == "finetune":
