@@ -45,8 +45,9 @@ def atomic_write(path: str | os.PathLike):
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, wait: bool = True):
     """Hold an exclusive lock on the file ``path`` (created if absent) for the block, waiting while another process
-    or thread holds it; yields True. With ``wait=False`` it does not wait: it yields False, holding nothing, when the
-    lock is taken. The kernel drops the lock when its holder exits, killed or not."""
+    or thread holds it; yields True, the file holding the holder's pid (``lock_holder``). With ``wait=False`` it does
+    not wait: it yields False, holding nothing, when the lock is taken. The kernel drops the lock when its holder
+    exits, killed or not."""
     import fcntl
 
     path = Path(path)
@@ -58,20 +59,30 @@ def file_lock(path: str | os.PathLike, *, wait: bool = True):
         except BlockingIOError:
             yield False
         else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield True
     finally:
         os.close(fd)
 
 
-def save_tensors(tensors: dict, path: str | os.PathLike, dtype=None) -> None:
+def lock_holder(path: str | os.PathLike) -> str:
+    """The pid written by the holder of the ``file_lock`` on ``path``, or "unknown"."""
+    try:
+        return Path(path).read_text(errors="replace").strip()[:32] or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, dtype=None, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors, atomically; ``dtype`` (e.g. ``torch.float16``) converts its floating-point
-    tensors (a smaller file; loading casts them back to the model's precision)."""
+    tensors (a smaller file; loading casts them back to the model's precision); ``metadata`` goes in the header."""
     from safetensors.torch import save_file
 
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
                for k, v in tensors.items()}
     with atomic_write(path) as tmp:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def _fsync(path: str | os.PathLike) -> None:

@@ -47,6 +47,30 @@ def test_worst_case_beats_pgd_on_the_original_model(shapes_clf, shapes_test):
     assert ensemble.robust.value <= 0.02 < quick.robust.value
 
 
+_NOTEBOOKS_EVALUATION = {}  # encoder -> (model, x, y, settings, the nested evaluation): made once for both tests
+
+
+def _notebooks_evaluation(shapes_clf, shapes_test, encoder):
+    """The committed model (the original, or ``encoder`` loaded on it), 48 test images, 05/06's evaluation settings,
+    and that evaluation at 05/06's radii (nested, each attack stopping early), as the notebooks make it."""
+    if encoder not in _NOTEBOOKS_EVALUATION:
+        from pathlib import Path
+
+        from cliplab.study import FinetuneStudy, load_encoder
+
+        model = copy.deepcopy(shapes_clf)
+        if encoder:
+            load_encoder(model, Path(__file__).parents[1] / "notebooks" / "encoders" / "shapes" /
+                         f"{encoder}.safetensors")
+        x, y, _ = shapes_test
+        x, y = x[:48], y[:48]
+        settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
+                        batch_size=250, seed=0, progress=False)
+        nested = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
+        _NOTEBOOKS_EVALUATION[encoder] = model, x, y, settings, nested
+    return _NOTEBOOKS_EVALUATION[encoder]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", [None, "fare-oft128-cw2"])
 def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluation(shapes_clf, shapes_test, encoder,
@@ -54,19 +78,8 @@ def test_stopping_early_and_nesting_the_radii_never_weaken_the_notebooks_evaluat
     """On the committed models with 05/06's evaluation (the shapes profile's budget, PGD quick look first): each
     attack stopping on the images it fooled finds the same images, and nesting the radii (each radius attacks only
     the survivors of the one below) gives a worst case at most the per-radius one at every radius."""
-    from pathlib import Path
-
-    from cliplab.study import FinetuneStudy, load_encoder
-
-    model = copy.deepcopy(shapes_clf)
-    if encoder:
-        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "encoders" / "shapes" / f"{encoder}.safetensors")
-    x, y, _ = shapes_test
-    x, y = x[:48], y[:48]
-    settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
-                    batch_size=250, seed=0, progress=False)
-    nested = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
-    for eps in FinetuneStudy.eval_eps:
+    model, x, y, settings, nested = _notebooks_evaluation(shapes_clf, shapes_test, encoder)
+    for eps in nested:
         alone = evaluate_robustness(model, x, y, eps=eps, **settings)
         assert nested[eps].robust.hits <= alone.robust.hits, eps
         assert nested[eps].clean == alone.clean
@@ -83,28 +96,17 @@ def test_cliplabs_attention_and_class_token_block_never_weaken_the_notebooks_eva
     """On the committed models with 05/06's evaluation: the worst case through cliplab's SelfAttention and
     ClassTokenBlock (the same arithmetic in another order) leaves standing no image that the worst case through
     open_clip's own modules broke, at any radius."""
-    from pathlib import Path
-
     from open_clip.transformer import ResidualAttentionBlock
 
-    from cliplab.study import FinetuneStudy, load_encoder
-
-    model = copy.deepcopy(shapes_clf)
-    if encoder:
-        load_encoder(model, Path(__file__).parents[1] / "notebooks" / "encoders" / "shapes" / f"{encoder}.safetensors")
+    model, x, y, settings, ours = _notebooks_evaluation(shapes_clf, shapes_test, encoder)
     as_open_clip_built_it = copy.deepcopy(model)
     for module in as_open_clip_built_it.modules():
         if isinstance(module, torch.nn.MultiheadAttention):
             module.__class__ = torch.nn.MultiheadAttention
         elif isinstance(module, ResidualAttentionBlock):
             module.__class__ = ResidualAttentionBlock
-    x, y, _ = shapes_test
-    x, y = x[:48], y[:48]
-    settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
-                    batch_size=250, seed=0, progress=False)
-    ours = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
-    theirs = evaluation.robustness_vs_eps(as_open_clip_built_it, x, y, FinetuneStudy.eval_eps, **settings)
-    for eps in FinetuneStudy.eval_eps:
+    theirs = evaluation.robustness_vs_eps(as_open_clip_built_it, x, y, list(ours), **settings)
+    for eps in ours:
         assert ours[eps].clean == theirs[eps].clean, eps
         assert not (ours[eps].standing & ~theirs[eps].standing).any(), eps
 

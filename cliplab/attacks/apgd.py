@@ -13,8 +13,8 @@ from torch import nn
 
 from .. import _torch
 from .._arguments import check_choice, check_int, check_labels
-from .common import (AttackResult, Strongest, ascent_direction, attack_objective, check_threat_model, eot_logits,
-                     objective_and_gradient, project, random_delta, repeat_labels)
+from .common import (AttackResult, Strongest, ascent_direction, attack_objective, check_threat_model, dlr_spread,
+                     eot_logits, objective_and_gradient, project, random_delta, repeat_labels)
 
 APGD_LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # weight of the new step against the previous one (the paper's alpha)
@@ -94,9 +94,8 @@ def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     Positive once the target beats the label; dividing by the spread of the top logits makes it invariant to the
     logit scale (Croce & Hein 2020, Eq. 8). Needs at least 4 classes.
     """
-    top = logits.topk(4, dim=1).values
     margin = logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
-    return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+    return margin / dlr_spread(logits, targeted=True)
 
 
 def targeted_ce(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -48,9 +48,9 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted:
     - ``margin``: Carlini & Wagner (2017) logit margin, best other class minus ``y`` (``y`` minus best
       other when targeted). Positive exactly when the attack has succeeded.
     - ``dlr``: Croce & Hein (2020) difference of logits ratio, the margin divided by the spread of the
-      top logits (1st minus 3rd), so it is invariant to the logit scale. Targeted, ``y`` is the target and the true
-      label is not known here, so it is a label-free variant (``label_free_targeted_dlr``), not the paper's
-      targeted DLR (Eq. 8, ``attacks.apgd.targeted_dlr``, which APGD-T uses).
+      top logits (``dlr_spread``), so it is invariant to the logit scale. Targeted, ``y`` is the target and the true
+      label is not known here, so the numerator is the margin z_t minus the best other logit, not the paper's
+      z_t - z_y (Eq. 8, ``attacks.apgd.targeted_dlr``, which APGD-T uses).
     """
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
@@ -60,18 +60,14 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted:
     margin = own - best_other if targeted else best_other - own
     if loss == "margin":
         return margin
-    if targeted:
-        return label_free_targeted_dlr(logits, margin)
-    top = logits.sort(dim=1, descending=True).values
-    return margin / (top[:, 0] - top[:, 2] + 1e-12)
+    return margin / dlr_spread(logits, targeted)
 
 
-def label_free_targeted_dlr(logits: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """A targeted DLR for when only the target is known: ``margin`` (z_t minus the best other logit) over the spread
-    z_pi1 - (z_pi3 + z_pi4) / 2 of the paper's Eq. 8, whose numerator is z_t - z_y with the true label y instead.
-    (N, C), (N,) -> (N,)."""
-    top = logits.sort(dim=1, descending=True).values
-    return margin / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+def dlr_spread(logits: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """The denominator of the DLR losses (Croce & Hein 2020): the spread of the top logits, z_pi1 - z_pi3 (Eq. 7), or
+    z_pi1 - (z_pi3 + z_pi4) / 2 for the targeted DLR (Eq. 8), which needs four classes. (N, C) -> (N,)."""
+    top = logits.topk(4 if targeted else 3, dim=1).values
+    return top[:, 0] - (0.5 * (top[:, 2] + top[:, 3]) if targeted else top[:, 2]) + 1e-12
 
 
 def check_threat_model(model: nn.Module, x: torch.Tensor, eps: float, norm: str, seed: int | None) -> None:
@@ -167,11 +163,11 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: st
     check_int(eot_samples, "eot_samples")
     check_choice(loss, "loss", LOSSES)
     check_labels(y, len(x), _torch.num_classes(model, x), "y")
-    return objective_and_gradient(model, x, _loss_function(loss, targeted), repeat_labels([y], eot_samples),
+    return objective_and_gradient(model, x, loss_function(loss, targeted), repeat_labels([y], eot_samples),
                                   eot_samples=eot_samples)[1]
 
 
-def _loss_function(loss: str, targeted: bool):
+def loss_function(loss: str, targeted: bool):
     """``attack_objective`` with ``loss`` and ``targeted`` fixed: (logits, labels) -> (N,)."""
     return lambda logits, labels: attack_objective(logits, labels, loss, targeted)
 
@@ -195,6 +191,6 @@ def objective_and_gradient(model, x, objective, drawn, *, eot_samples, gradient=
     return value.detach(), grad, logits.detach().mean(dim=0)
 
 
-def _succeeded(logits, y, targeted):
+def succeeded(logits, y, targeted):
     prediction = logits.argmax(dim=1)
     return prediction == y if targeted else prediction != y

@@ -8,8 +8,8 @@ from torch import nn
 
 from .. import _torch
 from .._arguments import check_choice, check_int, check_labels, check_positive
-from .common import (LOSSES, AttackResult, Strongest, _loss_function, _succeeded, ascent_direction, check_threat_model,
-                     eot_logits, objective_and_gradient, project, random_delta, repeat_labels)
+from .common import (LOSSES, AttackResult, Strongest, ascent_direction, check_threat_model, eot_logits, loss_function,
+                     objective_and_gradient, project, random_delta, repeat_labels, succeeded)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
@@ -118,11 +118,11 @@ def _pgd_run(model, x, y, best: Strongest, *, eps, alpha, steps, targeted, rando
         if len(active) == 0:
             break
         last = step == steps  # the final iterate is only evaluated
-        objective, grad, logits = objective_and_gradient(model, x_adv[active], _loss_function(loss, targeted),
+        objective, grad, logits = objective_and_gradient(model, x_adv[active], loss_function(loss, targeted),
                                                          repeat_labels([y[active]], eot_samples),
                                                          eot_samples=eot_samples, gradient=not last)
         history[step, active] = objective
-        best.update(active, x_adv[active], objective, logits, _succeeded(logits, y[active], targeted))
+        best.update(active, x_adv[active], objective, logits, succeeded(logits, y[active], targeted))
         if last:
             break
         x_adv[active] = _step(x[active], x_adv[active], grad, eps, alpha, norm)

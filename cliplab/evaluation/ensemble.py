@@ -20,7 +20,7 @@ from ..attacks.apgd import apgd, apgd_targeted
 from ..attacks.common import check_radius
 from ..attacks.pgd import pgd
 from ..attacks.square import square
-from .prediction import _bar, _judge_everything, _judged, _same_task, looks_like_probabilities, predict
+from .prediction import check_same_task, judge_all, judged, looks_like_probabilities, predict, progress_bar
 from .statistics import Proportion
 
 # The attacks of a worst-case evaluation, and the named ensembles (AutoAttack's "standard" and "rand" versions)
@@ -114,7 +114,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                                       batch_size=batch_size, votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
     judge = judge or _vote(model, batch_size, votes)
-    correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
+    correct = judge_all(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
     return _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
                        batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress)
 
@@ -133,7 +133,7 @@ def _check_evaluation(model, x, y, *, eps, attacks, norm, budget, batch_size, vo
     names, budget = _distributed.on_every_rank(lambda: _check_robustness_arguments(
         model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget, batch_size=batch_size, votes=votes,
         seed=seed), "the evaluation's arguments")
-    _same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
+    check_same_task(x, eps=eps, attacks=names, norm=norm, budget=budget, batch_size=batch_size, votes=votes, seed=seed)
     _check_logits(model, x, _torch.computing_device(model, x.device))
     return names, budget
 
@@ -159,12 +159,12 @@ def _worst_case(model, x, y, correct, judge, *, eps, names, norm, budget, batch_
     for name in names:
         todo = standing.nonzero().squeeze(1)
         fell = torch.zeros(len(y), dtype=torch.bool)  # the images this process's batches brought down
-        for start in _bar(_distributed.my_batches(range(0, len(todo), batch_size)), progress,
+        for start in progress_bar(_distributed.my_batches(range(0, len(todo), batch_size)), progress,
                           f"{name} eps={255 * eps:g}/255"):
             index = todo[start:start + batch_size]
             x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
                                 budget=budget, seed=seed + start, early_stop=early_stop)
-            fell[index] = _judged(judge, x_adv, device) != labels[index]
+            fell[index] = judged(judge, x_adv, device) != labels[index]
         standing &= ~_distributed.sum_over_ranks(fell)
         per_attack[name] = Proportion(int(standing.sum()), len(y))
     robust = Proportion(int(standing.sum()), len(y))
@@ -193,7 +193,7 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
                                       batch_size=batch_size, votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
     judge = judge or _vote(model, batch_size, votes)
-    correct = _judge_everything(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
+    correct = judge_all(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
     reports, standing = {}, None
     for eps in sorted(eps_values):
         reports[eps] = _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,

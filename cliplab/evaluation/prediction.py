@@ -61,22 +61,22 @@ def looks_like_probabilities(outputs: torch.Tensor) -> bool:
                                                                           atol=1e-3))
 
 
-def _judged(judge, images, device) -> torch.Tensor:
+def judged(judge, images, device) -> torch.Tensor:
     return judge(images.to(device)).cpu()
 
 
-def _judge_everything(judge, x, batch_size, device) -> torch.Tensor:
+def judge_all(judge, x, batch_size, device) -> torch.Tensor:
     """The judge's predictions on all of ``x``, on the CPU: one call in a single process (a judge may batch as it
     likes); under torchrun each process judges its batches of ``batch_size`` and the predictions are summed."""
     if _distributed.rank_and_size()[1] == 1:
-        return _judged(judge, x, device)
+        return judged(judge, x, device)
     prediction = torch.zeros(len(x), dtype=torch.int64)
     for start in _distributed.my_batches(range(0, len(x), batch_size)):
-        prediction[start:start + batch_size] = _judged(judge, x[start:start + batch_size], device)
+        prediction[start:start + batch_size] = judged(judge, x[start:start + batch_size], device)
     return _distributed.sum_over_ranks(prediction)
 
 
-def _same_task(x, **settings) -> None:
+def check_same_task(x, **settings) -> None:
     """Under torchrun: refuse to start unless every process was given the same images and settings (otherwise they
     would split different batch lists and wait for each other forever)."""
     _distributed.check_same_everywhere({"images": tuple(x.shape), **{k: v for k, v in settings.items()
@@ -84,6 +84,6 @@ def _same_task(x, **settings) -> None:
                                        "the evaluation's images and settings")
 
 
-def _bar(batches, progress: bool, description: str):
+def progress_bar(batches, progress: bool, description: str):
     """A tqdm bar over this process's batches, shown by the main process only."""
     return tqdm(batches, disable=not (progress and _distributed.is_main()), desc=description)

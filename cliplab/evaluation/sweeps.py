@@ -18,7 +18,7 @@ from .. import _distributed, _torch
 from .._arguments import check_images, check_int, check_labels, check_nonempty, check_positive
 from ..attacks.pgd import pgd
 from .ensemble import robustness_vs_eps
-from .prediction import _bar, _judge_everything, _same_task, predict
+from .prediction import check_same_task, judge_all, predict, progress_bar
 from .statistics import Proportion
 from .tables import accuracy_curve
 
@@ -111,7 +111,7 @@ def _attack_batches(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     def judge(images):
         return predict(model, images, batch_size=batch_size, votes=votes)
 
-    correct = _judge_everything(judge, x, batch_size, x.device) == y.cpu()  # predict moves each batch itself
+    correct = judge_all(judge, x, batch_size, x.device) == y.cpu()  # predict moves each batch itself
     success = torch.zeros(len(x), dtype=torch.bool)
     todo = correct.nonzero().squeeze(1)
     if len(todo):
@@ -169,7 +169,7 @@ def _attack_dataset(model, x, y, *, eps, targeted, batch_size, votes, surrogate,
     """``attack_dataset`` on arguments already checked (``_attack_batches`` checked them on the whole data set)."""
     device = _torch.device_of(model, x.device)
     x_adv, prediction = torch.zeros_like(x), torch.zeros(len(x), dtype=torch.int64)  # zero: summed over processes
-    for start in _bar(_distributed.my_batches(range(0, len(x), batch_size)), progress, f"PGD eps={eps:.4f}"):
+    for start in progress_bar(_distributed.my_batches(range(0, len(x), batch_size)), progress, f"PGD eps={eps:.4f}"):
         batch = slice(start, start + batch_size)
         result = pgd(model if surrogate is None else surrogate, x[batch].to(device), y[batch].to(device), eps=eps,
                      targeted=targeted, **attack_kwargs)
@@ -185,7 +185,7 @@ def _check_dataset_attack(model, x, y, eps, batch_size, attack_kwargs) -> None:
     process; and under torchrun, that every process was given the same task."""
     _distributed.on_every_rank(lambda: _check_attack_arguments(model, x, y, eps, batch_size, attack_kwargs),
                                "the attack's arguments")
-    _same_task(x, eps=eps, batch_size=batch_size, **attack_kwargs)
+    check_same_task(x, eps=eps, batch_size=batch_size, **attack_kwargs)
 
 
 def _check_attack_arguments(model, x, y, eps, batch_size, attack_kwargs) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import _distributed
 from .._arguments import check_choice, check_directory, check_int, check_seed
-from .._io import atomic_write, file_digest
+from .._io import atomic_write, file_digest, save_tensors
 from .._torch import PRECISIONS, resolve_precision
 from ..evaluation.ensemble import ENSEMBLES, AttackBudget, check_attack_plan, fit_to_classes, robustness_vs_eps
 from ..evaluation.statistics import Proportion
@@ -271,10 +271,7 @@ def _read_text_head(path: Path, key: str):
 
 
 def _write_text_head(path: Path, head, key: str) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_write(path) as tmp:
-        save_file({"text_head": head.detach().cpu().contiguous()}, tmp, metadata={"key": key})
+    save_tensors({"text_head": head.cpu()}, path, metadata={"key": key})
 
 
 def _proportion(entry: dict) -> Proportion:

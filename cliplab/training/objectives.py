@@ -46,8 +46,14 @@ def training_objective(classifier: ZeroShotClassifier, original: torch.nn.Module
     return torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _config(objective: torch.nn.Module) -> FinetuneConfig:
+def objective_config(objective: torch.nn.Module) -> FinetuneConfig:
     return getattr(objective, "module", objective).config  # DDP keeps the wrapped module as .module
+
+
+def fare_distance(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FARE's distance, ||f(x) - f0(x)||^2 per image: what its inner attack maximises and its step minimises.
+    (B, D), (B, D) -> (B,)."""
+    return (features - target).pow(2).sum(1)
 
 
 def adversarial_loss(classifier, original, x, y, config, start):
@@ -57,8 +63,8 @@ def adversarial_loss(classifier, original, x, y, config, start):
         target = original(classifier.preprocess(x)).float()  # f0(x), (B, D)
     with _torch.eval_mode(classifier), parametrize.cached():  # OFT: each rotation is built once for the whole attack
         if config.method == "fare":
-            distance = lambda images: (classifier.image_features(images) - target).pow(2).sum(1)  # noqa: E731
-            x_adv = pgd_maximize(distance, x, eps=config.eps, alpha=alpha, steps=config.attack_steps, start=start)
+            x_adv = pgd_maximize(lambda images: fare_distance(classifier.image_features(images), target), x,
+                                 eps=config.eps, alpha=alpha, steps=config.attack_steps, start=start)
         else:
             x_adv = pgd(classifier, x, y, eps=config.eps, alpha=alpha, steps=config.attack_steps, start=start).x_adv
     features_clean = None  # f(x): part of the loss with FARE's clean term, else only for the statistics
@@ -66,10 +72,10 @@ def adversarial_loss(classifier, original, x, y, config, start):
     features_adv = classifier.image_features(x_adv)
     logits_adv = classifier.logits_from_features(features_adv)
     if config.method == "fare":
-        loss = (features_adv - target).pow(2).sum(1).mean()
+        loss = fare_distance(features_adv, target).mean()
         if config.clean_weight:
             features_clean = classifier.image_features(x)
-            loss = loss + config.clean_weight * (features_clean - target).pow(2).sum(1).mean()
+            loss = loss + config.clean_weight * fare_distance(features_clean, target).mean()
     else:
         loss = F.cross_entropy(logits_adv, y)
     with torch.no_grad():

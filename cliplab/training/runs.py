@@ -16,7 +16,7 @@ import torch
 
 from .. import _distributed
 from .._arguments import check_directory
-from .._io import TEMPORARY_GLOB, atomic_write, save_tensors
+from .._io import TEMPORARY_GLOB, atomic_write, file_lock, lock_holder, save_tensors
 from .config import FinetuneConfig
 
 _CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
@@ -24,7 +24,7 @@ _LOCK = ".lock"
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, generator, config, history) -> None:
+def save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, generator, config, history) -> None:
     """Write weights (safetensors) and optimiser/scheduler/RNG state atomically, then point
     ``latest.json`` at them, then drop older checkpoints: a crash at any moment leaves a complete one."""
     save_tensors(classifier.model.state_dict(), out / f"checkpoint-{step}.safetensors")
@@ -91,7 +91,7 @@ def _check_weights_file(weights: Path) -> None:
         raise ValueError(f"cannot resume: {weights} is corrupted or truncated ({error})") from error
 
 
-def _read_checkpoint(out: Path) -> tuple[dict, dict]:
+def read_checkpoint(out: Path) -> tuple[dict, dict]:
     """The weights and optimiser/scheduler/RNG state of ``out``'s last checkpoint (checked by ``check_run_directory``)."""
     from safetensors.torch import load_file
 
@@ -119,7 +119,7 @@ def _is_run_file(name: str) -> bool:
             or fnmatch.fnmatch(name, TEMPORARY_GLOB))
 
 
-def _remove_temporary_files(out: Path) -> None:
+def remove_temporary_files(out: Path) -> None:
     for tmp in out.glob(TEMPORARY_GLOB):
         tmp.unlink(missing_ok=True)
 
@@ -138,31 +138,20 @@ def run_lock(out: Path, what: str = "fine-tuning run"):
     the lock when the holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it
     before loading anything, and the ``finetune`` it calls finds it held; another thread, like another process, is
     refused."""
-    import fcntl
-
     key = (Path(out).resolve(), threading.get_ident())
     if key in _HELD:
         yield
         return
     check_directory(out, "out")
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunLocked(f"{out} is in use by another {what} (pid {holder}): wait for it to end, "
-                            f"or choose another directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with file_lock(out / _LOCK, wait=False) as held:
+        if not held:
+            raise RunLocked(f"{out} is in use by another {what} (pid {lock_holder(out / _LOCK)}): wait for it to end, "
+                            f"or choose another directory")
         _HELD.add(key)
         try:
             yield
         finally:
             _HELD.discard(key)
-    finally:
-        os.close(fd)
 
 
 def run_settings(config: FinetuneConfig | dict) -> dict:

@@ -26,11 +26,10 @@ from ..attacks.common import random_delta
 from ..classifier import ZeroShotClassifier
 from ..evaluation.sweeps import robust_accuracy
 from .config import FinetuneConfig
-from .objectives import _config, training_objective
+from .objectives import objective_config, training_objective
 from .oft import apply_oft, oft_parameters
 from .optimizer import adamw
-from .runs import (_read_checkpoint, _remove_temporary_files, _save_checkpoint, check_run_directory, run_lock,
-                   run_settings)
+from .runs import check_run_directory, read_checkpoint, remove_temporary_files, run_lock, run_settings, save_checkpoint
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
@@ -91,9 +90,9 @@ def _open_run(held: contextlib.ExitStack, out: Path, config: FinetuneConfig, res
     if main:
         held.enter_context(run_lock(out))  # one run per directory, for the whole run
     check_run_directory(out, config, resume)
-    checkpoint = _read_checkpoint(out) if resume else None
+    checkpoint = read_checkpoint(out) if resume else None
     if main:
-        _remove_temporary_files(out)  # what a killed run left half-written
+        remove_temporary_files(out)  # what a killed run left half-written
     return checkpoint
 
 
@@ -133,7 +132,7 @@ def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
             running[key] = 0.9 * running[key] + 0.1 * value if step > start else value
         bar.set_postfix(loss=f"{loss:.4f}", clean=f"{running['clean']:.2f}", robust=f"{running['robust']:.2f}")
         if ((step + 1) % config.save_every == 0 or step + 1 == config.steps) and _distributed.is_main():
-            _save_checkpoint(out, step + 1, classifier, optimizer, schedule, generator, config, history)
+            save_checkpoint(out, step + 1, classifier, optimizer, schedule, generator, config, history)
 
 
 def train_step(objective: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -153,7 +152,7 @@ def train_step(objective: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt
     Returns:
         The loss, and the batch's clean and adversarial zero-shot accuracy.
     """
-    config = _config(objective)
+    config = objective_config(objective)
     start = random_delta(x, config.eps, "linf", torch.Generator(x.device).manual_seed(attack_seed))
     rows = _distributed.my_rows(len(x))
     with _torch.cast_cache(x.device):  # the inner attack's passes share one bf16 copy of each trained weight
