@@ -1,6 +1,6 @@
 """The `shapes` profile's tiny CLIP: an open_clip CLIP with a small config, trained contrastively here.
 
-The shipped checkpoint ``cliplab/weights/shapes-tiny.safetensors`` is the output of
+The shipped checkpoint ``cliplab/weights/cliplab-shapes-tiny.safetensors`` is the output of
 ``train_shapes_clip(ShapesCLIPConfig())`` (``cliplab train-shapes-clip``), stored in float16 to stay
 under 10 MB; ``tests/test_shapes_clip.py`` checks that the recipe still learns.
 """

@@ -148,3 +148,84 @@ def test_every_relative_link_points_to_a_file():
     for path in DOCUMENTS:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text()):
             assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
+
+
+# ------------------------------------------------------------------------------------------ names in the text
+# The prose that names code: README, docs/, RESULTS.md, and every docstring and comment of the package and benchmarks.
+PROSE = [*DOCUMENTS, ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "cliplab").rglob("*.py")),
+         *sorted((ROOT / "benchmarks").glob("*.py"))]
+DOTTED = re.compile(r"\bcliplab(?:\.[A-Za-z_]\w*)+")
+QUOTED = re.compile(r"``?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(\))?``?")
+PATHS = re.compile(r"[`(]((?:cliplab|docs|tests|benchmarks|notebooks)/[\w./*-]*[\w*])")
+# names of other projects that the prose quotes: torch's, open_clip's, pytest's and nbval's
+OUTSIDE = {"HF_HOME", "NBVAL_CHECK_OUTPUT", "in_features", "ln_post", "precomputed_convolve_sgemm", "sdpa_kernel",
+           "set_sync_debug_mode", "flop_counter", "tmp_path_retention_policy"}
+
+
+def _resolves(dotted: str) -> bool:
+    """``cliplab.a.b``: an attribute or module at every step."""
+    parts = dotted.split(".")
+    target = importlib.import_module(parts[0])
+    for at, part in enumerate(parts[1:], start=2):
+        if not hasattr(target, part):
+            try:
+                target = importlib.import_module(".".join(parts[:at]))
+            except ModuleNotFoundError:
+                return False
+        else:
+            target = getattr(target, part)
+    return True
+
+
+def _code_names() -> set[str]:
+    """Every name the package and its benchmarks define or use: functions, classes, arguments, attributes,
+    keywords, modules, and identifier-like strings (settings, flags' destinations); and the tests' names."""
+    names = {node.name for path in (ROOT / "tests").glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.FunctionDef)}
+    for path in [*(ROOT / "cliplab").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        names.add(path.stem)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, ast.keyword) and node.arg:
+                names.add(node.arg)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.update(re.findall(r"[A-Za-z_]\w*", node.value))
+    return names
+
+
+def stale_names(text: str, names: set[str]) -> set[str]:
+    """What ``text`` names that no longer exists: a ``cliplab.`` path that does not resolve, a quoted snake_case
+    name that no code defines or uses, a repository path that is not there."""
+    stale = {dotted for dotted in DOTTED.findall(text) if not _resolves(dotted)}
+    for quoted in QUOTED.findall(text):
+        last = quoted.split(".")[-1]
+        if "_" in last.strip("_") and last not in names and last not in OUTSIDE:
+            stale.add(quoted)
+    stale.update(path for path in PATHS.findall(text) if not any((ROOT / path).parent.glob(Path(path).name)))
+    return stale
+
+
+@pytest.fixture(scope="module")
+def code_names():
+    return _code_names()
+
+
+@pytest.mark.parametrize("path", PROSE, ids=lambda path: str(path.relative_to(ROOT)))
+def test_the_prose_names_only_what_exists(path, code_names):
+    """README, docs, RESULTS.md, docstrings and comments: every ``cliplab.`` name resolves, every quoted snake_case
+    name is one the code has, every repository path is there."""
+    assert not stale_names(path.read_text(), code_names), path.relative_to(ROOT)
+
+
+def test_a_planted_stale_name_is_found(code_names):
+    planted = ("``cliplab.runner.thread_environment`` sets the threads; ``write_csv`` writes the table; the weights "
+               "are in ``cliplab/weights/shapes-tiny.safetensors``; ``cliplab.pgd`` and ``robustness_vs_eps`` exist.")
+    assert stale_names(planted, code_names) == {"cliplab.runner.thread_environment", "write_csv",
+                                                "cliplab/weights/shapes-tiny.safetensors"}

@@ -249,7 +249,7 @@ def check_targets(names: Sequence[str], budget: AttackBudget, num_classes: int) 
 
 def fit_to_classes(names: Sequence[str], budget: AttackBudget, num_classes: int) -> tuple[list[str], AttackBudget]:
     """The ensemble ``names`` and its ``budget`` for a task of ``num_classes`` classes, as AutoAttack is run on few
-    classes (its own ``check_n_classes`` names the limits): APGD-T aims at no more than the C - 1 other classes; its
+    classes (AutoAttack's own check of the number of classes names the limits): APGD-T aims at no more than the C - 1 other classes; its
     targeted DLR loss needs the 4 largest logits, so with fewer classes APGD-T ascends the targeted cross-entropy
     instead (``apgd-t-ce``); the untargeted DLR needs 3, so with 2 classes APGD-DLR is left out (APGD-CE attacks
     the same images). A report's ``per_attack`` names the attacks that ran."""

@@ -4,8 +4,8 @@
 Each cell is the evaluation ``cliplab evaluate`` makes (``robustness_vs_eps``: clean, then the attack ensemble at
 each radius, nested), written atomically to ``OUT/cells/`` as soon as it finishes, with its settings: a run that was
 stopped, even by kill -9, resumes with the cells it has, and a cell made with other settings is refused instead of
-mixed in. The text head of each (model, data set) is kept in ``OUT/text-heads/``. ``markdown``, ``write_csv`` and
-``plot`` render the grid: rows models, columns data sets, clean and robust accuracy with n and the 95% CI.
+mixed in. The text head of each (model, data set) is kept in ``OUT/text-heads/``. ``markdown`` and ``plot`` render
+the grid, ``write_outputs`` writes it: rows models, columns data sets, clean and robust accuracy with n and the 95% CI.
 """
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ class FinetuneStudy:
     Attributes:
         profile: the profile.
         original: the profile's classifier, never modified (fine-tuning works on copies).
-        x_train, y_train: the ``finetune_images`` training images fine-tuning draws its batches from.
-        x_test, y_test: the ``n_eval`` test images every accuracy is measured on.
+        x_train, y_train: the ``profile.finetuning.images`` training images fine-tuning draws its batches from.
+        x_test, y_test: the ``profile.sweeps.images`` test images every accuracy is measured on.
         class_names: the data set's class names.
         eval_eps: the radii of the worst-case evaluation (1/255, 2/255, 4/255).
         attacks: its attacks, in order: the PGD quick look the study used to report, then an AutoAttack-style
@@ -234,7 +234,7 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
     it again, write ``out/final.safetensors`` (OFT merged) and ``out/metrics.json`` (atomically).
 
     Both evaluations are PGD (the profile's steps and restarts, margin loss, seed 0) at ``config.eps`` on the
-    first ``n_defence`` test images. Everything that can fail fast does (settings, ``out``, weights, data, OFT
+    first ``profile.defences.images`` test images. Everything that can fail fast does (settings, ``out``, weights, data, OFT
     block size) before any model is loaded.
 
     Returns:
