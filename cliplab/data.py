@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ._arguments import check_choice, check_int
+from ._arguments import check_choice, check_int, check_seed
 from ._network import ensure_reachable
 
 # (name, RGB) in [0, 1]; far enough apart to stay distinguishable under the per-image jitter below.
@@ -61,21 +61,27 @@ def templates(name: str, single: bool = False) -> list[str]:
     return list(SHAPES100_TEMPLATES if name == "shapes" else CIFAR_TEMPLATES)
 
 
-def load_dataset(name: str, split: str = "test", n: int | None = None, root: str | os.PathLike | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_dataset(name: str, split: str = "test", n: int | None = None, root: str | os.PathLike | None = None, *,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Load a data set as tensors.
 
     Args:
         name: ``"shapes"`` (generated, offline) or ``"cifar100"`` (torchvision).
         split: ``"train"`` or ``"test"``.
-        n: keep the first ``n`` images (all when None).
+        n: how many images (all when None). CIFAR-100's are the first ``n`` of a seeded permutation of the split
+            (``sample_indices``, the one rule of every command and of the zero-shot suite, so that ``cliplab
+            evaluate`` and ``cliplab benchmark`` judge a model on the same images for the same ``n`` and seed).
+            Shapes-100 is rendered at random from its split's own seed, so its first ``n`` images are already a
+            random sample, whatever ``seed``.
         root: CIFAR-100 cache directory; default ``$CLIPLAB_DATA`` or ``~/.cache/cliplab/data``.
+        seed: the permutation's seed (CIFAR-100).
 
     Returns:
         x: (N, 3, 32, 32) float32 in [0, 1]; y: (N,) int64; class_names: readable names.
     """
     check_choice(name, "name", DATASETS)
     check_choice(split, "split", SPLIT_SEEDS)
+    check_seed(seed)
     if n is not None:
         check_int(n, "n")
     if name == "shapes":
@@ -84,7 +90,19 @@ def load_dataset(name: str, split: str = "test", n: int | None = None, root: str
             raise ValueError(f"n must be at most {size}, the size of the shapes {split} split, got {n}")
         x, y = render_shapes(n or size, seed=SPLIT_SEEDS[split])
         return x, y, list(SHAPES100_CLASSES)
-    return _load_cifar100(split, n, root)
+    return _load_cifar100(split, n, root, seed)
+
+
+def sample_indices(size: int, n: int | None, seed: int = 0, split: str = "test") -> torch.Tensor:
+    """The images a command reads from a split of ``size`` images: the first ``n`` of a seeded permutation (all of
+    it, permuted, when ``n`` is None). Test splits are often sorted by class, so the first ``n`` in file order
+    would be a few classes only."""
+    check_seed(seed)
+    if n is not None:
+        check_int(n, "n")
+        if n > size:
+            raise ValueError(f"n must be at most {size}, the size of the {split} split, got {n}")
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 # ----------------------------------------------------------------------------------------- Shapes-100
@@ -184,16 +202,15 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("CLIPLAB_DATA") or Path.home() / ".cache" / "cliplab" / "data")
 
 
-def _load_cifar100(split: str, n: int | None, root) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _load_cifar100(split: str, n: int | None, root, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from torchvision.datasets import CIFAR100
 
     root, train = data_root(root), split == "train"
     dataset = _verified_cifar100(root, train) if _cifar100_present(root) else \
         CIFAR100(str(root), train=train, download=True)  # reachable: _cifar100_present checked
-    if n is not None and n > len(dataset.data):
-        raise ValueError(f"n must be at most {len(dataset.data)}, the size of the cifar100 {split} split, got {n}")
-    x = torch.from_numpy(dataset.data[:n]).permute(0, 3, 1, 2).float().div(255)  # (N, 3, 32, 32)
-    y = torch.as_tensor(dataset.targets[:n], dtype=torch.int64)
+    chosen = sample_indices(len(dataset.data), n, seed, f"cifar100 {split}").numpy()
+    x = torch.from_numpy(dataset.data[chosen]).permute(0, 3, 1, 2).float().div(255)  # (N, 3, 32, 32)
+    y = torch.as_tensor(dataset.targets, dtype=torch.int64)[chosen]
     return x.contiguous(), y, [name.replace("_", " ") for name in dataset.classes]
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ._arguments import check_choice, check_int, check_seed
-from .data import data_root
+from ._arguments import check_choice
+from .data import CIFAR_URL, DATASETS, data_root, load_dataset, sample_indices
 
 # how each set's class names are found: CLIP_benchmark's list, or the data set's own (cleaned as CLIP_benchmark
 # cleans them)
@@ -46,8 +46,7 @@ class SuiteSet:
 SUITE = {
     "cifar10": SuiteSet("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                         {"train": False}, native_size=32),
-    "cifar100": SuiteSet("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                         {"train": False}, native_size=32),
+    "cifar100": SuiteSet("CIFAR100", "cifar-100-python", CIFAR_URL, {"train": False}, native_size=32),
     "stl10": SuiteSet("STL10", "stl10_binary", "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
                       {"split": "test"}, native_size=96),
     "caltech101": SuiteSet("Caltech101", "caltech101/101_ObjectCategories",
@@ -135,12 +134,16 @@ def suite_class_names(name: str, dataset) -> list[str]:
 
 def load_suite_set(name: str, root: str | os.PathLike | None = None, n: int | None = None, *, seed: int = 0,
                    image_size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` test images of a suite set, drawn without replacement by a seeded permutation (test splits are often
-    sorted by class, so the first ``n`` would be a few classes only).
+    """``n`` test images of a suite set, drawn without replacement by a seeded permutation (``sample_indices``: test
+    splits are often sorted by class, so the first ``n`` would be a few classes only). CIFAR-100 is the study's own
+    set: ``data.load_dataset`` reads it, the same images for the same ``n`` and seed.
 
     Returns:
         x: (n, 3, H, W) float32 in [0, 1] (native size, or ``image_size`` square); y: (n,) int64; class names.
     """
+    if name in DATASETS:
+        open_set(name, root)  # missing or damaged: the suite's message, naming --data
+        return load_dataset(name, "test", n, root, seed=seed)
     dataset = open_set(name, root)
     names = suite_class_names(name, dataset)
     chosen = sample_indices(len(dataset), n, seed)
@@ -156,16 +159,6 @@ def check_suite_images(name: str, root: str | os.PathLike | None = None, n: int 
     dataset = open_set(name, root)
     for index in sample_indices(len(dataset), n, seed).tolist():
         _read(dataset, index, name)
-
-
-def sample_indices(size: int, n: int | None, seed: int = 0) -> torch.Tensor:
-    """The first ``n`` of a seeded permutation of ``range(size)`` (all of it when ``n`` is None)."""
-    check_seed(seed)
-    if n is not None:
-        check_int(n, "n")
-        if n > size:
-            raise ValueError(f"n must be at most {size}, the size of the test split, got {n}")
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 def _picture(dataset, index: int, native_size: int | None, image_size: int, name: str) -> tuple[torch.Tensor, int]:

@@ -41,6 +41,33 @@ def test_every_suite_set_is_read_from_its_torchvision_format(name, tmp_path, mon
     assert torch.equal(x, again)  # the seeded sample is the same every time
 
 
+def test_evaluate_and_benchmark_judge_a_model_on_the_same_cifar100_images(tmp_path, monkeypatch):
+    """``cliplab evaluate --dataset cifar100`` (the report, through ``data.load_dataset``) and ``cliplab benchmark
+    --datasets cifar100`` (the suite) read the same images for the same n and seed: one reader, one sampling rule.
+    (Before, the report took the first n images and the benchmark a seeded sample.)"""
+    from cliplab import data, models
+    from cliplab.study import report
+    from cliplab.study.profiles import Runtime
+
+    suite_standins.accept_checksums(monkeypatch, suite_standins.write("cifar100", tmp_path))
+    monkeypatch.setenv("CLIPLAB_OFFLINE", "1")
+    read, load_dataset = {}, data.load_dataset
+
+    def stop_after_the_data(*args, **kwargs):
+        raise StopIteration  # what the report read is all this test needs
+
+    monkeypatch.setattr(models, "load_classifier", stop_after_the_data)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: read.setdefault("report", load_dataset(*a, **k)))
+    for n, seed in ((5, 0), (7, 3)):
+        read.clear()
+        with pytest.raises(StopIteration):
+            report.evaluate(report.ReportSettings(dataset="cifar100", n=n, seed=seed,
+                                                  runtime=Runtime(device="cpu", data_root=str(tmp_path))))
+        x, y, names = suite.load_suite_set("cifar100", tmp_path, n=n, seed=seed)
+        assert torch.equal(read["report"][0], x) and torch.equal(read["report"][1], y), (n, seed)
+        assert read["report"][2] == names
+
+
 def test_class_names_and_templates_come_from_their_maintained_sources(tmp_path):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cliplab import load_dataset
-from cliplab.data import SHAPES100_CLASSES, class_names, render_shapes, templates
+from cliplab.data import SHAPES100_CLASSES, class_names, render_shapes, sample_indices, templates
 
 
 def _check_contract(x, y, n):
@@ -152,12 +152,15 @@ def test_cifar_conversion(fake_cifar, split):
     data, labels = splits[split]
     x, y, names = load_dataset("cifar100", split=split, root=root)
     _check_contract(x, y, len(data))
+    order = sample_indices(len(data), None)  # every split is read in one seeded order
     expected = torch.from_numpy(data).view(-1, 3, 32, 32).float() / 255  # CIFAR rows are CHW planes
-    torch.testing.assert_close(x, expected, atol=0, rtol=0)
-    assert y.tolist() == labels
+    torch.testing.assert_close(x, expected[order], atol=0, rtol=0)
+    assert y.tolist() == torch.tensor(labels)[order].tolist()
     assert names[1] == "aquarium fish" and names[58] == "pickup truck" and len(names) == 100
     x3, y3, _ = load_dataset("cifar100", split=split, root=root, n=3)
     assert torch.equal(x3, x[:3]) and torch.equal(y3, y[:3])
+    x3, y3, _ = load_dataset("cifar100", split=split, root=root, n=3, seed=1)
+    assert torch.equal(x3, expected[sample_indices(len(data), 3, seed=1)])
 
 
 # ---------------------------------------------------------------------------------------- bad inputs

@@ -16,6 +16,7 @@ import cliplab
 from cliplab.cli import main
 from cliplab._torch import cpu_has_bf16
 from cliplab.cli import reproduce as runner
+from cliplab.data import sample_indices
 from standins import accept_checksums, kernel_startup, relabel, write_cifar100
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -38,8 +39,10 @@ def standin(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         accept_checksums(patch, relabel(root / "data", "test", [0] * 16))
         profile = cliplab.get_profile("cifar100", device="cpu", smoke=True, weights=weights, data_root=root / "data")
-        x, _, _ = profile.load_dataset("test")
-        labels = cliplab.predict(profile.load_classifier(), x)
+        x, _, _ = profile.load_dataset("test")  # in the seeded order every command reads
+        predictions = cliplab.predict(profile.load_classifier(), x)
+    labels = torch.empty_like(predictions)
+    labels[sample_indices(len(x), None)] = predictions  # back to the file's order
     md5 = relabel(root / "data", "test", labels.tolist())
     return SimpleNamespace(weights=weights, data=root / "data", md5=md5,
                            ipython=kernel_startup(root / "ipython", md5))

@@ -180,14 +180,15 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--eps", type=_radii, default=(1 / 255, 2 / 255, 4 / 255),
                           help="comma-separated L-inf radii, e.g. 1/255,2/255,4/255 (the default)")
     evaluate.add_argument("--n", "--images", type=int, default=1000, dest="n",
-                          help="the first N test images (default: 1000; under torchrun write --images: torchrun "
-                               "takes --n for an abbreviation of its own options)")
+                          help="test images, a seeded sample of the test split, the benchmark's for the same N and "
+                               "seed (default: 1000; Shapes-100: its first N, already random; under torchrun write "
+                               "--images: torchrun takes --n for an abbreviation of its own options)")
     _add_attack_budget_arguments(evaluate)
     evaluate.add_argument("--eot-samples", type=int, default=None,
                           help="EOT draws per APGD step (default: 20 with --attacks rand, else 1)")
     evaluate.add_argument("--votes", type=int, default=1, help="majority vote of this many passes scores an image")
     evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the sample of images and every attack")
     evaluate.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
     _add_precision_arguments(evaluate)
     evaluate.add_argument("--out", type=_path, help="directory for evaluation.json")

@@ -38,12 +38,12 @@ class ReportSettings:
     dataset: str = "shapes"  # whose test split, class names and prompts: "shapes" or "cifar100"
     single_template: bool = False  # one prompt per class ("a photo of a {}.") instead of the data set's ensemble
     eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)  # L-inf radii in [0, 1] pixel units
-    n: int = 1000  # the first n test images
+    n: int = 1000  # test images, a seeded sample of the split (data.sample_indices)
     attacks: str | tuple[str, ...] = "standard"  # an ensemble name (ENSEMBLES) or attack names
     budget: AttackBudget = field(default_factory=AttackBudget)  # steps, targets, queries, EOT draws
     votes: int = 1  # majority vote of this many stochastic passes scores each image (randomised models)
     batch_size: int = 256  # images per attack batch
-    seed: int = 0  # seeds every attack
+    seed: int = 0  # seeds the sample of images and every attack
     # device, precision, weights (None: the model's own) and data directory, as a profile has them
     runtime: Runtime = Runtime()
 
@@ -96,7 +96,7 @@ def check_encoder(path: str, architecture) -> None:
 
 
 def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, RobustnessReport]:
-    """Load the model and the first ``n`` test images, then the worst case at each radius (``robustness_vs_eps``:
+    """Load the model and ``n`` test images (``data.sample_indices``: the benchmark's images too), then the worst case at each radius (``robustness_vs_eps``:
     the radii nested, each attacking only the survivors of the one below)."""
     from .. import data
     from ..models import load_classifier
@@ -104,7 +104,8 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
     check(settings)
     runtime = settings.runtime
     weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
-    x, y, class_names = data.load_dataset(settings.dataset, "test", n=settings.n, root=runtime.data_root)
+    x, y, class_names = data.load_dataset(settings.dataset, "test", n=settings.n, root=runtime.data_root,
+                                          seed=settings.seed)
     templates = data.templates(settings.dataset, single=settings.single_template)
     model = load_classifier(settings.model, class_names=class_names, templates=templates, device=runtime.device,
                             precision=runtime.precision, **weights)
