@@ -22,7 +22,7 @@ Two benchmarks, run together by default (``--bench`` picks one):
    naive forward costs a text-encoder pass over all 1800 prompts (one to two minutes on one CPU core)
    and every draw costs the same, so on CPU the naive loop is timed on one image and one draw by default.
 
-2. **Bilateral sweep** (``--bench denoise``): ``cliplab.denoise.bilateral_sweep(x, sigmas)``, every
+2. **Bilateral sweep** (``--bench denoise``): ``cliplab.defences.bilateral_sweep(x, sigmas)``, every
    image with each of 15 spatial sigmas (0.2, 0.4, ..., 3.0; colour sigma 0.1, kernel 5) in one
    batched call, against a Python loop over the sigmas calling ``bilateral(x, sigma_space=s)``, on
    ``--sweep-images`` random 32x32 images. Timed twice: forward only (under ``torch.no_grad()``), and

@@ -5,7 +5,7 @@ Run under torchrun with one process (the NCCL path on a GPU, gloo on the CPU)::
     torchrun --standalone --nproc_per_node=1 benchmarks/bench_distributed.py              # ViT-B/32, batch 128, GPU
     torchrun --standalone --nproc_per_node=1 benchmarks/bench_distributed.py --model shapes --batch 8 --device cpu
 
-Both steps are ``cliplab.finetune.train_step`` (FARE, full fine-tuning, PGD-10 inner attack) on copies of one randomly
+Both steps are ``cliplab.training.train_step`` (FARE, full fine-tuning, PGD-10 inner attack) on copies of one randomly
 initialised classifier and the same random images; one goes through ``DistributedDataParallel`` (what a torchrun job
 of any size runs: gradient hooks, bucketing, one all-reduce per bucket), the other does not. They alternate, and the
 table gives the median of ``--repeats`` steps each and their ratio. With one process the all-reduce moves nothing, so
@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cliplab
 from bench_attacks import IMAGE_SIZE, timed
-from cliplab import _distributed, finetune as ft
+from cliplab import _distributed, training as ft
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ in [0, 1], resized to 224x224 inside the classifier:
    attack at eps 4/255 maximising ||f(x + delta) - f0(x)||^2, then the FARE loss, backward, gradient
    clipping, AdamW update) on a batch of ``--batch-size`` images. Methods:
 
-   - ``cliplab.finetune.train_step``, full fine-tuning: the inner attack differentiates with
+   - ``cliplab.training.train_step``, full fine-tuning: the inner attack differentiates with
      ``torch.autograd.grad`` with respect to the input only, so its backward passes skip the weight
      gradients; bfloat16 autocast with ``--bf16`` (CUDA).
    - naive step (baseline): the same step written the common way, the inner attack calling
@@ -44,7 +44,7 @@ import torch
 
 import cliplab
 from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, setup
-from cliplab import finetune as ft
+from cliplab import training as ft
 from cliplab.training import apply_oft, merge_oft, oft_parameters
 
 EPS = 4 / 255

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import flop_registry
 
 import cliplab
 from bench_attacks import IMAGE_SIZE, MODEL, cpu_name, synchronize, timed
-from cliplab import finetune as ft
+from cliplab import training as ft
 
 EPS, STEPS = 4 / 255, 10
 # dense peaks in FLOP/s (NVIDIA data sheets, SXM parts): bf16 tensor cores, and fp32 without TF32

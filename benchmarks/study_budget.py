@@ -95,7 +95,7 @@ class Cost:
                 self.predict(m, votes)
 
     def masking_report(self, n, steps, eot=1, votes=1, transfer=True):
-        """checks.gradient_masking_report: a gradient, attacks at eps/2, eps, 2 eps and 1, a 4x-steps attack with
+        """gradient_masking_report: a gradient, attacks at eps/2, eps, 2 eps and 1, a 4x-steps attack with
         2 restarts, a transfer attack; each scored with ``votes``."""
         self.backward += n * eot
         for _ in range(4):

@@ -22,15 +22,14 @@ _HOMES = {
     "load_dataset": ".data",
     **dict.fromkeys(["ABSTAIN", "Denoised", "GaussianNoise", "RandomizedSmoothing"], ".defences"),
     **dict.fromkeys(["AttackBudget", "DatasetAttack", "Proportion", "RobustAccuracy", "RobustnessReport", "accuracy",
-                     "accuracy_vs_eps", "attack_dataset", "attack_success_rate", "evaluate_robustness", "predict",
-                     "robust_accuracy"], ".evaluation"),
+                     "accuracy_vs_eps", "attack_dataset", "attack_success_rate", "evaluate_robustness",
+                     "gradient_masking_report", "pgd_accuracy", "predict"], ".evaluation"),
     **dict.fromkeys(["load_classifier", "save_weights"], ".models"),
     **dict.fromkeys(["Profile", "get_profile"], ".study"),
     **dict.fromkeys(["apply_oft", "merge_oft"], ".training"),
 }
-# modules the public API has always had under these names
-_MODULES = {"checks": ".evaluation.gradient_masking", "denoise": ".defences.denoise", "finetune": ".training",
-            "plots": ".study.plots", "study": ".study"}
+# the modules a notebook imports by name (every other submodule is found as well: cliplab.training, ...)
+_MODULES = {"plots": ".study.plots", "study": ".study"}
 
 __all__ = sorted([*_HOMES, *_MODULES])
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import cliplab
-from cliplab import _distributed, evaluation, finetune as ft
+from cliplab import _distributed, evaluation, training as ft
 from cliplab.training import objectives
 from cliplab.study import random_targets
 
@@ -62,7 +62,7 @@ def evaluate(args, rank: int) -> None:
     targets = random_targets(y, classifier.num_classes, seed=0)
     targeted = evaluation.attack_success_rate(classifier, x, y, eps=eps, targets=targets, batch_size=16, steps=3,
                                               seed=0, progress=False)
-    robust = evaluation.robust_accuracy(classifier, x, y, eps=eps, batch_size=16, steps=3, seed=0, progress=False)
+    robust = evaluation.pgd_accuracy(classifier, x, y, eps=eps, batch_size=16, steps=3, seed=0, progress=False)
     attacked = evaluation.attack_dataset(classifier, x, y, eps=eps, batch_size=16, steps=3, seed=0, progress=False)
     if rank == 0:
         Path(args.out).write_text(json.dumps(summary(report, targeted, robust, attacked)))

@@ -612,7 +612,7 @@ def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, 
 def test_finetune_into_a_directory_in_use_is_refused_before_loading(no_work, tmp_path, capsys):
     """The run's lock is taken right after the checks: a second run fails at once, not after loading the model."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from cliplab import finetune as ft\nwith ft.run_lock(Path(sys.argv[1])):\n"
+                               "from cliplab import training as ft\nwith ft.run_lock(Path(sys.argv[1])):\n"
                                "    print('held', flush=True); time.sleep(60)", str(tmp_path / "run")],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import cliplab
-from cliplab import _distributed, finetune as ft
+from cliplab import _distributed, training as ft
 from cliplab.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,7 +104,7 @@ def test_a_rank_killed_mid_run_resumes_to_exactly_the_uninterrupted_run(two_proc
 
 @torchrun_job
 def test_sharded_evaluation_gives_exactly_the_single_process_counts(tmp_path):
-    """evaluate_robustness (APGD-CE, APGD-T, Square), attack_success_rate, robust_accuracy and attack_dataset on 90
+    """evaluate_robustness (APGD-CE, APGD-T, Square), attack_success_rate, pgd_accuracy and attack_dataset on 90
     images in batches of 16: each process attacks every other batch with that batch's seed."""
     job = run_worker("evaluate", tmp_path / "two.json")
     assert job.returncode == 0, job.stderr[-3000:]

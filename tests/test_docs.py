@@ -202,7 +202,9 @@ def _code_names() -> set[str]:
 
 def stale_names(text: str, names: set[str]) -> set[str]:
     """What ``text`` names that no longer exists: a ``cliplab.`` path that does not resolve, a quoted snake_case
-    name that no code defines or uses, a repository path that is not there."""
+    name that no code defines or uses, a repository path that is not there. (The README's paragraph of names that
+    changed names the old ones on purpose.)"""
+    text = re.sub(r"\*\*Names that changed\*\*.*?\n\n", "", text, flags=re.S)
     stale = {dotted for dotted in DOTTED.findall(text) if not _resolves(dotted)}
     for quoted in QUOTED.findall(text):
         last = quoted.split(".")[-1]

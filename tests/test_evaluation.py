@@ -1,5 +1,5 @@
 """Evaluation: Proportion and its Clopper-Pearson interval, predict / accuracy against a manual argmax,
-and the bookkeeping of robust_accuracy and attack_success_rate."""
+and the bookkeeping of pgd_accuracy and attack_success_rate."""
 from __future__ import annotations
 
 import math
@@ -130,7 +130,7 @@ def test_predict_empty_and_bad_inputs():
         cliplab.accuracy(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"^y must have shape \(2,\)"):
         cliplab.accuracy(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1, 2]))
-    for evaluate in (cliplab.accuracy, lambda *a: cliplab.robust_accuracy(*a, eps=1 / 255)):
+    for evaluate in (cliplab.accuracy, lambda *a: cliplab.pgd_accuracy(*a, eps=1 / 255)):
         with pytest.raises(ValueError, match=r"^x must hold at least one image"):  # not "nan% (n=0)"
             evaluate(model, torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
 
@@ -143,26 +143,26 @@ def test_attack_arguments_checked_even_when_nothing_is_attacked(kwargs, match):
     x = torch.rand(4, 3, 8, 8)
     wrong = (cliplab.predict(model, x) + 1) % 4
     with pytest.raises(ValueError, match=match):
-        cliplab.robust_accuracy(model, x, wrong, progress=False, **kwargs)
+        cliplab.pgd_accuracy(model, x, wrong, progress=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------- robust / success rate
 def test_robust_accuracy_bookkeeping(shapes_clf, shapes_test, shapes_pred):
     x, y, _ = shapes_test
     x, y, pred = x[:40], y[:40], shapes_pred[:40]
-    r = cliplab.robust_accuracy(shapes_clf, x, y, eps=2 / 255, steps=3, batch_size=16, seed=0, progress=False)
+    r = cliplab.pgd_accuracy(shapes_clf, x, y, eps=2 / 255, steps=3, batch_size=16, seed=0, progress=False)
     assert r.clean.hits == int((pred == y).sum()) and r.clean.n == 40
     assert r.success.n == r.clean.hits
     assert r.robust.hits == r.clean.hits - r.success.hits
     assert r.robust.value <= r.clean.value
     # eps = 0: nothing is fooled
-    r0 = cliplab.robust_accuracy(shapes_clf, x, y, eps=0.0, steps=1, progress=False)
+    r0 = cliplab.pgd_accuracy(shapes_clf, x, y, eps=0.0, steps=1, progress=False)
     assert r0.success.hits == 0 and r0.robust.hits == r0.clean.hits
 
 
 def test_robust_accuracy_decreases_with_eps(shapes_clf, shapes_test):
     x, y, _ = shapes_test
-    accuracies = [cliplab.robust_accuracy(shapes_clf, x[:48], y[:48], eps=e / 255, steps=5, seed=0,
+    accuracies = [cliplab.pgd_accuracy(shapes_clf, x[:48], y[:48], eps=e / 255, steps=5, seed=0,
                                           progress=False).robust.value for e in (0, 1, 4)]
     assert accuracies[0] >= accuracies[1] >= accuracies[2]
     assert accuracies[2] < accuracies[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab import finetune as ft, study
+from cliplab import training as ft, study
 from cliplab.training import objectives
 from cliplab.training import oft_parameters
 
@@ -148,7 +148,7 @@ def test_a_second_process_is_locked_out(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from cliplab import finetune as ft\n"
+    code = ("import sys; from pathlib import Path; from cliplab import training as ft\n"
             "try:\n    ft.run_lock(Path(sys.argv[1])).__enter__()\nexcept ft.RunLocked as e:\n"
             "    print(e); sys.exit(3)\n")
     with ft.run_lock(tmp_path):

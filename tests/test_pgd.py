@@ -65,7 +65,7 @@ def test_loss_history_shape_and_start(shapes_clf, batch):
 
 def test_robust_accuracy_not_above_clean(shapes_clf, shapes_test):
     x, y, _ = shapes_test
-    r = cliplab.robust_accuracy(shapes_clf, x[:64], y[:64], eps=1 / 255, steps=3, seed=0, progress=False)
+    r = cliplab.pgd_accuracy(shapes_clf, x[:64], y[:64], eps=1 / 255, steps=3, seed=0, progress=False)
     assert r.clean.n == r.robust.n == 64
     assert r.robust.hits <= r.clean.hits
     assert r.success.n == r.clean.hits
@@ -356,7 +356,7 @@ def test_untargeted_pgd_breaks_the_model(shapes_clf, attacked):
 def test_targeted_success_grows_with_eps(shapes_clf, attacked):
     x, y = attacked[0][:100], attacked[1][:100]
     targets = random_targets(y, shapes_clf.num_classes, seed=0)
-    rates = [pgd(shapes_clf, x, targets, eps=e / 255, steps=10, targeted=True, seed=0).success_rate
+    rates = [pgd(shapes_clf, x, targets, eps=e / 255, steps=10, targeted=True, seed=0).success.float().mean()
              for e in (1, 4, 16)]
     assert rates[0] < rates[1] < rates[2], f"targeted success at eps 1, 4, 16 /255: {rates}"
     assert rates[2] >= 0.5

@@ -12,7 +12,7 @@ import torch
 
 import cliplab
 from cliplab import study
-from cliplab.evaluation import Sweep
+from cliplab.evaluation import PGDSweep
 from cliplab.training import apply_oft, merge_oft, oft_parameters
 
 
@@ -59,11 +59,11 @@ def test_sweep_is_attack_success_rate_with_the_profiles_settings(shapes_clf, bat
     x, y = batch
     profile = cliplab.get_profile("shapes")
     settings = profile.sweep(votes=True, early_stop=True)
-    assert settings == Sweep(steps=profile.sweeps.steps, batch_size=profile.sweeps.batch_size, votes=profile.defences.votes,
+    assert settings == PGDSweep(steps=profile.sweeps.steps, batch_size=profile.sweeps.batch_size, votes=profile.defences.votes,
                                    early_stop=True, seed=0)
     assert profile.sweep().votes == 1
-    fast = Sweep(steps=2, batch_size=8, early_stop=True)
-    assert fast.success_rate(shapes_clf, x, y, eps=2 / 255) == cliplab.attack_success_rate(
+    fast = PGDSweep(steps=2, batch_size=8, early_stop=True)
+    assert fast.attack_success_rate(shapes_clf, x, y, eps=2 / 255) == cliplab.attack_success_rate(
         shapes_clf, x, y, eps=2 / 255, steps=2, batch_size=8, early_stop=True, seed=0, progress=False)
     attack = fast.attack(shapes_clf, x, y, eps=2 / 255)
     assert attack.x_adv.shape == x.shape and attack.success.dtype == torch.bool

@@ -35,10 +35,6 @@ class AttackResult:
     loss_history: torch.Tensor
     logits: torch.Tensor
 
-    @property
-    def success_rate(self) -> float:
-        return self.success.float().mean().item()
-
 
 def attack_objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: bool) -> torch.Tensor:
     """Per-sample objective that PGD ascends. (N, C), (N,) -> (N,).

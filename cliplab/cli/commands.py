@@ -511,6 +511,3 @@ def _train_shapes_clip(out: Path, steps: int | None, overwrite: bool) -> int:
     print(f"saved {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

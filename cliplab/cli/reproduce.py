@@ -393,7 +393,7 @@ def _execute_all(job: Reproduction, profile: Profile) -> Iterator[NotebookRun]:
                                           running)
         except KeyboardInterrupt as stopped_here:
             return stopped_here
-        except (Exception, asyncio.CancelledError):  # a kernel start cancelled, a channel closed under nbclient: what the stop caused
+        except (Exception, asyncio.CancelledError):  # a kernel start cancelled, a channel closed: what a stop caused
             if stopped:
                 return _interruption(stopped[0])
             raise

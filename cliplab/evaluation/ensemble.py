@@ -1,6 +1,7 @@
 """The worst case over an AutoAttack-style ensemble: ``evaluate_robustness`` at one radius,
 ``robustness_vs_eps`` at several (nested: each radius attacks only the survivors of the one below), their budget
-(``AttackBudget``) and report (``RobustnessReport``).
+(``AttackBudget``) and report (``RobustnessReport``), and the accuracy curve they give (``accuracy_curve``,
+``accuracy_vs_eps``).
 
 Under ``torchrun`` each process attacks every ``world``-th batch with the seed it has in one process and the counts
 are summed, so every process returns exactly the single-process result (for a deterministic model).
@@ -8,7 +9,7 @@ are summed, so every process returns exactly the single-process result (for a de
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -197,7 +198,8 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
     reports, standing = {}, None
     for eps in sorted(eps_values):
         reports[eps] = _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
-                                   batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress, standing=standing)
+                                   batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress,
+                                   standing=standing)
         standing = reports[eps].standing
     return {eps: reports[eps] for eps in eps_values}
 
@@ -215,6 +217,26 @@ def _check_robustness_arguments(model, x, y, *, eps, attacks, norm, budget, batc
     check_int(votes, "votes")
     check_seed(seed)
     return fit_to_classes(names, budget, num_classes)
+
+
+def accuracy_curve(reports: Mapping[float, RobustnessReport]) -> dict[float, Proportion]:
+    """``{0: clean, eps: worst-case robust, ...}`` from the reports of ``robustness_vs_eps``."""
+    return {0: next(iter(reports.values())).clean, **{eps: report.robust for eps, report in reports.items()}}
+
+
+def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
+                    **kwargs) -> dict[float, Proportion]:
+    """Clean accuracy (key 0) and worst-case robust accuracy at each radius of ``eps_values``.
+
+    Args:
+        model, x, y: as for ``evaluate_robustness``.
+        eps_values: threat-model radii (each > 0), in [0, 1] pixel units.
+        **kwargs: go to ``evaluate_robustness`` (attacks, budget, batch size, votes, seed, progress).
+
+    Returns:
+        ``{0: clean, eps: robust, ...}``, each a ``Proportion`` of ``len(y)`` images.
+    """
+    return accuracy_curve(robustness_vs_eps(model, x, y, eps_values, **kwargs))
 
 
 def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBudget, num_classes: int) -> list[str]:
@@ -249,10 +271,10 @@ def check_targets(names: Sequence[str], budget: AttackBudget, num_classes: int) 
 
 def fit_to_classes(names: Sequence[str], budget: AttackBudget, num_classes: int) -> tuple[list[str], AttackBudget]:
     """The ensemble ``names`` and its ``budget`` for a task of ``num_classes`` classes, as AutoAttack is run on few
-    classes (AutoAttack's own check of the number of classes names the limits): APGD-T aims at no more than the C - 1 other classes; its
-    targeted DLR loss needs the 4 largest logits, so with fewer classes APGD-T ascends the targeted cross-entropy
-    instead (``apgd-t-ce``); the untargeted DLR needs 3, so with 2 classes APGD-DLR is left out (APGD-CE attacks
-    the same images). A report's ``per_attack`` names the attacks that ran."""
+    classes (AutoAttack's own check of the number of classes names the limits): APGD-T aims at no more than the
+    C - 1 other classes; its targeted DLR loss needs the 4 largest logits, so with fewer classes APGD-T ascends the
+    targeted cross-entropy instead (``apgd-t-ce``); the untargeted DLR needs 3, so with 2 classes APGD-DLR is left
+    out (APGD-CE attacks the same images). A report's ``per_attack`` names the attacks that ran."""
     names = list(names)
     if "apgd-t" in names and num_classes < 4:
         names[names.index("apgd-t")] = "apgd-t-ce"

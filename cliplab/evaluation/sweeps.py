@@ -1,6 +1,6 @@
 """PGD over a data set, in batches, always with sample size and a 95% CI: ``attack_success_rate``,
-``attack_dataset`` (adversarial images returned), ``robust_accuracy`` (a PGD quick look), ``accuracy_vs_eps``, and
-``Sweep``, the typed PGD settings of the study's sweeps.
+``attack_dataset`` (adversarial images returned), ``pgd_accuracy`` (a PGD quick look), and ``PGDSweep``, the typed PGD
+settings of the study's sweeps. The worst case over an ensemble is ``ensemble``'s.
 
 Under ``torchrun`` these functions share the work: each process attacks every ``world``-th batch, with the seed that
 batch has in a single process, and the results are summed over the processes, so every process returns exactly the
@@ -8,7 +8,6 @@ single-process result (for a deterministic model).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +16,8 @@ from torch import nn
 from .. import _distributed, _torch
 from .._arguments import check_images, check_int, check_labels, check_nonempty, check_positive
 from ..attacks.pgd import pgd
-from .ensemble import robustness_vs_eps
 from .prediction import check_same_task, judge_all, predict, progress_bar
 from .statistics import Proportion
-from .tables import accuracy_curve
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class RobustAccuracy:
     success: Proportion
 
 
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                     batch_size: int = 256, votes: int = 1, surrogate: nn.Module | None = None,
                     progress: bool = True, **attack_kwargs) -> RobustAccuracy:
     """Clean and robust accuracy under an untargeted PGD attack (``cliplab.pgd``), in batches.
@@ -65,21 +62,6 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                           success=Proportion(int(fooled.sum()), n_correct))
 
 
-def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float],
-                    **kwargs) -> dict[float, Proportion]:
-    """Clean accuracy (key 0) and worst-case robust accuracy at each radius of ``eps_values``.
-
-    Args:
-        model, x, y: as for ``evaluate_robustness``.
-        eps_values: threat-model radii (each > 0), in [0, 1] pixel units.
-        **kwargs: go to ``evaluate_robustness`` (attacks, budget, batch size, votes, seed, progress).
-
-    Returns:
-        ``{0: clean, eps: robust, ...}``, each a ``Proportion`` of ``len(y)`` images.
-    """
-    return accuracy_curve(robustness_vs_eps(model, x, y, eps_values, **kwargs))
-
-
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                         targets: torch.Tensor | None = None, batch_size: int = 256, votes: int = 1,
                         surrogate: nn.Module | None = None, progress: bool = True,
@@ -88,7 +70,7 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
 
     Untargeted (``targets`` None): the prediction leaves the label. Targeted: the prediction becomes the
     target; images whose label already is their target are left out. ``votes`` and ``surrogate`` as in
-    ``robust_accuracy``.
+    ``pgd_accuracy``.
     """
     targeted = targets is not None
     if targeted:
@@ -200,7 +182,7 @@ def _check_attack_arguments(model, x, y, eps, batch_size, attack_kwargs) -> None
 
 
 @dataclass(frozen=True)
-class Sweep:
+class PGDSweep:
     """The PGD settings of the study's success-rate sweeps (01, 02) and data-set attacks (04).
 
     Attributes:
@@ -221,9 +203,9 @@ class Sweep:
         return dict(steps=self.steps, batch_size=self.batch_size, votes=self.votes, early_stop=self.early_stop,
                     seed=self.seed, progress=False)
 
-    def success_rate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                     targets: torch.Tensor | None = None, eot_samples: int = 1,
-                     surrogate: nn.Module | None = None) -> Proportion:
+    def attack_success_rate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                            targets: torch.Tensor | None = None, eot_samples: int = 1,
+                            surrogate: nn.Module | None = None) -> Proportion:
         """``attack_success_rate`` with these settings: among the images ``model`` classifies correctly."""
         return attack_success_rate(model, x, y, eps=eps, targets=targets, eot_samples=eot_samples,
                                    surrogate=surrogate, **self._pgd())

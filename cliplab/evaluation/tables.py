@@ -9,11 +9,6 @@ from .ensemble import RobustnessReport
 from .statistics import Proportion
 
 
-def accuracy_curve(reports: Mapping[float, RobustnessReport]) -> dict[float, Proportion]:
-    """``{0: clean, eps: worst-case robust, ...}`` from the reports of ``robustness_vs_eps``."""
-    return {0: next(iter(reports.values())).clean, **{eps: report.robust for eps, report in reports.items()}}
-
-
 def format_accuracy_table(rows: Mapping[str, Mapping[float, Proportion]]) -> str:
     """A plain-text table of ``accuracy_vs_eps`` results: one row per model, one column per radius.
 

@@ -23,7 +23,7 @@ from .._io import atomic_write, file_lock, save_tensors
 from ..classifier import ZeroShotClassifier
 from ..evaluation.ensemble import RobustnessReport, robustness_vs_eps
 from ..evaluation.statistics import Proportion
-from ..evaluation.sweeps import robust_accuracy
+from ..evaluation.sweeps import pgd_accuracy
 from ..evaluation.tables import format_accuracy_table, robustness_table
 from ..models import save_weights
 from ..training.config import FinetuneConfig
@@ -234,8 +234,8 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
     it again, write ``out/final.safetensors`` (OFT merged) and ``out/metrics.json`` (atomically).
 
     Both evaluations are PGD (the profile's steps and restarts, margin loss, seed 0) at ``config.eps`` on the
-    first ``profile.defences.images`` test images. Everything that can fail fast does (settings, ``out``, weights, data, OFT
-    block size) before any model is loaded.
+    first ``profile.defences.images`` test images. Everything that can fail fast does (settings, ``out``, weights,
+    data, OFT block size) before any model is loaded.
 
     Returns:
         The metrics written: the config, eps, and the clean and robust accuracy before and after.
@@ -257,7 +257,7 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
         x_test, y_test, _ = profile.load_dataset("test", n=profile.defences.images)
 
         def evaluate(model):
-            result = robust_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.sweeps.steps,
+            result = pgd_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.sweeps.steps,
                                      restarts=profile.sweeps.restarts, loss="margin", seed=0, progress=False)
             return {"clean": result.clean.as_dict(), "robust": result.robust.as_dict()}
 

@@ -93,7 +93,7 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
                          batch_size: int | None = None, colors: Mapping[str, str] | None = None) -> plt.Figure:
     """Loss and batch accuracies (clean, under the inner attack) of fine-tuning runs, smoothed over ``window``
     steps, with the periodic held-out evaluations as points; ``histories`` maps a run's name to its per-step
-    history (``cliplab.finetune``), ``colors`` a run to its colour. A training diagnostic: no interval, and the
+    history (``cliplab.training.finetune``), ``colors`` a run to its colour. A training diagnostic: no interval, and the
     caption says so."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
     titles = {"loss": "training loss (each method its own objective)", "clean": "batch accuracy, clean (%)",

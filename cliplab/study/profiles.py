@@ -21,7 +21,7 @@ import torch
 from .._arguments import check_choice
 from .._torch import PRECISIONS
 from ..evaluation.ensemble import AttackBudget
-from ..evaluation.sweeps import Sweep
+from ..evaluation.sweeps import PGDSweep
 from ..training.config import FinetuneConfig
 
 
@@ -126,10 +126,10 @@ class Profile:
         """The same profile with some runtime settings changed (device, weights, figures, ...)."""
         return replace(self, runtime=replace(self.runtime, **changes))
 
-    def sweep(self, *, votes: bool = False, early_stop: bool = False) -> Sweep:
-        """The ``Sweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
+    def sweep(self, *, votes: bool = False, early_stop: bool = False) -> PGDSweep:
+        """The ``PGDSweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
         ``votes``: judged by the profile's vote (randomised defences); ``early_stop``: stop at success."""
-        return Sweep(steps=self.sweeps.steps, batch_size=self.sweeps.batch_size,
+        return PGDSweep(steps=self.sweeps.steps, batch_size=self.sweeps.batch_size,
                      votes=self.defences.votes if votes else 1, early_stop=early_stop)
 
     def finetune_config(self, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,

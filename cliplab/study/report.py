@@ -96,8 +96,9 @@ def check_encoder(path: str, architecture) -> None:
 
 
 def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, RobustnessReport]:
-    """Load the model and ``n`` test images (``data.sample_indices``: the benchmark's images too), then the worst case at each radius (``robustness_vs_eps``:
-    the radii nested, each attacking only the survivors of the one below)."""
+    """Load the model and ``n`` test images (``data.sample_indices``: the benchmark's images too), then the worst
+    case at each radius (``robustness_vs_eps``: the radii nested, each attacking only the survivors of the one
+    below)."""
     from .. import data
     from ..models import load_classifier
 

@@ -1,8 +1,6 @@
 """Robust fine-tuning of CLIP's image encoder: its settings (``config``), the FARE and TeCoA objectives
 (``objectives``), the resumable trainer (``trainer``), its run directories and lock (``runs``), orthogonal
-fine-tuning (``oft``) and the optimiser with its schedule (``optimizer``).
-
-``cliplab.finetune`` is this package (the name the public API has always had)."""
+fine-tuning (``oft``) and the optimiser with its schedule (``optimizer``)."""
 from .config import ADAPTERS, METHODS, FinetuneConfig
 from .objectives import TrainingObjective, adversarial_loss, training_objective
 from .oft import apply_oft, merge_oft, oft_parameters

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import _distributed, _torch
 from ..attacks.common import random_delta
 from ..classifier import ZeroShotClassifier
-from ..evaluation.sweeps import robust_accuracy
+from ..evaluation.sweeps import pgd_accuracy
 from .config import FinetuneConfig
 from .objectives import objective_config, training_objective
 from .oft import apply_oft, oft_parameters
@@ -168,6 +168,6 @@ def train_step(objective: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt
 
 def _evaluate(classifier, x, y, config) -> dict:
     """Held-out clean and robust accuracy, the attack seeded on its own so that training is unaffected."""
-    result = robust_accuracy(classifier, x, y, eps=config.eps, steps=config.attack_steps, loss="margin", seed=0,
+    result = pgd_accuracy(classifier, x, y, eps=config.eps, steps=config.attack_steps, loss="margin", seed=0,
                              progress=False)
     return {"eval_clean": result.clean.value, "eval_robust": result.robust.value, "eval_n": len(y)}
