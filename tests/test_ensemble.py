@@ -222,3 +222,30 @@ def test_a_two_class_task_is_evaluated_with_the_attacks_that_exist_for_it(shapes
     with pytest.raises(ValueError, match=r"targeted DLR\) needs at least 4 classes .* the model has 3"):
         cliplab.apgd_targeted(three, x, y, eps=4 / 255, steps=2, num_targets=2)
     assert cliplab.apgd_targeted(two, x, y, eps=4 / 255, steps=2, num_targets=1, loss="ce").x_adv.shape == x.shape
+
+
+def test_an_attack_added_to_the_registry_is_one_the_ensemble_and_the_command_line_run(shapes_clf, batch, monkeypatch):
+    """One entry in ``registry.ATTACKS`` is all it takes: the ensemble runs it, ``--attacks`` accepts it and the help
+    and docs name every attack of the registry."""
+    from pathlib import Path
+
+    from cliplab.cli import commands
+    from cliplab.evaluation import registry
+
+    x, y = batch
+    ran = []
+
+    def fgsm(model, x, y, budget, **common):  # one PGD step of the full radius
+        ran.append(len(x))
+        return cliplab.pgd(model, x, y, steps=1, alpha=common["eps"], random_start=False, **common)
+
+    monkeypatch.setitem(registry.ATTACKS, "fgsm", registry.EnsembleAttack("one signed-gradient step", fgsm, ()))
+    report = evaluate_robustness(shapes_clf, x, y, eps=8 / 255, attacks=["fgsm", "apgd-ce"], budget=SMALL,
+                                 progress=False)
+    assert list(report.per_attack) == ["fgsm", "apgd-ce"] and ran
+    assert commands._attack_names("fgsm,square") == ("fgsm", "square")
+    help_text = commands.build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
+    assert "fgsm (one signed-gradient step)" in " ".join(help_text.split())
+    monkeypatch.delitem(registry.ATTACKS, "fgsm")
+    documented = (Path(__file__).parents[1] / "docs" / "commands.md").read_text()
+    assert all(name in documented for name in registry.ATTACKS)

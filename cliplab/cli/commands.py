@@ -205,7 +205,8 @@ def _add_attack_budget_arguments(parser) -> None:
     parser.add_argument("--attacks", type=_attack_names, default="standard",
                         help=f"an ensemble: {', '.join(ENSEMBLES)} (default: standard = "
                              f"{', '.join(ENSEMBLES['standard'])}; rand for randomised defences), or "
-                             f"comma-separated attacks from {', '.join(ATTACKS)}")
+                             "comma-separated attacks: " + "; ".join(f"{name} ({attack.about})"
+                                                                      for name, attack in ATTACKS.items()))
     parser.add_argument("--steps", type=int, default=default.steps, help="APGD iterations (default: %(default)s)")
     parser.add_argument("--targets", type=int, default=default.num_targets,
                         help="APGD-T target classes (default: %(default)s)")
@@ -344,7 +345,8 @@ def _report_settings(args):
     settings = report.ReportSettings(
         model=args.model or args.dataset, encoder=str(args.encoder.expanduser().resolve()) if args.encoder else None,
         dataset=args.dataset, single_template=args.single_template, eps=tuple(args.eps), n=args.n,
-        attacks=args.attacks, budget=_budget(args, eot), votes=args.votes, batch_size=args.batch_size, seed=args.seed, runtime=runtime)
+        attacks=args.attacks, budget=_budget(args, eot), votes=args.votes, batch_size=args.batch_size, seed=args.seed,
+        runtime=runtime)
     if args.out is not None:
         check_new_file(args.out / "evaluation.json", "--out", args.overwrite)
     report.check(settings)

@@ -17,15 +17,12 @@ from torch import nn
 
 from .. import _distributed, _torch
 from .._arguments import check_choice, check_images, check_int, check_labels, check_nonempty, check_seed
-from ..attacks.apgd import apgd, apgd_targeted
 from ..attacks.common import check_radius
-from ..attacks.pgd import pgd
-from ..attacks.square import square
 from .prediction import check_same_task, judge_all, judged, looks_like_probabilities, predict, progress_bar
+from .registry import ATTACKS, NORM_NAMES
 from .statistics import Proportion
 
-# The attacks of a worst-case evaluation, and the named ensembles (AutoAttack's "standard" and "rand" versions)
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-t-ce", "square", "pgd")
+# The named ensembles of the registry's attacks (AutoAttack's "standard" and "rand" versions, and the quick look)
 ENSEMBLES = {"standard": ("apgd-ce", "apgd-t", "square"), "rand": ("apgd-ce", "apgd-dlr"), "pgd": ("pgd",)}
 # robustness_vs_eps's name, in a report's per_attack, for the images already broken at a smaller radius
 SMALLER_RADII = "smaller radii"
@@ -251,12 +248,14 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
             check_choice(name, "each of attacks", ATTACKS)
         if len(set(names)) != len(names):  # a second run would look like a second attack in the report
             raise ValueError(f"attacks must not repeat an attack, got {', '.join(names)}")
-    if "square" in names and norm != "linf":
-        raise ValueError(f"attacks: square is an L-inf attack; with norm={norm!r} leave it out")
+    for name in names:
+        if norm not in ATTACKS[name].norms:
+            kinds = " and ".join(NORM_NAMES[kind] for kind in ATTACKS[name].norms)
+            raise ValueError(f"attacks: {name} is an {kinds} attack; with norm={norm!r} leave it out")
     if not isinstance(budget, AttackBudget):
         raise TypeError(f"budget must be an AttackBudget, got {type(budget).__name__}")
-    for name in ("steps", "num_targets", "queries", "restarts", "eot_samples", "pgd_steps", "pgd_restarts"):
-        check_int(getattr(budget, name), f"budget.{name}")
+    for field_name in sorted({field_name for name in names for field_name in ATTACKS[name].budget_fields}):
+        check_int(getattr(budget, field_name), f"budget.{field_name}")
     check_int(num_classes, "num_classes", minimum=2)
     return names
 
@@ -264,7 +263,8 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
 def check_targets(names: Sequence[str], budget: AttackBudget, num_classes: int) -> None:
     """Where the user names one task and its targets (``cliplab evaluate``): more APGD-T targets than the other
     classes is an error, not something to fit."""
-    if "apgd-t" in names and budget.num_targets > num_classes - 1:
+    targeted = any("num_targets" in ATTACKS[name].budget_fields for name in names)
+    if targeted and budget.num_targets > num_classes - 1:
         raise ValueError(f"budget.num_targets must be at most the number of classes - 1 ({num_classes - 1}), "
                          f"got {budget.num_targets}")
 
@@ -274,15 +274,17 @@ def fit_to_classes(names: Sequence[str], budget: AttackBudget, num_classes: int)
     classes (AutoAttack's own check of the number of classes names the limits): APGD-T aims at no more than the
     C - 1 other classes; its targeted DLR loss needs the 4 largest logits, so with fewer classes APGD-T ascends the
     targeted cross-entropy instead (``apgd-t-ce``); the untargeted DLR needs 3, so with 2 classes APGD-DLR is left
-    out (APGD-CE attacks the same images). A report's ``per_attack`` names the attacks that ran."""
-    names = list(names)
-    if "apgd-t" in names and num_classes < 4:
-        names[names.index("apgd-t")] = "apgd-t-ce"
-    if "apgd-dlr" in names and num_classes < 3:
-        names.remove("apgd-dlr")
-    if budget.num_targets > num_classes - 1 and any(name.startswith("apgd-t") for name in names):
+    out (APGD-CE attacks the same images). The registry (``registry.ATTACKS``) holds each attack's limits. A report's
+    ``per_attack`` names the attacks that ran."""
+    fitted = []
+    for name in names:
+        while name is not None and num_classes < ATTACKS[name].min_classes:
+            name = ATTACKS[name].fewer_classes
+        if name is not None:
+            fitted.append(name)
+    if budget.num_targets > num_classes - 1 and any("num_targets" in ATTACKS[name].budget_fields for name in fitted):
         budget = replace(budget, num_targets=num_classes - 1)
-    return names, budget
+    return fitted, budget
 
 
 def _check_logits(model, x, device) -> None:
@@ -304,15 +306,4 @@ def _check_logits(model, x, device) -> None:
 def _run_attack(name, model, x, y, *, eps, norm, budget: AttackBudget, seed, early_stop) -> torch.Tensor:
     """The adversarial images of attack ``name`` on one batch; ``early_stop``: each attack drops an image from its
     batch once fooled (for a model judged by one deterministic pass, where that success is final)."""
-    common = dict(eps=eps, seed=seed, early_stop=early_stop)
-    if name == "square":
-        return square(model, x, y, queries=budget.queries, **common).x_adv
-    if name == "pgd":
-        return pgd(model, x, y, steps=budget.pgd_steps, restarts=budget.pgd_restarts, loss="margin", norm=norm,
-                   eot_samples=budget.eot_samples, **common).x_adv
-    if name.startswith("apgd-t"):
-        return apgd_targeted(model, x, y, steps=budget.steps, num_targets=budget.num_targets, norm=norm,
-                             loss="ce" if name == "apgd-t-ce" else "dlr", eot_samples=budget.eot_samples,
-                             **common).x_adv
-    return apgd(model, x, y, steps=budget.steps, loss=name.removeprefix("apgd-"), norm=norm,
-                restarts=budget.restarts, eot_samples=budget.eot_samples, **common).x_adv
+    return ATTACKS[name].run(model, x, y, budget, eps=eps, norm=norm, seed=seed, early_stop=early_stop).x_adv
