@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cliplab"
-# lower number: lower layer; a module's layer is its folder's, or its own name's for a module at the top
+# lower number: lower layer; a module's layer is its folder's, or its own name's for a module at the top. The kernel
+# packages are in order too: evaluation runs the attacks, training attacks and evaluates, and neither is imported back
 LAYERS = {
     "helpers": (0, {"_arguments", "_distributed", "_io", "_network", "_stats", "_torch"}),
-    "kernels": (1, {"attacks", "defences", "evaluation", "training", "classifier"}),
-    "loading": (2, {"models", "data", "suite", "shapes_clip"}),
-    "study": (3, {"study"}),
-    "command line": (4, {"cli", "__init__", "__main__"}),
+    "kernels: the classifier, attacks, defences": (1, {"attacks", "defences", "classifier"}),
+    "kernels: evaluation": (2, {"evaluation"}),
+    "kernels: training": (3, {"training"}),
+    "loading": (4, {"models", "data", "suite", "shapes_clip"}),
+    "study": (5, {"study"}),
+    "command line": (6, {"cli", "__init__", "__main__"}),
 }
 LEVEL = {name: level for level, names in LAYERS.values() for name in names}
 # cli: arguments and the notebooks' environment; profiles: get_profile's settings; data and _network: CLIPLAB_DATA
@@ -109,6 +112,8 @@ PLANTED_TYPE_IMPORT = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    
     ("attacks.pgd", PLANTED_TYPE_IMPORT),
     ("training.trainer", "def later():\n    from ..cli import main\n"),
     ("models", "from .study import plots\n"),
+    ("attacks.pgd", "from ..evaluation.statistics import Proportion\n"),  # the kernels in order
+    ("evaluation.sweeps", "def later():\n    from ..training.trainer import finetune\n"),
 ])
 def test_a_planted_upward_import_is_found(module, planted):
     sources = {**SOURCES, module: SOURCES[module] + planted}

@@ -704,3 +704,10 @@ def test_a_truncated_notebook_is_named_before_any_kernel_starts(tmp_path, notebo
     victim.write_text(victim.read_text()[:50])
     with pytest.raises(ValueError, match=rf"^{re.escape(str(victim))} is not a readable notebook"):
         runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), notebooks=broken, results=tmp_path)
+
+
+def test_the_notebooks_are_found_from_anywhere_in_an_editable_install(tmp_path, monkeypatch):
+    """Run from another directory, ``reproduce`` finds the checkout's notebooks (the path beside the package was
+    cliplab/notebooks, which never exists)."""
+    monkeypatch.chdir(tmp_path)
+    assert runner.default_notebook_dir() == Path(runner.__file__).resolve().parents[2] / "notebooks"

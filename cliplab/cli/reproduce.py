@@ -461,8 +461,8 @@ def results_dir(results: Path, profile: Profile) -> Path:
 
 
 def default_notebook_dir() -> Path:
-    """``./notebooks`` when run from a checkout, else the one beside the installed package."""
-    for candidate in (Path.cwd() / "notebooks", Path(__file__).resolve().parents[1] / "notebooks"):
+    """``./notebooks`` when run from a checkout, else the checkout's that an editable install runs from."""
+    for candidate in (Path.cwd() / "notebooks", Path(__file__).resolve().parents[2] / "notebooks"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("no notebooks/ directory found: run from the cliplab checkout or pass --notebooks")

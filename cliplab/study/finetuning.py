@@ -37,8 +37,6 @@ from .shared import fingerprint, shared
 if TYPE_CHECKING:  # the profile calls into this module (Profile.sweep): no import back, no circle
     from .profiles import Profile
 
-# ------------------------------------------------------------------------------------------ attack settings
-
 
 class FinetuneStudy:
     """Notebooks 05 and 06's shared setup on ``profile``.
@@ -269,6 +267,3 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
             with atomic_write(out / "metrics.json") as tmp:
                 Path(tmp).write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-# ------------------------------------------------------------------------------------------ analyses

@@ -155,11 +155,11 @@ def run_lock(out: Path, what: str = "fine-tuning run"):
 
 
 def run_settings(config: FinetuneConfig | dict) -> dict:
-    """The settings that define a run: all but how often it saves or evaluates and whether it shows a bar. Older
-    records also hold a ``bf16`` flag, ignored: precision is the classifier's now, and it changes rounding, not
-    the method (a run cached on a CPU stays usable on a GPU)."""
+    """The settings that define a run: all but how often it saves or evaluates and whether it shows a bar. Precision
+    is not one of them: it is the classifier's, and it changes rounding, not the method (a run cached on a CPU stays
+    usable on a GPU)."""
     settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
-    return {k: v for k, v in settings.items() if k not in ("save_every", "eval_every", "progress", "bf16")}
+    return {k: v for k, v in settings.items() if k not in ("save_every", "eval_every", "progress")}
 
 
 def check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:
