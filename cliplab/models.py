@@ -31,6 +31,12 @@ HUB_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip
 _DEFAULT = object()  # "the profile's own weights"; for a bare model name, weights must be chosen explicitly
 
 
+def own_weights_if_unset(pretrained: str | os.PathLike | None):
+    """``pretrained=`` for ``load_classifier``, ``check_weights`` and ``weights_file`` from a setting where None
+    means "not set": the model's own weights, not the random initialisation that ``pretrained=None`` asks for."""
+    return _DEFAULT if pretrained is None else pretrained
+
+
 def load_classifier(name: str = "shapes", *, pretrained=_DEFAULT, class_names: Sequence[str] | None = None,
                     templates: Sequence[str] | None = None, device: str | torch.device | None = None,
                     precision: str = "auto", text_head: torch.Tensor | None = None) -> ZeroShotClassifier:

@@ -74,9 +74,9 @@ class ModelSpec:
     def contents(self) -> dict:
         """The SHA-256 of the weights and of the encoder file this row loads (None: random initialisation, no
         encoder): a cell or a text head is the row's only while these are the same, whatever the paths."""
-        from ..models import weights_file
+        from ..models import own_weights_if_unset, weights_file
 
-        weights = weights_file(self.name, **({} if self.pretrained is None else {"pretrained": self.pretrained}))
+        weights = weights_file(self.name, pretrained=own_weights_if_unset(self.pretrained))
         return {"weights_sha256": weights and file_digest(weights),
                 "encoder_sha256": self.encoder and file_digest(self.encoder)}
 
@@ -117,7 +117,7 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
     """Every setting, every data set (its files, its classes, every image the run will read) and every model's
     weights checked, and the
     cells already in ``out`` compared with these settings, before any model is built: a bad one fails in seconds."""
-    from ..models import check_weights
+    from ..models import check_weights, own_weights_if_unset
     from ..suite import check_suite_images, open_set, suite_class_names
 
     if not settings.models or not settings.datasets:
@@ -152,7 +152,7 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
             raise ValueError(f"n must be at most {len(opened)}, the size of {dataset}'s test split, got {settings.n}")
         check_suite_images(dataset, settings.runtime.data_root, settings.n, seed=settings.seed)
     for model in settings.models:
-        architecture = check_weights(model.name, **({} if model.pretrained is None else {"pretrained": model.pretrained}))
+        architecture = check_weights(model.name, pretrained=own_weights_if_unset(model.pretrained))
         if model.encoder is not None:
             check_encoder(model.encoder, architecture)
     for model in settings.models:
@@ -200,7 +200,7 @@ def _run(settings: BenchmarkSettings, out: Path, progress: bool, log) -> dict:
 
 def _evaluate_cell(settings: BenchmarkSettings, model: ModelSpec, dataset: str, classifier, out: Path,
                    progress: bool):
-    from ..models import load_classifier
+    from ..models import load_classifier, own_weights_if_unset
     from ..suite import load_suite_set, suite_templates
 
     runtime = settings.runtime
@@ -211,9 +211,9 @@ def _evaluate_cell(settings: BenchmarkSettings, model: ModelSpec, dataset: str, 
     key = _text_head_key(names, templates, model.contents()["weights_sha256"])
     head = _read_text_head(head_path, key)
     if classifier is None:
-        weights = {} if model.pretrained is None else {"pretrained": model.pretrained}
         classifier = load_classifier(model.name, class_names=names, templates=templates, device=runtime.device,
-                                     precision=runtime.precision, text_head=head, **weights)
+                                     precision=runtime.precision, text_head=head,
+                                     pretrained=own_weights_if_unset(model.pretrained))
         if model.encoder is not None:
             from .finetuning import load_encoder
 

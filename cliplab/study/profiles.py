@@ -163,19 +163,14 @@ class Profile:
         """Where notebooks 05 and 06 cache their fine-tuned encoders."""
         return Path(self.runtime.encoder_cache) if self.runtime.encoder_cache else Path("encoders") / self.name
 
-    @property
-    def _pretrained(self) -> dict:
-        """``pretrained=`` for load_classifier/check_weights: none when the profile keeps its own weights."""
-        return {} if self.runtime.weights is None else {"pretrained": self.runtime.weights}
-
     def load_classifier(self):
         """The profile's zero-shot classifier: its weights, on its device, in its precision."""
         from .. import data
-        from ..models import load_classifier
+        from ..models import load_classifier, own_weights_if_unset
 
         templates = data.templates(self.name, single=self.single_template)
         return load_classifier(self.name, device=self.runtime.device, precision=self.runtime.precision,
-                               templates=templates, **self._pretrained)
+                               templates=templates, pretrained=own_weights_if_unset(self.runtime.weights))
 
     def load_dataset(self, split: str = "test", n: int | None = None):
         """``(x, y, class_names)`` of the profile's data set, the tensors on the profile's device."""
@@ -188,9 +183,9 @@ class Profile:
         """Fail within seconds, naming the file, when the weights or data this profile names cannot be loaded;
         return the open_clip model on the ``meta`` device (shapes only) for checks that need its architecture."""
         from ..data import check_dataset
-        from ..models import check_weights
+        from ..models import check_weights, own_weights_if_unset
 
-        model = check_weights(self.name, **self._pretrained)
+        model = check_weights(self.name, pretrained=own_weights_if_unset(self.runtime.weights))
         check_dataset(self.name, self.runtime.data_root)
         return model
 

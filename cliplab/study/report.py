@@ -51,7 +51,7 @@ class ReportSettings:
 def check(settings: ReportSettings) -> None:
     """Every setting, the weights and the data checked before any model is built (a bad one fails in seconds)."""
     from ..data import DATASETS, check_dataset, class_names
-    from ..models import check_weights
+    from ..models import check_weights, own_weights_if_unset
 
     check_choice(settings.dataset, "dataset", DATASETS)
     classes = len(class_names(settings.dataset))
@@ -70,8 +70,7 @@ def check(settings: ReportSettings) -> None:
     runtime = settings.runtime
     check_choice(runtime.device, "device", ("cpu", "cuda"))
     check_choice(runtime.precision, "precision", PRECISIONS)
-    weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
-    architecture = check_weights(settings.model, **weights)
+    architecture = check_weights(settings.model, pretrained=own_weights_if_unset(runtime.weights))
     if settings.encoder is not None:
         check_encoder(settings.encoder, architecture)
     check_dataset(settings.dataset, runtime.data_root)
@@ -100,16 +99,15 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
     case at each radius (``robustness_vs_eps``: the radii nested, each attacking only the survivors of the one
     below)."""
     from .. import data
-    from ..models import load_classifier
+    from ..models import load_classifier, own_weights_if_unset
 
     check(settings)
     runtime = settings.runtime
-    weights = {} if runtime.weights is None else {"pretrained": runtime.weights}
     x, y, class_names = data.load_dataset(settings.dataset, "test", n=settings.n, root=runtime.data_root,
                                           seed=settings.seed)
     templates = data.templates(settings.dataset, single=settings.single_template)
     model = load_classifier(settings.model, class_names=class_names, templates=templates, device=runtime.device,
-                            precision=runtime.precision, **weights)
+                            precision=runtime.precision, pretrained=own_weights_if_unset(runtime.weights))
     if settings.encoder is not None:
         from .finetuning import load_encoder
 
