@@ -107,8 +107,11 @@ def open_set(name: str, root: str | os.PathLike | None = None):
                                 f"{root} (the --data directory), as torchvision's {spec.reader} reads it")
     try:
         if spec.reader == "ImageFolder":
-            return readers.ImageFolder(str(where))
-        return getattr(readers, spec.reader)(str(root), download=False, **spec.options)
+            dataset = readers.ImageFolder(str(where))
+        else:
+            dataset = getattr(readers, spec.reader)(str(root), download=False, **spec.options)
+        len(dataset)  # some readers open their files only here (PCAM's HDF5)
+        return dataset
     except (RuntimeError, OSError, ValueError, KeyError, IndexError) as error:  # torchvision's "not found or corrupted"
         raise ValueError(f"dataset {name}: {where} is incomplete or damaged: torchvision's {spec.reader} cannot read "
                          f"it ({type(error).__name__}: {error}). Get it again from {spec.source}") from error
@@ -158,7 +161,8 @@ def check_suite_images(name: str, root: str | os.PathLike | None = None, n: int 
     truncated or unreadable file is named (with its path where the set has files) before any model loads."""
     dataset = open_set(name, root)
     for index in sample_indices(len(dataset), n, seed).tolist():
-        _read(dataset, index, name)
+        image, _ = _read(dataset, index, name)
+        _check_size(image, dataset, index, name)
 
 
 def _picture(dataset, index: int, native_size: int | None, image_size: int, name: str) -> tuple[torch.Tensor, int]:
@@ -166,8 +170,9 @@ def _picture(dataset, index: int, native_size: int | None, image_size: int, name
     from torchvision.transforms import functional as TF
 
     image, label = _read(dataset, index, name)
+    _check_size(image, dataset, index, name)
     image = image.convert("RGB")
-    if native_size is None or image.size != (native_size, native_size):
+    if native_size is None:
         image = TF.center_crop(TF.resize(image, image_size, InterpolationMode.BICUBIC, antialias=True), image_size)
     return TF.pil_to_tensor(image).float().div(255), int(label)
 
@@ -185,6 +190,17 @@ def _read(dataset, index: int, name: str):
     return image, label
 
 
+def _check_size(image, dataset, index: int, name: str) -> None:
+    """Every image of a set of one size (CIFAR 32, EuroSAT 64, STL-10 and PCAM 96) is that size: another is named,
+    before any work, rather than stacked with the others."""
+    size = SUITE[name].native_size
+    if size is not None and image.size != (size, size):
+        path = _image_file(dataset, index)
+        raise ValueError(f"dataset {name}: image {index}{f' ({path})' if path else ''} is {image.size[0]}x"
+                         f"{image.size[1]}, where every image of {name} is {size}x{size}: the set is not the published "
+                         "one")
+
+
 def _image_file(dataset, index: int) -> str | None:
     """The file of image ``index`` where torchvision's class keeps one (image folders and file lists)."""
     for attribute in ("samples", "imgs", "_samples", "_image_files", "_images"):
@@ -192,7 +208,8 @@ def _image_file(dataset, index: int) -> str | None:
         if isinstance(files, (list, tuple)) and index < len(files):
             entry = files[index]
             return str(entry[0] if isinstance(entry, (list, tuple)) else entry)
-    return None
+    folder = getattr(dataset, "_base_folder", None)  # a set in a few large files (PCAM's HDF5): their folder
+    return f"in {folder}" if folder is not None else None
 
 
 def _number_of_classes(dataset) -> int | None:

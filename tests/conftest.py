@@ -162,3 +162,28 @@ class ToyNet(nn.Module):
 @pytest.fixture()
 def toy_model():
     return ToyNet().eval()
+
+
+@pytest.fixture()
+def held_lock():
+    """``held_lock(out, what)``: another process holding ``run_lock`` on ``out`` for the block (a run in progress
+    there); yields its pid."""
+    import contextlib
+    import subprocess
+    import sys
+
+    @contextlib.contextmanager
+    def hold(out, what):
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+                                   "from cliplab.training.runs import run_lock\n"
+                                   "with run_lock(Path(sys.argv[1]), sys.argv[2]):\n"
+                                   "    print('held', flush=True); time.sleep(120)", str(out), what],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            yield holder.pid
+        finally:
+            holder.kill()
+            holder.wait()
+
+    return hold

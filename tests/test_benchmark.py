@@ -187,7 +187,8 @@ def test_cells_made_with_other_settings_are_refused_before_any_model_loads(grid,
     command, env = benchmark_command(grid, "shapes", tmp_path / "out", "--n", "2")
     assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
     again = subprocess.run([*command, "--seed", "1"], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "was made with other settings (seed differ)" in again.stderr
+    assert again.returncode == 2 and "made with other settings: " in again.stderr
+    assert again.stderr.count("(seed differ)") == len(GRID)  # every stale cell named at once
     command, env = benchmark_command(grid, "x=hf-hub:cliplab/missing", tmp_path / "other", "--n", "2")
     missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "hf-hub:cliplab/missing" in missing.stderr and "offline" in missing.stderr
@@ -236,8 +237,8 @@ def test_every_data_set_is_checked_before_any_model_loads(tmp_path, monkeypatch)
 
 
 def test_an_out_with_files_the_user_had_or_another_run_in_it_is_refused(tmp_path):
-    """A benchmark writes nothing over benchmark.md/.csv/.png that it did not write (an --out without cells/), and a
-    second run into one --out is refused at once, naming the run that holds it."""
+    """A benchmark writes nothing over benchmark.md/.csv/.png that it did not write (an --out no run has locked), and
+    a second run into one --out is refused at once, naming the run that holds it."""
     import threading
 
     from cliplab.study import benchmark
@@ -247,7 +248,7 @@ def test_an_out_with_files_the_user_had_or_another_run_in_it_is_refused(tmp_path
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "benchmark.csv").write_text("my own table\n")
     with pytest.raises(FileExistsError, match=r"holds benchmark.csv, which no benchmark run wrote there"):
-        benchmark.check(settings, tmp_path / "mine")
+        benchmark.run(settings, tmp_path / "mine")
     assert (tmp_path / "mine" / "benchmark.csv").read_text() == "my own table\n"
 
     held, release = threading.Event(), threading.Event()
@@ -334,3 +335,51 @@ def test_a_truncated_hub_model_is_named_without_a_traceback(grid, tmp_path):
     assert job.returncode == 2 and "Traceback" not in job.stderr, job.stderr[-2000:]
     assert "hf-hub:cliplab/truncated cannot be loaded from its cached weights" in job.stderr
     assert "open_clip_model.safetensors" in job.stderr
+
+
+def test_a_second_benchmark_into_the_same_out_is_refused_before_its_checks(tmp_path, held_lock, capsys):
+    """The lock comes first: a second run is told the directory is in use, not that the running one's cells were
+    made with other settings and should be deleted."""
+    from cliplab.cli import main
+
+    out = tmp_path / "out"
+    (out / "cells").mkdir(parents=True)
+    (out / "cells" / "shapes--dtd.json").write_text('{"settings": {"n": 6}}')  # the running one's first cell
+    with held_lock(out, "benchmark run") as pid:
+        assert main(["benchmark", "--models", "shapes", "--datasets", "dtd", "--n", "4", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"is in use by another benchmark run (pid {pid})" in error and "other settings" not in error
+
+
+def test_files_a_user_had_are_never_replaced_even_beside_an_empty_cells_folder(tmp_path, capsys):
+    from cliplab.cli import main
+
+    out = tmp_path / "out"
+    (out / "cells").mkdir(parents=True)
+    (out / "benchmark.md").write_text("my notes")
+    assert main(["benchmark", "--models", "shapes", "--datasets", "dtd", "--out", str(out)]) == 2
+    assert "holds benchmark.md, which no benchmark run wrote there" in capsys.readouterr().err
+    assert (out / "benchmark.md").read_text() == "my notes"
+
+
+def test_an_image_of_another_size_in_a_set_of_one_size_is_named_before_any_work(tmp_path, monkeypatch):
+    """EuroSAT's images are all 64x64: one of 30x30 is named with its file by the check (it used to be resized to 224
+    and fail to stack with the others, after the sets before it were evaluated)."""
+    from PIL import Image
+
+    suite_standins.write("eurosat", tmp_path)
+    odd = sorted((tmp_path / "eurosat").rglob("*.jpg"))[0]
+    Image.new("RGB", (30, 30)).save(odd)
+    for call in (lambda: suite.check_suite_images("eurosat", tmp_path), lambda: suite.load_suite_set("eurosat", tmp_path)):
+        with pytest.raises(ValueError, match=rf"dataset eurosat: image \d+ \({odd}\) is 30x30, where every image of "
+                                             r"eurosat is 64x64"):
+            call()
+
+
+def test_a_truncated_pcam_file_is_named_as_damaged(tmp_path, monkeypatch):
+    pytest.importorskip("h5py")
+    suite_standins.accept_checksums(monkeypatch, suite_standins.write("pcam", tmp_path))
+    images = next((tmp_path / "pcam").glob("*_x.h5"))
+    images.write_bytes(images.read_bytes()[:len(images.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=f"dataset pcam: {tmp_path / 'pcam'} is incomplete or damaged"):
+        suite.open_set("pcam", tmp_path)

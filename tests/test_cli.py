@@ -591,9 +591,9 @@ def test_a_stop_while_a_kernel_starts_is_one_line(signum, status, tmp_path):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["evaluate", "--out", "{tmp}/eval"], "interrupted; nothing was written ({tmp}/eval is unchanged)"),
-    (["finetune", "--out", "{tmp}/run"], "interrupted; {tmp}/run keeps the last saved checkpoint: continue with the "
-                                         "same command and --resume"),
+    (["evaluate", "--out", "{tmp}/eval"], "interrupted; nothing was written ({tmp}/eval/evaluation.json is as it "
+                                          "was)"),
+    (["finetune", "--out", "{tmp}/run"], "interrupted before the first checkpoint; nothing to resume in {tmp}/run"),
     (["train-shapes-clip", "--out", "{tmp}/w.safetensors"], "interrupted; nothing was saved to {tmp}/w.safetensors"),
 ])
 def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, monkeypatch):
@@ -607,6 +607,35 @@ def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, 
         monkeypatch.setattr(owner, name, interrupted)
     assert main([arg.format(tmp=tmp_path) for arg in argv]) == 130
     assert capsys.readouterr().err == f"cliplab {argv[0]}: {says.format(tmp=tmp_path)}\n"
+
+
+def test_an_interrupted_finetune_says_whether_it_can_resume(tmp_path):
+    """Before its first checkpoint a stopped run has nothing to resume (it used to advise --resume all the same)."""
+    args = SimpleNamespace(command="finetune", out=tmp_path)
+    assert cli._interrupted(args, []) == f"interrupted before the first checkpoint; nothing to resume in {tmp_path}"
+    (tmp_path / "latest.json").write_text("{}")
+    assert cli._interrupted(args, []).endswith("continue with the same command and --resume")
+
+
+def test_a_signal_that_breaks_an_import_is_still_one_line(monkeypatch, capsys):
+    """A Ctrl-C inside numpy's import can surface as another error (AttributeError: module 'numpy._core' has no
+    attribute '_multiarray_umath', or a RecursionError): still the interruption, one line, status 130."""
+    import types
+
+    class HalfImported(types.ModuleType):
+        def __getattr__(self, name):
+            if name != "run":
+                raise AttributeError(name)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise AttributeError("module 'numpy._core' has no attribute '_multiarray_umath'") from None
+
+    monkeypatch.setitem(sys.modules, "cliplab.cli.commands", HalfImported("cliplab.cli.commands"))
+    monkeypatch.delattr(cliplab.cli, "commands", raising=False)
+    assert main(["evaluate"]) == 130
+    assert capsys.readouterr().err == "cliplab: interrupted while starting; nothing was done\n"
 
 
 def test_finetune_into_a_directory_in_use_is_refused_before_loading(no_work, tmp_path, capsys):
@@ -711,3 +740,17 @@ def test_the_notebooks_are_found_from_anywhere_in_an_editable_install(tmp_path, 
     cliplab/notebooks, which never exists)."""
     monkeypatch.chdir(tmp_path)
     assert runner.default_notebook_dir() == Path(runner.__file__).resolve().parents[2] / "notebooks"
+
+
+def test_reproduce_replaces_only_a_runs_notebooks_and_runs_once_per_results(notebooks, tmp_path, held_lock, capsys):
+    """A notebook the user had in the results directory is not replaced; a second run into the same results
+    directory is refused at once, naming the first."""
+    results = tmp_path / "results"
+    (results / "shapes").mkdir(parents=True)
+    (results / "shapes" / "01_ok.ipynb").write_text("my notebook")
+    assert main(["reproduce", "--notebooks", str(notebooks), "--results", str(results), "--only", "01"]) == 2
+    assert "holds 01_ok.ipynb, which no reproduce run wrote there" in capsys.readouterr().err
+    (results / "shapes" / "01_ok.ipynb").unlink()
+    with held_lock(results / "shapes", "reproduce run") as pid:
+        assert main(["reproduce", "--notebooks", str(notebooks), "--results", str(results), "--only", "01"]) == 2
+    assert f"is in use by another reproduce run (pid {pid})" in capsys.readouterr().err

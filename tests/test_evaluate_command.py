@@ -31,7 +31,7 @@ def test_report_card_of_the_shapes_model(tmp_path, capsys):
         assert result["robust"]["hits"] <= result["clean"]["hits"] and result["clean"]["n"] == 40
         low, high = result["robust"]["ci95"]
         assert low <= result["robust"]["value"] <= high
-    assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"], "temporary files left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "evaluation.json"], "temporary files left behind"
 
 
 def test_report_card_of_a_fine_tuned_checkpoint_matches_the_library(tmp_path, capsys):
@@ -120,3 +120,15 @@ def test_the_attack_plan_is_checked_before_any_model_like_the_librarys():
     with pytest.raises(ValueError, match="budget.queries must be >= 1"):
         check_attack_plan("standard", "linf", cliplab.AttackBudget(queries=0), 10)
     assert check_attack_plan("rand", "l2", cliplab.AttackBudget(), 10) == ["apgd-ce", "apgd-dlr"]
+
+
+def test_a_second_evaluation_into_the_same_out_is_refused_before_any_model_loads(tmp_path, held_lock, capsys,
+                                                                                 monkeypatch):
+    """Two evaluations into one --out: the second is refused at once, naming the first (both used to run, and the
+    last to finish silently replaced the other's evaluation.json)."""
+    from cliplab.study import report
+
+    monkeypatch.setattr(report, "evaluate", lambda *args, **kwargs: pytest.fail("the evaluation ran"))
+    with held_lock(tmp_path / "eval", "evaluation") as pid:
+        assert main(["evaluate", "--n", "4", "--out", str(tmp_path / "eval")]) == 2
+    assert f"is in use by another evaluation (pid {pid})" in capsys.readouterr().err

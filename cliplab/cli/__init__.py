@@ -15,7 +15,11 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import run
 
             return run(argv, stop)
-    except KeyboardInterrupt:  # ``run`` reports its own: this one came while importing
+    except BaseException:  # ``run`` reports its own: this one came while importing
+        if stop.received is None:
+            raise
+        # a signal inside an import can surface as another error (a half-initialised numpy: AttributeError,
+        # RecursionError)
         sys.stderr.write("cliplab: interrupted while starting; nothing was done\n")
         return stop.status()
 

@@ -89,8 +89,11 @@ def run(argv: list[str] | None, stop: StopSignals) -> int:
             return _benchmark(args)
         job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
                                 args.update, args.threads, args.jobs)
-        print(job, flush=True)  # everything is checked: say what runs, then run it
-        runs.extend(reproduce(job))
+        with contextlib.ExitStack() as held:  # one run per results (and, with --update, notebooks) directory
+            for where in job.outputs():
+                held.enter_context(_output_lock(where, "reproduce run"))
+            print(job, flush=True)  # everything is checked: say what runs, then run it
+            runs.extend(reproduce(job))
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt) or stop.received is not None:
             _print_error(f"cliplab {args.command}: {_interrupted(args, runs)}")
@@ -120,10 +123,13 @@ def _interrupted(args, runs) -> str:
         return (f"interrupted; notebooks finished: {done}; those running were stopped and not written "
                 f"(their earlier copies, if any, are unchanged)")
     if args.command == "finetune":
+        if not (args.out / "latest.json").is_file():
+            return f"interrupted before the first checkpoint; nothing to resume in {args.out}"
         return (f"interrupted; {args.out} keeps the last saved checkpoint: continue with the same command and "
                 f"--resume")
     if args.command == "evaluate":
-        return "interrupted; nothing was written" + (f" ({args.out} is unchanged)" if args.out else "")
+        return "interrupted; nothing was written" + (f" ({args.out / 'evaluation.json'} is as it was)" if args.out
+                                                     else "")
     if args.command == "benchmark":
         return f"interrupted; {args.out}/cells keeps every finished cell: run the same command to resume"
     return f"interrupted; nothing was saved to {args.out}"
@@ -251,12 +257,12 @@ def _add_benchmark_parser(commands) -> None:
 def _benchmark(args) -> int:
     """``cliplab benchmark``: check everything, evaluate the missing cells, write the table, CSV and figure."""
     from ..study import benchmark
-    from ..training.runs import run_lock
 
-    settings = _distributed.on_every_rank(lambda: _benchmark_settings(args), "cliplab benchmark's checks")
-    _say_precision(settings.runtime)
-    # one run per --out, from the cells to the tables (run takes the same lock, held here already)
-    with run_lock(args.out, "benchmark run") if _distributed.is_main() else contextlib.nullcontext():
+    benchmark.check_not_theirs(args.out)
+    # one run per --out, from its checks (they read the cells there) to the tables; run takes the same lock
+    with _output_lock(args.out, "benchmark run"):
+        settings = _distributed.on_every_rank(lambda: _benchmark_settings(args), "cliplab benchmark's checks")
+        _say_precision(settings.runtime)
         cells = benchmark.run(settings, args.out, progress=not args.quiet, log=print, checked=True)
         if _distributed.is_main():
             written = benchmark.write_outputs(cells, settings, args.out)
@@ -325,12 +331,20 @@ def _evaluate(args) -> int:
 
     settings = _distributed.on_every_rank(lambda: _report_settings(args), "cliplab evaluate's checks")
     _say_precision(settings.runtime)
-    reports = report.evaluate(settings, progress=not args.quiet)
-    if _distributed.is_main():
-        print(report.markdown(reports))
-        if args.out is not None:
-            print(f"\nwritten: {report.write_json(args.out / 'evaluation.json', settings, reports)}")
+    with _output_lock(args.out, "evaluation"):  # a second evaluation into --out is refused before any model loads
+        reports = report.evaluate(settings, progress=not args.quiet)
+        if _distributed.is_main():
+            print(report.markdown(reports))
+            if args.out is not None:
+                print(f"\nwritten: {report.write_json(args.out / 'evaluation.json', settings, reports)}")
     return 0
+
+
+def _output_lock(out: Path | None, what: str):
+    """``run_lock`` on a command's output directory, held by the main process (none without ``--out``)."""
+    from ..training.runs import run_lock
+
+    return run_lock(out, what) if out is not None and _distributed.is_main() else contextlib.nullcontext()
 
 
 def _report_settings(args):

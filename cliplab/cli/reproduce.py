@@ -22,6 +22,7 @@ from .._arguments import check_directory, check_int
 from .._io import atomic_write
 from .._torch import precision_line, resolve_precision
 from ..study.profiles import Profile, profile_environment
+from ..training.runs import written_by_a_run
 from .stopping import STOP_SIGNALS, interruption
 
 # what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra
@@ -317,6 +318,11 @@ class Reproduction:
         return ("These numbers were computed in bf16 autocast: a few images can stand or fall otherwise than in the "
                 "fp32 arithmetic of the committed notebooks (--precision fp32 gives theirs).")
 
+    def outputs(self) -> list[Path]:
+        """The directories the run writes into, each locked for the run: the results, and the notebooks' own with
+        ``update``."""
+        return [self.out, *([self.notebooks[0].parent] if self.update else [])]
+
 
 def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
                       results: Path = Path("results"), update: bool = False, threads: int | None = None,
@@ -350,12 +356,22 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     jobs, threads = parallelism(profile.runtime.device, len(paths), threads, jobs)
     out = results_dir(results, profile)
     check_directory(out, "results")
+    check_not_theirs(out)
     if update:  # the executed notebooks replace these, each by a rename in their directory
         check_directory(paths[0].parent, "notebooks")
     profile.check_inputs()
     if profile.smoke and profile.runtime.encoder_cache is None:
         profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))
     return Reproduction(profile, paths, out, update, jobs, threads)
+
+
+def check_not_theirs(out: Path) -> None:
+    """The executed notebooks a run writes into ``out`` replace only a run's (``runs.written_by_a_run``), never
+    notebooks a user had there."""
+    theirs = sorted(path.name for path in out.glob("[0-9][0-9]_*.ipynb")) if out.is_dir() else []
+    if theirs and not written_by_a_run(out):
+        raise FileExistsError(f"results: {out} holds {', '.join(theirs)}, which no reproduce run wrote there; "
+                              "choose another --results, or move those files away")
 
 
 def reproduce(job: Reproduction) -> Iterator[NotebookRun]:

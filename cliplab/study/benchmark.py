@@ -26,7 +26,7 @@ from .._torch import PRECISIONS, resolve_precision
 from ..evaluation.ensemble import ENSEMBLES, AttackBudget, check_attack_plan, fit_to_classes, robustness_vs_eps
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
-from ..training.runs import run_lock
+from ..training.runs import run_lock, written_by_a_run
 from .profiles import Runtime
 from .report import check_encoder, results_document, versions
 
@@ -124,10 +124,6 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
         raise ValueError("models and datasets must each name at least one")
     for where in (Path(out), Path(out) / "cells", Path(out) / "text-heads"):  # every folder a run writes in
         check_directory(where, "out")
-    theirs = [name for name in OUTPUTS if (Path(out) / name).exists()]
-    if theirs and not (Path(out) / "cells").is_dir():  # not a benchmark's directory: files a user had
-        raise FileExistsError(f"out: {out} holds {', '.join(theirs)}, which no benchmark run wrote there (it has no "
-                              "cells/); choose another --out, or move those files away")
     for name in settings.datasets:
         check_choice(name, "datasets", SUITE)
     slugs = {}
@@ -155,9 +151,22 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
         architecture = check_weights(model.name, pretrained=own_weights_if_unset(model.pretrained))
         if model.encoder is not None:
             check_encoder(model.encoder, architecture)
-    for model in settings.models:
-        for dataset in settings.datasets:
-            _read_cell(cell_path(Path(out), model, dataset), settings.cell_settings(model, dataset))
+    stale = [f"{path.name} ({difference})" for model in settings.models for dataset in settings.datasets
+             if (difference := _cell_difference(path := cell_path(Path(out), model, dataset),
+                                                settings.cell_settings(model, dataset)))]
+    if stale:
+        raise FileExistsError(f"{len(stale)} cell{'s' * (len(stale) > 1)} in {Path(out) / 'cells'} "
+                              f"{'were' if len(stale) > 1 else 'was'} made with other settings: {'; '.join(stale)}. "
+                              "Write the benchmark to another --out, or delete those files to evaluate them again")
+
+
+def check_not_theirs(out: str | os.PathLike) -> None:
+    """Before a run marks ``out`` as its own (``run_lock``): the table, CSV or figure files there must be a
+    benchmark run's, never files a user had."""
+    theirs = [name for name in OUTPUTS if (Path(out) / name).exists()]
+    if theirs and not written_by_a_run(out):
+        raise FileExistsError(f"out: {out} holds {', '.join(theirs)}, which no benchmark run wrote there; choose "
+                              "another --out, or move those files away")
 
 
 def run(settings: BenchmarkSettings, out: str | os.PathLike, progress: bool = True, log=None,
@@ -173,6 +182,7 @@ def run(settings: BenchmarkSettings, out: str | os.PathLike, progress: bool = Tr
         ``{(model label, data set): cell}``, each cell as written (``settings``, ``results`` per radius, ``versions``).
     """
     out = Path(out)
+    check_not_theirs(out)
     with run_lock(out, "benchmark run") if _distributed.is_main() else contextlib.nullcontext():
         if not checked:
             check(settings, out)
@@ -237,17 +247,31 @@ def _read_cell(path: Path, expected: dict) -> dict | None:
     """The cell at ``path`` if it was made with ``expected``; None if there is none; an error if it differs."""
     if not path.is_file():
         return None
+    cell = _read_cell_file(path)
+    difference = _differing(cell, expected)
+    if difference:
+        raise FileExistsError(f"{path} was made with other settings ({difference}): write the benchmark to another "
+                              "--out, or delete that file to evaluate the cell again")
+    return cell
+
+
+def _read_cell_file(path: Path) -> dict:
     try:
-        cell = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable cell ({error}); delete it to evaluate that cell again") from None
+
+
+def _cell_difference(path: Path, expected: dict) -> str | None:
+    """How the cell at ``path`` differs from ``expected`` ("n differ"), None if it does not or there is none."""
+    return None if not path.is_file() else _differing(_read_cell_file(path), expected)
+
+
+def _differing(cell: dict, expected: dict) -> str | None:
     expected = json.loads(json.dumps(expected))
-    if cell.get("settings") != expected:
-        theirs = cell.get("settings") or {}
-        differing = sorted(k for k in expected.keys() | theirs.keys() if expected.get(k) != theirs.get(k))
-        raise FileExistsError(f"{path} was made with other settings ({', '.join(differing)} differ): write the "
-                              "benchmark to another --out, or delete that file to evaluate the cell again")
-    return cell
+    theirs = cell.get("settings") or {}
+    differing = sorted(k for k in expected.keys() | theirs.keys() if expected.get(k) != theirs.get(k))
+    return f"{', '.join(differing)} differ" if differing else None
 
 
 def _text_head_key(names, templates, weights_sha256: str | None) -> str:

@@ -131,6 +131,12 @@ class RunLocked(FileExistsError):
 _HELD: set[tuple[Path, int]] = set()  # (run directory, thread) for each lock this process holds
 
 
+def written_by_a_run(out: str | os.PathLike) -> bool:
+    """Whether a cliplab run has written into ``out``: every run takes ``run_lock`` on its output directory, and
+    the lock file it leaves there marks the directory as a run's (files beside it are the run's to replace)."""
+    return (Path(out) / _LOCK).is_file()
+
+
 @contextlib.contextmanager
 def run_lock(out: Path, what: str = "fine-tuning run"):
     """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
