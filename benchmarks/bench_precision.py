@@ -26,7 +26,8 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 
 import cliplab
-from cliplab._torch import SelfAttention, cast_cache
+from cliplab._torch import cast_cache
+from cliplab.vit import SelfAttention
 from cliplab.data import CIFAR100_CLASSES, CIFAR_TEMPLATES
 from cliplab.study import FinetuneStudy, load_encoder
 

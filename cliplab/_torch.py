@@ -7,7 +7,6 @@ import functools
 import platform
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -160,90 +159,3 @@ def cast_cache(device: torch.device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.get_autocast_dtype(device.type),
                           enabled=torch.is_autocast_enabled(device.type))
-
-
-class PatchEmbedding(nn.Conv2d):
-    """A convolution whose stride equals its kernel, without padding (a ViT's patch embedding), run as one matmul
-    over the non-overlapping patches: the same linear map, but a plain GEMM, forward and backward, where cuDNN's
-    kernels for this shape ran at 3% of the GPU's bf16 peak (8.4 ms a call for 1,024 ViT-B/32 images on an H200,
-    17% of a PGD step) and the CPU's convolution backward was slow too.
-
-    ``PatchEmbedding.replacing(conv)`` builds one sharing ``conv``'s parameters (same state-dict keys)."""
-
-    @classmethod
-    def replacing(cls, conv: nn.Conv2d) -> "PatchEmbedding":
-        embedding = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=False,
-                        device="meta")
-        embedding.weight, embedding.bias = conv.weight, conv.bias
-        return embedding.train(conv.training)
-
-    @staticmethod
-    def applies_to(module: nn.Module) -> bool:
-        return (type(module) is nn.Conv2d and module.stride == module.kernel_size and module.groups == 1
-                and module.padding == (0, 0) and module.dilation == (1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, channels, height, width = x.shape
-        (kh, kw), (gh, gw) = self.kernel_size, (height // self.kernel_size[0], width // self.kernel_size[1])
-        x = x[..., :gh * kh, :gw * kw]  # a strided convolution ignores the remainder
-        patches = x.reshape(n, channels, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
-        out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # (N, gh*gw, C_out)
-        return out.transpose(1, 2).unflatten(2, (gh, gw))  # (N, C_out, gh, gw), a view: no copy
-
-
-class SelfAttention(nn.MultiheadAttention):
-    """A batch-first ``nn.MultiheadAttention`` (open_clip's ViT blocks) that computes self-attention without a mask in
-    a layout made for attacks and fine-tuning, the same module on every device and in every precision:
-
-    - one GEMM for the queries, keys and values of every token (batch-first, contiguous), viewed into heads: no
-      transposed copies in, no zero-filled gradient chunks for q, k and v out (``nn.MultiheadAttention`` transposes
-      a batch-first input to sequence-first and back, and its in-projection of a strided input ran as a batched
-      matmul over the weight broadcast to every token, which bf16's kernel copies out: 4.3 s against 0.9 s for
-      ViT-B/32's pass of 8 images);
-    - on the CPU, two batched products and a softmax, where flash attention cost more than it saved on CLIP's short
-      sequences (17 tokens for the shapes model, 50 for ViT-B/32; its bf16 backward took 217 ms of a 357 ms pass);
-      elsewhere ``F.scaled_dot_product_attention``, whose fused kernels pay on a GPU;
-    - ``attend(x, queries=...)`` computes the attention of some tokens only, for ``ClassTokenBlock``.
-
-    The arithmetic is the same attention, in another order: fp32 results agree with ``nn.MultiheadAttention``'s to
-    about 1e-7 (``benchmarks/bench_pass.py``). A mask, the attention weights asked for (``need_weights``), dropout
-    in training, or cross-attention take ``nn.MultiheadAttention``'s own path. ``SelfAttention.adopt(attention)``
-    turns one in place: the same parameters and state-dict keys. (``applies_to`` takes only a plain
-    ``nn.MultiheadAttention``; ``ZeroShotClassifier`` adopts before any OFT is applied, so that OFT's
-    parametrized class derives from this one.)"""
-
-    @classmethod
-    def adopt(cls, attention: nn.MultiheadAttention) -> "SelfAttention":
-        attention.__class__ = cls  # in place: OFT's parametrizations and every reference to the module stay valid
-        return attention
-
-    @staticmethod
-    def applies_to(module: nn.Module) -> bool:
-        return (type(module) is nn.MultiheadAttention and module.batch_first and module._qkv_same_embed_dim
-                and module.in_proj_bias is not None and module.bias_k is None and not module.add_zero_attn)
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        plain = (query is key is value and query.dim() == 3 and key_padding_mask is None and attn_mask is None
-                 and not need_weights and not is_causal and not (self.training and self.dropout > 0))
-        if not plain:
-            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
-                                   is_causal)
-        return self.attend(query), None
-
-    def attend(self, x: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
-        """Self-attention of the (N, L, D) tokens ``x``, for the tokens ``x[:, queries]`` (default: all), each
-        attending to every token. Returns (N, L_queries, D)."""
-        width, heads = self.embed_dim, self.num_heads
-        if queries is None:  # (N, L, 3, H, d) viewed as q, k, v of (N, H, L, d) each
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, heads, -1)) \
-                .permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            (w_q, w_kv), (b_q, b_kv) = (t.split([width, 2 * width]) for t in (self.in_proj_weight, self.in_proj_bias))
-            q = F.linear(x[:, queries], w_q, b_q).unflatten(-1, (heads, -1)).transpose(1, 2)
-            k, v = F.linear(x, w_kv, b_kv).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        if x.device.type == "cpu":
-            out = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return F.linear(out.transpose(1, 2).flatten(2), self.out_proj.weight, self.out_proj.bias)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._arguments import check_choice, check_images
-from ._torch import PRECISIONS, PatchEmbedding, SelfAttention, autocast, check_device, device_of
+from ._torch import PRECISIONS, autocast, check_device, device_of
+from .vit import ClassTokenBlock, PatchEmbedding, SelfAttention
 
 
 @torch.no_grad()
@@ -177,45 +178,6 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits. (N,3,H,W) in [0,1] -> (N, C)."""
         return self.logits_from_features(self.image_features(x))
-
-
-class ClassTokenBlock:
-    """The last block of a ViT whose output is its class token alone (open_clip's ``pool_type='tok'``, no attentional
-    pooler, no token outputs), computed for that token only: the other tokens' attention outputs, MLPs and residuals
-    feed nothing, and their keys and values are all it needs of them. For the shapes model that is 16 of 17 rows of
-    the block's queries, output projection and MLP, a fifth of an attack pass's matrix products; for ViT-B/32, 49 of
-    50 rows of one of 12 blocks. The block then returns (N, 1, D) tokens, which ``ln_post`` and the pooling take as
-    they took (N, L, D).
-
-    ``ClassTokenBlock.adopt(block)`` turns open_clip's ``ResidualAttentionBlock`` into one in place (the same
-    parameters and state-dict keys): its class becomes one derived from both."""
-
-    @staticmethod
-    def applies_to(visual: nn.Module) -> bool:
-        transformer = getattr(visual, "transformer", None)
-        blocks = getattr(transformer, "resblocks", None)
-        return (getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
-                and not getattr(visual, "output_tokens", False) and getattr(transformer, "batch_first", False)
-                and bool(blocks) and type(blocks[-1]).__name__ == "ResidualAttentionBlock"
-                and not hasattr(blocks[-1], "ln_1_kv") and isinstance(blocks[-1].attn, SelfAttention))
-
-    @staticmethod
-    def adopt(block: nn.Module) -> nn.Module:
-        block.__class__ = _class_token_class(type(block))
-        return block
-
-    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if k_x is not None or v_x is not None or attn_mask is not None:
-            return super().forward(q_x, k_x, v_x, attn_mask)
-        x = q_x[:, :1] + self.ls_1(self.attn.attend(self.ln_1(q_x), queries=slice(0, 1)))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
-
-
-@functools.cache
-def _class_token_class(block_class: type) -> type:
-    """``ClassTokenBlock`` over ``block_class`` (one class per base, as torch's parametrizations make theirs)."""
-    return type(f"ClassToken{block_class.__name__}", (ClassTokenBlock, block_class), {})
 
 
 class WithPrecision(nn.Module):

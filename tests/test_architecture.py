@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cliplab"
 # packages are in order too: evaluation runs the attacks, training attacks and evaluates, and neither is imported back
 LAYERS = {
     "helpers": (0, {"_arguments", "_distributed", "_io", "_network", "_stats", "_torch"}),
-    "kernels: the classifier, attacks, defences": (1, {"attacks", "defences", "classifier"}),
+    "kernels: the classifier, attacks, defences": (1, {"attacks", "defences", "classifier", "vit"}),
     "kernels: evaluation": (2, {"evaluation"}),
     "kernels: training": (3, {"training"}),
     "loading": (4, {"models", "data", "suite", "shapes_clip"}),

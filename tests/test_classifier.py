@@ -119,7 +119,7 @@ def test_preprocess_equals_torch_resize_kernel(vit, size):
 def test_patch_embedding_is_the_convolution(kernel, size):
     """The classifier swaps a ViT's stride=kernel convolution for a matmul: same outputs and input gradients,
     same parameters (shared, so the state dict and optimisers see no change)."""
-    from cliplab._torch import PatchEmbedding
+    from cliplab.vit import PatchEmbedding
 
     conv = torch.nn.Conv2d(3, 16, kernel, stride=kernel, bias=False).double()
     embedding = PatchEmbedding.replacing(conv)
@@ -133,7 +133,7 @@ def test_patch_embedding_is_the_convolution(kernel, size):
 
 
 def test_vit_patch_embedding_is_swapped(vit):
-    from cliplab._torch import PatchEmbedding
+    from cliplab.vit import PatchEmbedding
 
     assert type(vit[0].model.visual.conv1) is PatchEmbedding
     assert "model.visual.conv1.weight" in vit[0].state_dict()
@@ -145,7 +145,7 @@ def test_the_last_block_computes_the_class_token_alone(random_shapes_clf):
     that pools every token keeps its block."""
     from open_clip.transformer import ResidualAttentionBlock
 
-    from cliplab.classifier import ClassTokenBlock
+    from cliplab.vit import ClassTokenBlock
 
     clf = copy.deepcopy(random_shapes_clf).double()
     visual = clf.model.visual

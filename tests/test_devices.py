@@ -13,7 +13,8 @@ from open_clip.transformer import ResidualAttentionBlock
 
 import cliplab
 from cliplab import RandomizedSmoothing
-from cliplab._torch import SelfAttention, cpu_has_bf16
+from cliplab._torch import cpu_has_bf16
+from cliplab.vit import SelfAttention
 from cliplab.training.oft import apply_oft, oft_parameters
 
 
