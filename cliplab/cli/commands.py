@@ -77,16 +77,12 @@ def run(argv: list[str] | None, stop: StopSignals) -> int:
     args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     runs = []  # the notebooks that ran to the end, for the message of an interrupted reproduce
     try:
-        if args.command in ("finetune", "evaluate", "benchmark") and _launched_by_torchrun():
+        if args.command in WORKFLOWS and _launched_by_torchrun():
             return _distributed_command(args)
         if args.command == "train-shapes-clip":
             return _train_shapes_clip(args.out, args.steps, args.overwrite)
-        if args.command == "finetune":
-            return _finetune(args, _profile(args))
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "benchmark":
-            return _benchmark(args)
+        if args.command in WORKFLOWS:
+            return WORKFLOWS[args.command](args)
         job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
                                 args.update, args.threads, args.jobs)
         with contextlib.ExitStack() as held:  # one run per results (and, with --update, notebooks) directory
@@ -152,11 +148,9 @@ def _distributed_command(args) -> int:
     _distributed.start()
     try:
         _distributed.check_same_everywhere(vars(args), "the command-line arguments")
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "benchmark":
-            return _benchmark(args)
-        return _finetune(args, _distributed.on_every_rank(lambda: _profile(args), "choosing the profile"))
+        if args.command == "finetune":
+            return _finetune(args, _distributed.on_every_rank(lambda: _profile(args), "choosing the profile"))
+        return WORKFLOWS[args.command](args)
     except USER_ERRORS as error:
         rank, world = _distributed.rank_and_size()
         _print_error(f"cliplab {args.command} (rank {rank} of {world}): {error}")
@@ -301,12 +295,7 @@ def _dataset_names(text: str) -> tuple[str, ...]:
     """Comma-separated names of the zero-shot suite, or ``all`` (argparse type)."""
     from ..suite import SUITE
 
-    names = tuple(SUITE) if text.strip() == "all" else tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [name for name in names if name not in SUITE]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"must be all or comma-separated names from {', '.join(SUITE)}; unknown: "
-                                         f"{', '.join(unknown) or repr(text)}")
-    return names
+    return tuple(SUITE) if text.strip() == "all" else _listed(text, SUITE, "all or comma-separated names from")
 
 
 def _budget(args, eot_samples: int = 1):
@@ -379,13 +368,17 @@ def _attack_names(text: str) -> str | tuple[str, ...]:
     """An ensemble name, or comma-separated attack names (argparse type)."""
     from ..evaluation.ensemble import ATTACKS, ENSEMBLES
 
-    if text in ENSEMBLES:
-        return text
+    return text if text in ENSEMBLES else _listed(text, ATTACKS, f"one of {', '.join(ENSEMBLES)} or comma-separated "
+                                                                 "attacks from")
+
+
+def _listed(text: str, known, allowed: str) -> tuple[str, ...]:
+    """The comma-separated names of ``text``, each one of ``known``; else an error saying what is ``allowed``."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in names if name not in ATTACKS]
+    unknown = [name for name in names if name not in known]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ENSEMBLES)} or comma-separated attacks from "
-                                         f"{', '.join(ATTACKS)}; unknown: {', '.join(unknown) or repr(text)}")
+        raise argparse.ArgumentTypeError(f"must be {allowed} {', '.join(known)}; unknown: "
+                                         f"{', '.join(unknown) or repr(text)}")
     return names
 
 
@@ -527,3 +520,6 @@ def _train_shapes_clip(out: Path, steps: int | None, overwrite: bool) -> int:
     print(f"saved {out}")
     return 0
 
+
+# the commands that run under torchrun too, each from its parsed arguments
+WORKFLOWS = {"finetune": lambda args: _finetune(args, _profile(args)), "evaluate": _evaluate, "benchmark": _benchmark}

@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 from .. import _torch
 from .._arguments import check_images, check_int, check_positive
 from .._stats import clopper_pearson
+from .wrappers import Wrapper
 
 ABSTAIN = -1
 
 
-class RandomizedSmoothing(nn.Module):
+class RandomizedSmoothing(Wrapper):
     """Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019) of a classifier, noise in [0,1] pixel space.
 
     The smoothed classifier g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c) is certifiably robust in L2 with
@@ -45,10 +46,6 @@ class RandomizedSmoothing(nn.Module):
     def _classify(self, noisy: torch.Tensor) -> torch.Tensor:
         """Base-classifier logits in fp32. (B, 3, H, W) -> (B, C)."""
         return self.classifier(noisy).float()
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Soft smoothed classifier: log E[softmax(f(x + noise))]. (N, 3, H, W) -> (N, C) log-probabilities."""

@@ -2,6 +2,7 @@
 
 - ``Denoised(classifier, denoiser)``: x -> classifier(denoiser(x)).
 - ``GaussianNoise(sigma)``: a random input transformation (x + N(0, sigma^2)).
+- ``Wrapper``: what every defence around a classifier shares (``Denoised``, ``RandomizedSmoothing``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from torch import nn
 from .._arguments import check_positive
 
 
-class Denoised(nn.Module):
+class Wrapper(nn.Module):
+    """A defence around ``self.classifier``: it predicts the classifier's classes."""
+
+    classifier: nn.Module
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+
+class Denoised(Wrapper):
     """A defence that transforms the input before classifying it: ``classifier(denoiser(x))``.
 
     Any module (a denoiser, ``GaussianNoise``, a random filter) fits; gradients flow through it, so
@@ -21,10 +32,6 @@ class Denoised(nn.Module):
     def __init__(self, classifier: nn.Module, denoiser: nn.Module):
         super().__init__()
         self.classifier, self.denoiser = classifier, denoiser
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.denoiser(x))

@@ -108,13 +108,22 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     Returns:
         RobustnessReport with the clean, worst-case and per-attack accuracies, each with n and a 95% CI.
     """
+    names, budget, early_stop, judge, correct = _prepare(model, x, y, eps=eps, attacks=attacks, norm=norm,
+                                                         budget=budget, batch_size=batch_size, votes=votes,
+                                                         judge=judge, seed=seed)
+    return _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
+                       batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress)
+
+
+def _prepare(model, x, y, *, eps, attacks, norm, budget, batch_size, votes, judge, seed):
+    """What an evaluation starts from: the checked attacks and budget (``_check_evaluation``), whether an attack may
+    stop on an image it fooled, the judge of a prediction, and the clean images it gets right."""
     names, budget = _check_evaluation(model, x, y, eps=eps, attacks=attacks, norm=norm, budget=budget,
                                       batch_size=batch_size, votes=votes, seed=seed)
     early_stop = _success_is_final(votes, judge, budget)
     judge = judge or _vote(model, batch_size, votes)
     correct = judge_all(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
-    return _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
-                       batch_size=batch_size, early_stop=early_stop, seed=seed, progress=progress)
+    return names, budget, early_stop, judge, correct
 
 
 def _success_is_final(votes, judge, budget: AttackBudget) -> bool:
@@ -187,11 +196,9 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
         raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
     if len(set(eps_values)) != len(eps_values):
         raise ValueError(f"eps_values must not repeat a radius, got {eps_values!r}")
-    names, budget = _check_evaluation(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm, budget=budget,
-                                      batch_size=batch_size, votes=votes, seed=seed)
-    early_stop = _success_is_final(votes, judge, budget)
-    judge = judge or _vote(model, batch_size, votes)
-    correct = judge_all(judge, x, batch_size, _torch.device_of(model, x.device)) == y.cpu()
+    names, budget, early_stop, judge, correct = _prepare(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm,
+                                                         budget=budget, batch_size=batch_size, votes=votes,
+                                                         judge=judge, seed=seed)
     reports, standing = {}, None
     for eps in sorted(eps_values):
         reports[eps] = _worst_case(model, x, y, correct, judge, eps=eps, names=names, norm=norm, budget=budget,
