@@ -754,3 +754,27 @@ def test_reproduce_replaces_only_a_runs_notebooks_and_runs_once_per_results(note
     with held_lock(results / "shapes", "reproduce run") as pid:
         assert main(["reproduce", "--notebooks", str(notebooks), "--results", str(results), "--only", "01"]) == 2
     assert f"is in use by another reproduce run (pid {pid})" in capsys.readouterr().err
+
+
+def test_threads_from_the_environment_are_checked_as_the_flag_is(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1000")
+    with pytest.raises(ValueError, match=r"^\$OMP_NUM_THREADS must be at most \d+, the cores this process may use"):
+        runner.parallelism("cpu", 7)
+
+
+def test_update_names_a_notebook_it_could_not_replace_before_any_kernel_starts(tmp_path, monkeypatch):
+    """An immutable notebook (chattr +i; root passes every permission check) failed after its run: found first."""
+    directory = tmp_path / "notebooks"
+    directory.mkdir()
+    _write_notebook(directory / "01_ok.ipynb", ["print('fast')"])
+    real_open = open
+
+    def immutable(path, *args, **kwargs):
+        if str(path).endswith("01_ok.ipynb") and args[:1] == ("a",):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", immutable)
+    with pytest.raises(PermissionError, match=r"notebooks: .*01_ok.ipynb cannot be replaced \(Operation not permitted\)"):
+        runner.plan_reproduction(cliplab.get_profile("shapes"), notebooks=directory, results=tmp_path / "results",
+                                 update=True)

@@ -234,6 +234,17 @@ def check_notebook(path: Path) -> None:
         raise ValueError(f"{path} is not a readable notebook ({type(error).__name__}: {reason})") from None
 
 
+def check_replaceable(path: Path) -> None:
+    """``--update`` can replace ``path``: opened for writing (and left as it is), so that an immutable or read-only
+    notebook is named now, not after its run."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"notebooks: {path} cannot be replaced ({error.strerror}): --update writes the executed "
+                              "notebook over it") from None
+
+
 def check_notebook_extra() -> None:
     """Fail at once, saying what to install, when the ``notebooks`` extra is missing."""
     missing = [module for module in NOTEBOOK_MODULES if importlib.util.find_spec(module) is None]
@@ -254,6 +265,9 @@ def _threads_in_environment() -> int | None:
         return None
     if not given.strip().isdigit() or int(given) < 1:
         raise ValueError(f"$OMP_NUM_THREADS must be a whole number >= 1, got {given!r}")
+    if int(given) > usable_cores():  # as --threads: more would only queue for the cores and thrash
+        raise ValueError(f"$OMP_NUM_THREADS must be at most {usable_cores()}, the cores this process may use, got "
+                         f"{given}")
     return int(given)
 
 
@@ -359,6 +373,8 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     check_not_theirs(out)
     if update:  # the executed notebooks replace these, each by a rename in their directory
         check_directory(paths[0].parent, "notebooks")
+        for path in paths:
+            check_replaceable(path)
     profile.check_inputs()
     if profile.smoke and profile.runtime.encoder_cache is None:
         profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))
