@@ -775,6 +775,7 @@ def test_update_names_a_notebook_it_could_not_replace_before_any_kernel_starts(t
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", immutable)
-    with pytest.raises(PermissionError, match=r"notebooks: .*01_ok.ipynb cannot be replaced \(Operation not permitted\)"):
+    with pytest.raises(PermissionError, match=r"notebooks: .*01_ok.ipynb cannot be replaced \(Operation not "
+                                              r"permitted\)"):
         runner.plan_reproduction(cliplab.get_profile("shapes"), notebooks=directory, results=tmp_path / "results",
                                  update=True)
