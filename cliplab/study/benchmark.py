@@ -115,8 +115,8 @@ def cell_path(out: Path, model: ModelSpec, dataset: str) -> Path:
 
 def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
     """Every setting, every data set (its files, its classes, every image the run will read) and every model's
-    weights checked, and the
-    cells already in ``out`` compared with these settings, before any model is built: a bad one fails in seconds."""
+    weights checked, and the cells already in ``out`` compared with these settings, before any model is built: a bad
+    one fails in seconds."""
     from ..models import check_weights, own_weights_if_unset
     from ..suite import check_suite_images, open_set, suite_class_names
 
