@@ -71,7 +71,7 @@ def compare_evaluations(names: list[str], n: int) -> None:
     study = FinetuneStudy(cliplab.get_profile("shapes", precision="fp32"))
     study.x_test, study.y_test = study.x_test[:n], study.y_test[:n]
     print(f"\nThe worst-case evaluation of notebooks 05/06 (shapes profile's attacks and budget), n={n}:\n")
-    print("| model | precision | seconds | robust at " + ", ".join(f"{255 * e:g}" for e in study.eval_eps)
+    print("| model | precision | seconds | robust at " + ", ".join(f"{255 * e:g}" for e in study.threat.eps)
           + " /255 | images whose standing differs |")
     print("|---|---|---:|---|---|")
     for name in names:

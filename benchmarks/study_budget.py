@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import cliplab
 from cliplab.evaluation import ENSEMBLES, AttackBudget
-from cliplab.study import FinetuneStudy
 
 B_PER_S = {"bf16": 105_000 / 9.17, "fp32": 105_000 / (9.585 * 10_000 / 2_048)}  # forward + input-backward passes per second
 STEP_S = {"bf16": {"full": 0.224, "oft": 0.497}, "fp32": {"full": 0.807, "oft": 0.807 * 0.497 / 0.224}}
@@ -162,7 +161,7 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
         c = costs[name]
         c.finetune = {adapter: count * p.finetuning.steps * scale for adapter, count in runs.items()}
         for _ in range(models):  # FinetuneStudy.evaluate: robustness_vs_eps at 1, 2, 4 / 255
-            c.ensemble(p.sweeps.images, FinetuneStudy.attacks, p.attack_budget(), radii=len(FinetuneStudy.eval_eps))
+            c.ensemble(p.sweeps.images, p.threat_model().attacks, p.attack_budget(), radii=len(p.threat_model().eps))
     costs["05_adversarial_finetune"].masking_report(100, p.sweeps.steps)
 
     # 07: the three inference-time defences at one radius; the fine-tuned models' evaluations are 05 and 06's, shared

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import suite_standins
+import cliplab
 from cliplab import suite
+from cliplab.evaluation import ThreatModel
 from cliplab.study.benchmark import ModelSpec
 
 SHAPES_CONFIG = Path(suite.__file__).parent / "model_configs" / "cliplab-shapes-tiny.json"
@@ -225,7 +227,8 @@ def test_every_data_set_is_checked_before_any_model_loads(tmp_path, monkeypatch)
     suite_standins.write("eurosat", tmp_path / "data")  # 10 classes x 2 images
     suite_standins.write("dtd", tmp_path / "data")  # 3 classes x 2 images
     settings = benchmark.BenchmarkSettings(models=(ModelSpec.parse("shapes"),), datasets=("eurosat", "dtd"), n=8,
-                                           budget=benchmark.AttackBudget(num_targets=2),
+                                           threat=ThreatModel((2 / 255, 4 / 255),
+                                                              budget=cliplab.AttackBudget(num_targets=2)),
                                            runtime=benchmark.Runtime(data_root=str(tmp_path / "data")))
     monkeypatch.setattr("cliplab.models.check_weights", lambda *a, **k: pytest.fail("a model was checked first"))
     with pytest.raises(ValueError, match="n must be at most 6, the size of dtd's test split, got 8"):

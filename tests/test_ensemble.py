@@ -56,7 +56,7 @@ def _notebooks_evaluation(shapes_clf, shapes_test, encoder):
     if encoder not in _NOTEBOOKS_EVALUATION:
         from pathlib import Path
 
-        from cliplab.study import FinetuneStudy, load_encoder
+        from cliplab.study import load_encoder
 
         model = copy.deepcopy(shapes_clf)
         if encoder:
@@ -64,9 +64,9 @@ def _notebooks_evaluation(shapes_clf, shapes_test, encoder):
                          f"{encoder}.safetensors")
         x, y, _ = shapes_test
         x, y = x[:48], y[:48]
-        settings = dict(attacks=list(FinetuneStudy.attacks), budget=cliplab.get_profile("shapes").attack_budget(),
-                        batch_size=250, seed=0, progress=False)
-        nested = evaluation.robustness_vs_eps(model, x, y, FinetuneStudy.eval_eps, **settings)
+        threat = cliplab.get_profile("shapes").threat_model()
+        settings = dict(attacks=list(threat.attacks), budget=threat.budget, batch_size=250, seed=0, progress=False)
+        nested = evaluation.robustness_vs_eps(model, x, y, threat.eps, **settings)
         _NOTEBOOKS_EVALUATION[encoder] = model, x, y, settings, nested
     return _NOTEBOOKS_EVALUATION[encoder]
 

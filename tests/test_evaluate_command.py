@@ -23,7 +23,7 @@ def test_report_card_of_the_shapes_model(tmp_path, capsys):
     assert "n=40" in printed
     document = json.loads((tmp_path / "evaluation.json").read_text())
     assert document["settings"]["n"] == 40 and document["settings"]["seed"] == 0
-    assert document["settings"]["budget"]["steps"] == 3
+    assert document["settings"]["threat"]["budget"]["steps"] == 3
     assert set(document["versions"]) >= {"cliplab", "torch", "open_clip", "python"}
     for result, first in zip(document["results"], ([], ["smaller radii"])):  # 4/255 attacks 2/255's survivors
         assert list(result["per_attack"]) == [*first, "apgd-ce", "apgd-t", "square"]
@@ -109,12 +109,13 @@ def test_the_attack_plan_is_checked_before_any_model_like_the_librarys():
     """report.check and evaluate_robustness share one check of the attacks against the budget: targets count only
     where APGD-T runs, Square refuses L2, and a bad budget field is named, all before any model is built."""
     from cliplab.study import report
-    from cliplab.evaluation import check_attack_plan
+    from cliplab.evaluation import ThreatModel, check_attack_plan
 
     many_targets = cliplab.AttackBudget(num_targets=150)
-    report.check(report.ReportSettings(attacks=("apgd-ce", "square"), budget=many_targets))  # no APGD-T: fine
+    threat = ThreatModel((4 / 255,), attacks=("apgd-ce", "square"), budget=many_targets)
+    report.check(report.ReportSettings(threat=threat))  # no APGD-T: fine
     with pytest.raises(ValueError, match=r"num_targets must be at most .* \(99\)"):
-        report.check(report.ReportSettings(attacks="standard", budget=many_targets))
+        report.check(report.ReportSettings(threat=ThreatModel((4 / 255,), attacks="standard", budget=many_targets)))
     with pytest.raises(ValueError, match="square is an L-inf attack"):
         check_attack_plan(("apgd-ce", "square"), "l2", cliplab.AttackBudget(), 10)
     with pytest.raises(ValueError, match="budget.queries must be >= 1"):

@@ -133,10 +133,10 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
 
     reports = setup.evaluate({"original": setup.original, "FARE": trained})
-    assert list(reports) == ["original", "FARE"] and list(reports["FARE"]) == list(setup.eval_eps)
-    report = reports["FARE"][setup.eval_eps[-1]]
+    assert list(reports) == ["original", "FARE"] and list(reports["FARE"]) == list(setup.threat.eps)
+    report = reports["FARE"][setup.threat.eps[-1]]
     # the radii are nested: the largest first counts the images broken at the smaller ones, then runs every attack
-    assert list(report.per_attack) == ["smaller radii", *setup.attacks] and report.robust.n == smoke_profile.sweeps.images
+    assert list(report.per_attack) == ["smaller radii", *setup.threat.attacks] and report.robust.n == smoke_profile.sweeps.images
     # the two tables 05 and 06 print: per radius, and at the largest attack by attack
     curves = {name: cliplab.evaluation.accuracy_curve(by_eps) for name, by_eps in reports.items()}
     table = setup.worst_case_table(curves).splitlines()
@@ -163,12 +163,12 @@ def test_the_notebooks_of_a_run_share_each_evaluation_and_make_it_once(smoke_pro
     expected = alone.evaluate({"original": alone.original})["original"]
     shared = study.FinetuneStudy(profile.with_runtime(evaluation_cache=str(tmp_path / "evaluations")))
     assert _same_reports(shared.evaluate({"original": shared.original})["original"], expected)
-    assert 0 < int(expected[shared.eval_eps[0]].standing.sum()) < 24  # some images survive, some fall
+    assert 0 < int(expected[shared.threat.eps[0]].standing.sum()) < 24  # some images survive, some fall
 
     def made_again(*args, **kwargs):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(study.finetuning, "robustness_vs_eps", made_again)
+    monkeypatch.setattr(study.finetuning.ThreatModel, "evaluate", made_again)
     assert _same_reports(shared.evaluate({"original": shared.original})["original"], expected)  # read, not made
     changed = copy.deepcopy(shared.original)
     with torch.no_grad():
@@ -193,8 +193,7 @@ def test_a_notebook_makes_its_own_evaluations_before_waiting_for_one_another_is_
     other = copy.deepcopy(setup.original)
     with torch.no_grad():
         next(other.model.visual.parameters()).view(-1)[0] += 1e-3
-    settings = dict(eps=setup.eval_eps, attacks=setup.attacks, budget=dataclasses.asdict(smoke_profile.attack_budget()),
-                    batch_size=smoke_profile.sweeps.batch_size, seed=0)
+    settings = dict(threat=dataclasses.asdict(setup.threat), batch_size=smoke_profile.sweeps.batch_size, seed=0)
     original_key = study.shared.fingerprint(setup.original, setup.x_test, setup.y_test, settings)
     other_key = study.shared.fingerprint(other, setup.x_test, setup.y_test, settings)
     results = {}

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from cliplab.evaluation import AttackBudget, robustness_vs_eps
-from cliplab.study import FinetuneStudy
+from cliplab.study import get_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import study_budget  # noqa: E402
 
 BUDGET = AttackBudget(steps=3, num_targets=2, queries=4, pgd_steps=2, pgd_restarts=2)
 RADII = (1 / 255, 2 / 255, 4 / 255)
+STUDY_ATTACKS = get_profile("shapes").threat_model().attacks  # 05-07's
 
 
 class Counted(nn.Module):
@@ -48,7 +49,7 @@ class Unfoolable(nn.Module):
 
 
 def _count(model, x, y):
-    robustness_vs_eps(model, x, y, RADII, attacks=list(FinetuneStudy.attacks), budget=BUDGET, batch_size=8,
+    robustness_vs_eps(model, x, y, RADII, attacks=list(STUDY_ATTACKS), budget=BUDGET, batch_size=8,
                       progress=False)
     return model.forward_images, model.backward_images
 
@@ -58,7 +59,7 @@ def test_upper_bound_is_exact_when_nothing_falls():
     y = torch.tensor([0, 1] * 10)  # half classified right
     counted = _count(Counted(Unfoolable(), 5), x, y)
     cost = study_budget.Cost(upper=True, accuracy=0.5)
-    cost.ensemble(len(x), FinetuneStudy.attacks, BUDGET, radii=len(RADII))
+    cost.ensemble(len(x), STUDY_ATTACKS, BUDGET, radii=len(RADII))
     assert counted == (cost.forward, cost.backward)
 
 
@@ -73,7 +74,7 @@ def test_a_real_run_lies_between_the_bounds(shapes_clf, shapes_test):
     bounds = []
     for upper in (False, True):
         cost = study_budget.Cost(upper=upper, accuracy=accuracy)
-        cost.ensemble(len(x), FinetuneStudy.attacks, BUDGET, radii=len(RADII))
+        cost.ensemble(len(x), STUDY_ATTACKS, BUDGET, radii=len(RADII))
         bounds.append(cost)
     assert bounds[0].forward <= forward <= bounds[1].forward
     assert bounds[0].backward <= backward <= bounds[1].backward

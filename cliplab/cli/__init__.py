@@ -12,8 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignals()
     try:
         with stop:
+            stop.deferring = True  # torch imports here (a signal is said as soon as the import is over)
             from .commands import run
 
+            stop.raise_deferred()
             return run(argv, stop)
     except BaseException:  # ``run`` reports its own: this one came while importing
         if stop.received is None:

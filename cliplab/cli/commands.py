@@ -83,11 +83,10 @@ def run(argv: list[str] | None, stop: StopSignals) -> int:
             return _train_shapes_clip(args.out, args.steps, args.overwrite)
         if args.command in WORKFLOWS:
             return WORKFLOWS[args.command](args)
-        job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
-                                args.update, args.threads, args.jobs)
         with contextlib.ExitStack() as held:  # one run per results (and, with --update, notebooks) directory
-            for where in job.outputs():
-                held.enter_context(_output_lock(where, "reproduce run"))
+            job = plan_reproduction(_profile(args, smoke=args.smoke), args.only, args.notebooks, args.results,
+                                    args.update, args.threads, args.jobs,
+                                    hold=lambda where: held.enter_context(_output_lock(where, "reproduce run")))
             print(job, flush=True)  # everything is checked: say what runs, then run it
             runs.extend(reproduce(job))
     except BaseException as error:
@@ -271,9 +270,9 @@ def _benchmark_settings(args):
     for name in ("n", "steps", "targets", "queries", "batch_size", "image_size"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}")
     settings = benchmark.BenchmarkSettings(
-        models=args.models, datasets=args.datasets, eps=tuple(args.eps), n=args.n, attacks=args.attacks,
-        budget=_budget(args), batch_size=args.batch_size, seed=args.seed, single_template=args.single_template,
-        image_size=args.image_size, runtime=_runtime(args, weights=None))
+        models=args.models, datasets=args.datasets, threat=_threat(args, _budget(args)), n=args.n,
+        batch_size=args.batch_size, seed=args.seed, single_template=args.single_template, image_size=args.image_size,
+        runtime=_runtime(args, weights=None))
     benchmark.check(settings, args.out)
     return settings
 
@@ -296,6 +295,17 @@ def _dataset_names(text: str) -> tuple[str, ...]:
     from ..suite import SUITE
 
     return tuple(SUITE) if text.strip() == "all" else _listed(text, SUITE, "all or comma-separated names from")
+
+
+def _threat(args, budget):
+    """The ``ThreatModel`` of ``--eps`` and ``--attacks`` with ``budget`` (it checks itself; ``--eps`` names the radii
+    in its errors)."""
+    from ..evaluation.ensemble import ThreatModel
+
+    try:
+        return ThreatModel(tuple(args.eps), "linf", args.attacks, budget)
+    except ValueError as error:
+        raise ValueError(f"--{error}" if str(error).startswith("eps ") else str(error)) from None
 
 
 def _budget(args, eot_samples: int = 1):
@@ -347,9 +357,8 @@ def _report_settings(args):
     runtime = _runtime(args, weights=_weights(args.pretrained))
     settings = report.ReportSettings(
         model=args.model or args.dataset, encoder=str(args.encoder.expanduser().resolve()) if args.encoder else None,
-        dataset=args.dataset, single_template=args.single_template, eps=tuple(args.eps), n=args.n,
-        attacks=args.attacks, budget=_budget(args, eot), votes=args.votes, batch_size=args.batch_size, seed=args.seed,
-        runtime=runtime)
+        dataset=args.dataset, single_template=args.single_template, threat=_threat(args, _budget(args, eot)), n=args.n,
+        votes=args.votes, batch_size=args.batch_size, seed=args.seed, runtime=runtime)
     if args.out is not None:
         check_new_file(args.out / "evaluation.json", "--out", args.overwrite)
     report.check(settings)

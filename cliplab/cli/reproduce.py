@@ -332,22 +332,19 @@ class Reproduction:
         return ("These numbers were computed in bf16 autocast: a few images can stand or fall otherwise than in the "
                 "fp32 arithmetic of the committed notebooks (--precision fp32 gives theirs).")
 
-    def outputs(self) -> list[Path]:
-        """The directories the run writes into, each locked for the run: the results, and the notebooks' own with
-        ``update``."""
-        return [self.out, *([self.notebooks[0].parent] if self.update else [])]
-
 
 def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
                       results: Path = Path("results"), update: bool = False, threads: int | None = None,
-                      jobs: int | None = None) -> Reproduction:
+                      jobs: int | None = None, hold=None) -> Reproduction:
     """Check a ``cliplab reproduce`` job, before the first notebook starts: a missing ``notebooks`` extra, unknown
     notebooks, a results path that cannot be a directory, a smoke run asked to update the repository, weights or
     data that cannot be loaded. Executed copies and PNG figures go to ``results_dir(results, profile)`` (figures
     under ``figures/<notebook>/``); ``update`` writes the executed notebooks back in place instead (how the
     committed outputs are made). ``jobs`` notebooks run at a time, each kernel with ``threads`` torch threads
     (defaults: ``parallelism``). A smoke run writes nothing into the repository: its fine-tuned encoders go to its
-    results directory too.
+    results directory too. ``hold(directory)``, if given, is called on each directory the run will write into
+    (``Reproduction.outputs``) once they are checked and before the weights and data are: ``cliplab reproduce``
+    locks them there, so that a second run is refused at once.
     """
     if update and profile.smoke:
         raise ValueError("--update writes the executed notebooks into the repository, which a --smoke run must "
@@ -375,6 +372,9 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
         check_directory(paths[0].parent, "notebooks")
         for path in paths:
             check_replaceable(path)
+    if hold is not None:
+        for directory in [out, *([paths[0].parent] if update else [])]:
+            hold(directory)
     profile.check_inputs()
     if profile.smoke and profile.runtime.encoder_cache is None:
         profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))

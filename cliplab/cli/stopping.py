@@ -21,10 +21,14 @@ class StopSignals:
     """While active (in the main thread), the first SIGINT raises KeyboardInterrupt and the first SIGTERM
     ``Terminated``, and ``received`` keeps the signal: an error that the stop causes further down (a kernel or a socket
     torn down half-way) is then reported as the interruption it is. A second signal ends the process at once, as it
-    would without cliplab: the way out of a clean-up that hangs."""
+    would without cliplab: the way out of a clean-up that hangs.
+
+    While ``deferring``, the first signal is only kept: raised inside torch's C++ start-up (its import calls back into
+    Python), an exception cannot get out and the process aborts; ``raise_deferred`` raises it once that is over."""
 
     def __init__(self):
         self.received = None
+        self.deferring = False
         self.previous = {}
 
     def __enter__(self) -> StopSignals:
@@ -39,7 +43,14 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        raise interruption(signum)
+        if not self.deferring:
+            raise interruption(signum)
+
+    def raise_deferred(self) -> None:
+        """Stop deferring, and raise the signal that came meanwhile, if one did."""
+        self.deferring = False
+        if self.received is not None:
+            raise interruption(self.received)
 
     def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():

@@ -192,10 +192,7 @@ def robustness_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_va
 
     Keyword arguments as for ``evaluate_robustness``. Returns the reports in the order of ``eps_values``.
     """
-    if not eps_values or any(not isinstance(eps, (int, float)) or eps <= 0 for eps in eps_values):
-        raise ValueError(f"eps_values must be a non-empty sequence of positive radii, got {eps_values!r}")
-    if len(set(eps_values)) != len(eps_values):
-        raise ValueError(f"eps_values must not repeat a radius, got {eps_values!r}")
+    check_radii(eps_values, norm, "eps_values")
     names, budget, early_stop, judge, correct = _prepare(model, x, y, eps=max(eps_values), attacks=attacks, norm=norm,
                                                          budget=budget, batch_size=batch_size, votes=votes,
                                                          judge=judge, seed=seed)
@@ -246,6 +243,13 @@ def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_valu
 def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBudget, num_classes: int) -> list[str]:
     """The attacks of an ensemble name or list, checked against the norm, the budget and the number of classes
     (also before any model is built: ``cliplab evaluate``); returns their names."""
+    names = check_attacks(attacks, norm, budget)
+    check_int(num_classes, "num_classes", minimum=2)
+    return names
+
+
+def check_attacks(attacks: str | Sequence[str], norm: str, budget: AttackBudget) -> list[str]:
+    """The attacks of an ensemble name or list, checked against the norm and the budget; returns their names."""
     if isinstance(attacks, str):
         check_choice(attacks, "attacks", ENSEMBLES)
         names = list(ENSEMBLES[attacks])
@@ -263,8 +267,44 @@ def check_attack_plan(attacks: str | Sequence[str], norm: str, budget: AttackBud
         raise TypeError(f"budget must be an AttackBudget, got {type(budget).__name__}")
     for field_name in sorted({field_name for name in names for field_name in ATTACKS[name].budget_fields}):
         check_int(getattr(budget, field_name), f"budget.{field_name}")
-    check_int(num_classes, "num_classes", minimum=2)
     return names
+
+
+def check_radii(eps_values: Sequence[float], norm: str = "linf", name: str = "eps") -> tuple[float, ...]:
+    """One or more distinct radii, each > 0 and one the norm allows (at most 1 in L-inf: pixels are in [0, 1])."""
+    if isinstance(eps_values, (str, bytes)) or not isinstance(eps_values, Sequence) or not eps_values or any(
+            isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0 for eps in eps_values):
+        raise ValueError(f"{name} must be one or more positive radii, got {eps_values!r}")
+    for eps in eps_values:
+        check_radius(eps, norm)
+    if len(set(eps_values)) != len(eps_values):
+        raise ValueError(f"{name} must not repeat a radius, got {', '.join(f'{255 * e:g}/255' for e in eps_values)}")
+    return tuple(eps_values)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What a worst-case evaluation attacks with, as one value that checks itself when it is made: the radii (each
+    an evaluation, nested as ``robustness_vs_eps`` nests them), the norm, the attacks (an ensemble name or names of
+    the registry) and their budget. ``cliplab evaluate`` and ``cliplab benchmark`` make one from their arguments,
+    notebooks 05-07 take the profile's (``Profile.threat_model``); ``evaluate`` runs it."""
+
+    eps: tuple[float, ...]
+    norm: str = "linf"
+    attacks: str | tuple[str, ...] = "standard"
+    budget: AttackBudget = field(default_factory=AttackBudget)
+
+    def __post_init__(self):
+        object.__setattr__(self, "eps", check_radii(self.eps, self.norm))
+        if not isinstance(self.attacks, str):
+            object.__setattr__(self, "attacks", tuple(self.attacks))
+        check_attacks(self.attacks, self.norm, self.budget)
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> dict[float, RobustnessReport]:
+        """``robustness_vs_eps`` of ``model`` on ``(x, y)`` under this threat model; ``kwargs``: batch_size, votes,
+        judge, seed, progress."""
+        attacks = self.attacks if isinstance(self.attacks, str) else list(self.attacks)
+        return robustness_vs_eps(model, x, y, self.eps, attacks=attacks, norm=self.norm, budget=self.budget, **kwargs)
 
 
 def check_targets(names: Sequence[str], budget: AttackBudget, num_classes: int) -> None:

@@ -23,7 +23,7 @@ from .. import _distributed
 from .._arguments import check_choice, check_directory, check_int, check_seed
 from .._io import atomic_write, file_digest, save_tensors
 from .._torch import PRECISIONS, resolve_precision
-from ..evaluation.ensemble import ENSEMBLES, AttackBudget, check_attack_plan, fit_to_classes, robustness_vs_eps
+from ..evaluation.ensemble import ENSEMBLES, ThreatModel, check_attack_plan, fit_to_classes
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
 from ..training.runs import run_lock, written_by_a_run
@@ -87,10 +87,9 @@ class BenchmarkSettings:
 
     models: tuple[ModelSpec, ...]  # the rows
     datasets: tuple[str, ...]  # the columns: names of cliplab.suite.SUITE
-    eps: tuple[float, ...] = (2 / 255, 4 / 255)  # L-inf radii in [0, 1] pixel units (the FARE paper's)
+    # the radii (L-inf, the FARE paper's 2 and 4/255), the ensemble and its budget, fitted to each set's classes
+    threat: ThreatModel = field(default_factory=lambda: ThreatModel((2 / 255, 4 / 255)))
     n: int = 1000  # images per data set, a seeded sample of its test split
-    attacks: str | tuple[str, ...] = "standard"  # an ensemble name (ENSEMBLES) or attack names
-    budget: AttackBudget = field(default_factory=AttackBudget)  # steps, targets, queries
     batch_size: int = 128  # images per attack batch
     seed: int = 0  # seeds the sample of images and every attack
     single_template: bool = False  # one prompt per class ("a photo of a {}.") instead of the set's ensemble
@@ -134,8 +133,8 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
         slugs[model.slug] = model.label
     if len(set(settings.datasets)) != len(settings.datasets):
         raise ValueError(f"datasets must not repeat one, got {', '.join(settings.datasets)}")
-    if not settings.eps or any(not 0 < eps <= 1 for eps in settings.eps) or len(set(settings.eps)) != len(settings.eps):
-        raise ValueError(f"eps must be distinct radii in (0, 1] (pixel values are in [0, 1]), got {settings.eps}")
+    if not isinstance(settings.threat, ThreatModel):
+        raise TypeError(f"threat must be a ThreatModel, got {type(settings.threat).__name__}")
     for name in ("n", "batch_size", "image_size"):
         check_int(getattr(settings, name), name)
     check_seed(settings.seed)
@@ -143,7 +142,8 @@ def check(settings: BenchmarkSettings, out: str | os.PathLike) -> None:
     check_choice(settings.runtime.precision, "precision", PRECISIONS)
     for dataset in settings.datasets:
         opened = open_set(dataset, settings.runtime.data_root)
-        check_attack_plan(settings.attacks, "linf", settings.budget, len(suite_class_names(dataset, opened)))
+        check_attack_plan(settings.threat.attacks, settings.threat.norm, settings.threat.budget,
+                          len(suite_class_names(dataset, opened)))
         if settings.n > len(opened):
             raise ValueError(f"n must be at most {len(opened)}, the size of {dataset}'s test split, got {settings.n}")
         check_suite_images(dataset, settings.runtime.data_root, settings.n, seed=settings.seed)
@@ -232,11 +232,10 @@ def _evaluate_cell(settings: BenchmarkSettings, model: ModelSpec, dataset: str, 
         classifier = classifier.for_classes(names, templates, head)
     if head is None and _distributed.is_main():
         _write_text_head(head_path, classifier.text_head, key)
-    attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
-    reports = robustness_vs_eps(classifier, x, y, settings.eps, attacks=attacks, budget=settings.budget,
-                                batch_size=settings.batch_size, seed=settings.seed, progress=progress)
-    ran, budget = fit_to_classes(check_attack_plan(attacks, "linf", settings.budget, len(names)), settings.budget,
-                                 len(names))
+    threat = settings.threat
+    reports = threat.evaluate(classifier, x, y, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    ran, budget = fit_to_classes(check_attack_plan(threat.attacks, threat.norm, threat.budget, len(names)),
+                                 threat.budget, len(names))
     cell = {"settings": settings.cell_settings(model, dataset), "classes": len(names),
             "ensemble": {"attacks": ran, "num_targets": budget.num_targets}, "results": results_document(reports),
             "versions": versions()}
@@ -312,7 +311,7 @@ def markdown(cells: dict, settings: BenchmarkSettings) -> str:
     """One Markdown table per radius: a row per model, a column per data set, ``clean / robust`` in % with their
     95% CIs; the header gives each data set's n."""
     tables = []
-    for k, eps in enumerate(settings.eps):
+    for k, eps in enumerate(settings.threat.eps):
         sizes = {d: cells[m.label, d]["results"][k]["clean"]["n"] for m in settings.models for d in settings.datasets}
         header = ["model", *[f"{d} (n={sizes[d]})" for d in settings.datasets]]
         lines = [f"clean / worst-case robust accuracy in % [95% CI] at eps {255 * eps:g}/255 (L-inf)", "",
@@ -327,13 +326,13 @@ def markdown(cells: dict, settings: BenchmarkSettings) -> str:
 
 def _fitted_ensembles(cells: dict, settings: BenchmarkSettings) -> list[str]:
     """A line for each data set whose ensemble was fitted to its few classes (``fit_to_classes``): what ran."""
-    attacks = settings.attacks
+    attacks, budget = settings.threat.attacks, settings.threat.budget
     asked = list(ENSEMBLES[attacks]) if isinstance(attacks, str) else list(attacks)
     notes = []
     for dataset in settings.datasets:
         cell = cells[settings.models[0].label, dataset]
-        ensemble = cell.get("ensemble", {"attacks": asked, "num_targets": settings.budget.num_targets})
-        if ensemble["attacks"] != asked or ensemble["num_targets"] != settings.budget.num_targets:
+        ensemble = cell.get("ensemble", {"attacks": asked, "num_targets": budget.num_targets})
+        if ensemble["attacks"] != asked or ensemble["num_targets"] != budget.num_targets:
             targets = f" ({ensemble['num_targets']} target{'s' * (ensemble['num_targets'] != 1)})"
             ran = [name + targets if name.startswith("apgd-t") else name for name in ensemble["attacks"]]
             notes.append(f"{dataset} has {cell['classes']} classes: the ensemble ran as {', '.join(ran)} "
@@ -378,7 +377,7 @@ def plot(cells: dict, settings: BenchmarkSettings):
         ax.plot([], [], "-", linewidth=6, color=colours[k % len(colours)], label=dataset)  # ... and data sets
     ax.plot([0, 100], [0, 100], ":", color="grey", linewidth=0.8)
     ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel="clean accuracy (%)",
-           ylabel=f"worst-case robust accuracy at {255 * settings.eps[-1]:g}/255 (%)")
+           ylabel=f"worst-case robust accuracy at {255 * settings.threat.eps[-1]:g}/255 (%)")
     ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     return fig

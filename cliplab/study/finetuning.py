@@ -21,7 +21,7 @@ from torch import nn
 from .. import _distributed
 from .._io import atomic_write, file_lock, save_tensors
 from ..classifier import ZeroShotClassifier
-from ..evaluation.ensemble import RobustnessReport, robustness_vs_eps
+from ..evaluation.ensemble import RobustnessReport, ThreatModel
 from ..evaluation.statistics import Proportion
 from ..evaluation.sweeps import pgd_accuracy
 from ..evaluation.tables import format_accuracy_table, robustness_table
@@ -47,16 +47,13 @@ class FinetuneStudy:
         x_train, y_train: the ``profile.finetuning.images`` training images fine-tuning draws its batches from.
         x_test, y_test: the ``profile.sweeps.images`` test images every accuracy is measured on.
         class_names: the data set's class names.
-        eval_eps: the radii of the worst-case evaluation (1/255, 2/255, 4/255).
-        attacks: its attacks, in order: the PGD quick look the study used to report, then an AutoAttack-style
-            ensemble (``profile.attack_budget()``).
+        threat: the worst-case evaluation's ``ThreatModel`` (``profile.threat_model()``: 1/255, 2/255 and 4/255;
+            the PGD quick look the study used to report, then an AutoAttack-style ensemble).
     """
-
-    eval_eps = (1 / 255, 2 / 255, 4 / 255)
-    attacks = ("pgd", "apgd-ce", "apgd-t", "square")
 
     def __init__(self, profile: Profile):
         self.profile = profile
+        self.threat: ThreatModel = profile.threat_model()
         self.original = profile.load_classifier()
         self.x_train, self.y_train, self.class_names = profile.load_dataset("train", n=profile.finetuning.images)
         self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
@@ -97,7 +94,7 @@ class FinetuneStudy:
         from ..evaluation.prediction import predict
         from . import plots  # pyplot only when a figure is drawn
 
-        x, y, eps = self.x_test[:images], self.y_test[:images], self.eval_eps[-1]
+        x, y, eps = self.x_test[:images], self.y_test[:images], self.threat.eps[-1]
         views = {}
         for name, model in models.items():
             x_adv = pgd(model, x, y, eps=eps, steps=4 * self.profile.sweeps.steps, seed=0).x_adv
@@ -111,7 +108,7 @@ class FinetuneStudy:
                                 self.profile.encoder_cache_dir)
 
     def evaluate(self, models: Mapping[str, nn.Module]) -> dict[str, dict[float, RobustnessReport]]:
-        """Each model's worst-case robustness reports at ``eval_eps`` on the test images (seed 0).
+        """Each model's worst-case robustness reports under ``threat`` on the test images (seed 0).
 
         Where the runtime names an ``evaluation_cache``, the notebooks of a run share these evaluations (05 and 06
         both evaluate the original and FARE-full, with the same images and settings): one evaluated elsewhere is read,
@@ -120,8 +117,7 @@ class FinetuneStudy:
         cache = self.profile.runtime.evaluation_cache
         if cache is None:
             return {name: self._evaluation(model)() for name, model in models.items()}
-        settings = dict(eps=self.eval_eps, attacks=self.attacks, budget=asdict(self.profile.attack_budget()),
-                        batch_size=self.profile.sweeps.batch_size, seed=0)
+        settings = dict(threat=asdict(self.threat), batch_size=self.profile.sweeps.batch_size, seed=0)
         keys = {name: fingerprint(model, self.x_test, self.y_test, settings) for name, model in models.items()}
         reports = {}
         for wait in (False, True):
@@ -133,9 +129,8 @@ class FinetuneStudy:
 
     def _evaluation(self, model: nn.Module) -> Callable[[], dict[float, RobustnessReport]]:
         """``model``'s evaluation, to be made."""
-        return lambda: robustness_vs_eps(model, self.x_test, self.y_test, self.eval_eps, attacks=list(self.attacks),
-                                         budget=self.profile.attack_budget(),
-                                         batch_size=self.profile.sweeps.batch_size, seed=0, progress=False)
+        return lambda: self.threat.evaluate(model, self.x_test, self.y_test, batch_size=self.profile.sweeps.batch_size,
+                                            seed=0, progress=False)
 
     def worst_case_table(self, curves: Mapping[str, Mapping[float, Proportion]]) -> str:
         """The table 05 and 06 check: each model's clean and worst-case accuracy per radius (``accuracy_curve``
@@ -146,8 +141,8 @@ class FinetuneStudy:
     def attack_table(self, reports: Mapping[str, Mapping[float, RobustnessReport]]) -> Markdown:
         """Each model at the largest radius, attack by attack (``robustness_table``), as a Markdown table under a
         heading that names the radius."""
-        return Markdown(f"**At {255 * self.eval_eps[-1]:g}/255, attack by attack.** "
-                        + robustness_table({name: by_eps[self.eval_eps[-1]] for name, by_eps in reports.items()}))
+        return Markdown(f"**At {255 * self.threat.eps[-1]:g}/255, attack by attack.** "
+                        + robustness_table({name: by_eps[self.threat.eps[-1]] for name, by_eps in reports.items()}))
 
 
 def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:

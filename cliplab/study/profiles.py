@@ -20,7 +20,7 @@ import torch
 
 from .._arguments import check_choice
 from .._torch import PRECISIONS
-from ..evaluation.ensemble import AttackBudget
+from ..evaluation.ensemble import AttackBudget, ThreatModel
 from ..evaluation.sweeps import PGDSweep
 from ..training.config import FinetuneConfig
 
@@ -157,6 +157,12 @@ class Profile:
                             queries=self.evaluation.queries,
                             eot_samples=self.defences.eot_samples if randomised else 1,
                             pgd_steps=self.sweeps.steps, pgd_restarts=self.sweeps.restarts)
+
+    def threat_model(self) -> ThreatModel:
+        """The worst case of 05-07 (``FinetuneStudy``): PGD's quick look, the study's number before, then an
+        AutoAttack-style ensemble, at 1, 2 and 4/255 (nested), with the profile's budget."""
+        return ThreatModel((1 / 255, 2 / 255, 4 / 255), "linf", ("pgd", "apgd-ce", "apgd-t", "square"),
+                           self.attack_budget())
 
     @property
     def encoder_cache_dir(self) -> Path:

@@ -16,13 +16,7 @@ from .. import _distributed
 from .._arguments import check_choice, check_int, check_seed
 from .._io import atomic_write
 from .._torch import PRECISIONS
-from ..evaluation.ensemble import (
-    AttackBudget,
-    RobustnessReport,
-    check_attack_plan,
-    check_targets,
-    robustness_vs_eps,
-)
+from ..evaluation.ensemble import RobustnessReport, ThreatModel, check_attack_plan, check_targets
 from ..evaluation.tables import robustness_table
 from .profiles import Runtime
 
@@ -37,10 +31,9 @@ class ReportSettings:
     encoder: str | None = None  # an image encoder alone (finetune.save_encoder, the notebooks' cache) loaded on top
     dataset: str = "shapes"  # whose test split, class names and prompts: "shapes" or "cifar100"
     single_template: bool = False  # one prompt per class ("a photo of a {}.") instead of the data set's ensemble
-    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)  # L-inf radii in [0, 1] pixel units
+    # the radii (L-inf, in [0, 1] pixel units), the ensemble (a name of ENSEMBLES or attack names) and its budget
+    threat: ThreatModel = field(default_factory=lambda: ThreatModel((1 / 255, 2 / 255, 4 / 255)))
     n: int = 1000  # test images, a seeded sample of the split (data.sample_indices)
-    attacks: str | tuple[str, ...] = "standard"  # an ensemble name (ENSEMBLES) or attack names
-    budget: AttackBudget = field(default_factory=AttackBudget)  # steps, targets, queries, EOT draws
     votes: int = 1  # majority vote of this many stochastic passes scores each image (randomised models)
     batch_size: int = 256  # images per attack batch
     seed: int = 0  # seeds the sample of images and every attack
@@ -55,15 +48,14 @@ def check(settings: ReportSettings) -> None:
 
     check_choice(settings.dataset, "dataset", DATASETS)
     classes = len(class_names(settings.dataset))
-    check_targets(check_attack_plan(settings.attacks, "linf", settings.budget, classes), settings.budget, classes)
+    threat = settings.threat
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    check_targets(check_attack_plan(threat.attacks, threat.norm, threat.budget, classes), threat.budget, classes)
     check_int(settings.n, "n")
     if settings.n > DATASET_TEST_SIZES[settings.dataset]:
         raise ValueError(f"n must be at most {DATASET_TEST_SIZES[settings.dataset]}, the size of the "
                          f"{settings.dataset} test split, got {settings.n}")
-    if not settings.eps or any(not 0 < eps <= 1 for eps in settings.eps):
-        raise ValueError(f"eps must be one or more radii in (0, 1] (pixel values are in [0, 1]), got {settings.eps}")
-    if len(set(settings.eps)) != len(settings.eps):
-        raise ValueError(f"eps must not repeat a radius, got {', '.join(f'{255 * e:g}/255' for e in settings.eps)}")
     check_int(settings.votes, "votes")
     check_int(settings.batch_size, "batch_size")
     check_seed(settings.seed)
@@ -112,10 +104,8 @@ def evaluate(settings: ReportSettings, progress: bool = True) -> dict[float, Rob
         from .finetuning import load_encoder
 
         load_encoder(model, settings.encoder)
-    attacks = settings.attacks if isinstance(settings.attacks, str) else list(settings.attacks)
-    return robustness_vs_eps(model, x, y, settings.eps, attacks=attacks, budget=settings.budget,
-                             batch_size=settings.batch_size, votes=settings.votes, seed=settings.seed,
-                             progress=progress)
+    return settings.threat.evaluate(model, x, y, batch_size=settings.batch_size, votes=settings.votes,
+                                    seed=settings.seed, progress=progress)
 
 
 def markdown(reports: dict[float, RobustnessReport]) -> str:
