@@ -30,7 +30,7 @@ NOTEBOOK_MODULES = ("nbclient", "nbformat", "ipykernel", "ipywidgets")
 # a widget's view names a model id that lives only in the kernel: new on every run, and nothing without the kernel
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # The study's notebooks from the longest to the shortest: seconds of one torch thread each on the shapes profile, none
-# sharing an evaluation (2-core AMD EPYC, 2026-11-29; benchmarks/RESULTS.md): 06 1,135, 05 616, 02 422, 04 350,
+# sharing an evaluation (2-core AMD EPYC, 2026-11-29; RESULTS.md of that day, in git): 06 1,135, 05 616, 02 422, 04 350,
 # 03 287, 01 117. Several at a time they start in this order, so that no long one starts late and runs on alone at
 # the end; 07 comes last, as it reads the evaluations 05 and 06 make and adds a few of its own.
 # tests/conftest.py hands pytest's workers the notebooks in the same order.
