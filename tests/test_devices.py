@@ -218,7 +218,7 @@ def test_bf16_and_fp32_robust_accuracy_agree_within_their_intervals(shapes_clf, 
         clf = copy.deepcopy(shapes_clf)
         clf.precision = precision
         results[precision] = cliplab.pgd_accuracy(clf, x[:200], y[:200], eps=2 / 255, steps=10, loss="margin",
-                                                     seed=0, progress=False)
+                                                  seed=0, progress=False)
     for kind in ("clean", "robust"):
         fp32, bf16 = getattr(results["fp32"], kind), getattr(results["bf16"], kind)
         assert fp32.ci95[0] <= bf16.value <= fp32.ci95[1] and bf16.ci95[0] <= fp32.value <= bf16.ci95[1], \

@@ -163,7 +163,7 @@ def test_robust_accuracy_bookkeeping(shapes_clf, shapes_test, shapes_pred):
 def test_robust_accuracy_decreases_with_eps(shapes_clf, shapes_test):
     x, y, _ = shapes_test
     accuracies = [cliplab.pgd_accuracy(shapes_clf, x[:48], y[:48], eps=e / 255, steps=5, seed=0,
-                                          progress=False).robust.value for e in (0, 1, 4)]
+                                       progress=False).robust.value for e in (0, 1, 4)]
     assert accuracies[0] >= accuracies[1] >= accuracies[2]
     assert accuracies[2] < accuracies[0]
 

@@ -167,7 +167,7 @@ def _worst_case(model, x, y, correct, judge, *, eps, names, norm, budget, batch_
         todo = standing.nonzero().squeeze(1)
         fell = torch.zeros(len(y), dtype=torch.bool)  # the images this process's batches brought down
         for start in progress_bar(_distributed.my_batches(range(0, len(todo), batch_size)), progress,
-                          f"{name} eps={255 * eps:g}/255"):
+                                  f"{name} eps={255 * eps:g}/255"):
             index = todo[start:start + batch_size]
             x_adv = _run_attack(name, model, x[index].to(device), y[index].to(device), eps=eps, norm=norm,
                                 budget=budget, seed=seed + start, early_stop=early_stop)

@@ -36,8 +36,8 @@ class RobustAccuracy:
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                    batch_size: int = 256, votes: int = 1, surrogate: nn.Module | None = None,
-                    progress: bool = True, **attack_kwargs) -> RobustAccuracy:
+                 batch_size: int = 256, votes: int = 1, surrogate: nn.Module | None = None,
+                 progress: bool = True, **attack_kwargs) -> RobustAccuracy:
     """Clean and robust accuracy under an untargeted PGD attack (``cliplab.pgd``), in batches.
 
     Only correctly classified images are attacked: the others are already errors.

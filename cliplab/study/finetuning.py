@@ -251,7 +251,7 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
 
         def evaluate(model):
             result = pgd_accuracy(model, x_test, y_test, eps=config.eps, steps=profile.sweeps.steps,
-                                     restarts=profile.sweeps.restarts, loss="margin", seed=0, progress=False)
+                                  restarts=profile.sweeps.restarts, loss="margin", seed=0, progress=False)
             return {"clean": result.clean.as_dict(), "robust": result.robust.as_dict()}
 
         metrics = {"config": asdict(config), "eps": config.eps, "before": evaluate(classifier)}

@@ -130,7 +130,7 @@ class Profile:
         """The ``PGDSweep`` (PGD settings of the success-rate sweeps): the profile's steps and batch size, seed 0;
         ``votes``: judged by the profile's vote (randomised defences); ``early_stop``: stop at success."""
         return PGDSweep(steps=self.sweeps.steps, batch_size=self.sweeps.batch_size,
-                     votes=self.defences.votes if votes else 1, early_stop=early_stop)
+                        votes=self.defences.votes if votes else 1, early_stop=early_stop)
 
     def finetune_config(self, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,
                         **overrides) -> FinetuneConfig:

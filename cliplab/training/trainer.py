@@ -169,5 +169,5 @@ def train_step(objective: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt
 def _evaluate(classifier, x, y, config) -> dict:
     """Held-out clean and robust accuracy, the attack seeded on its own so that training is unaffected."""
     result = pgd_accuracy(classifier, x, y, eps=config.eps, steps=config.attack_steps, loss="margin", seed=0,
-                             progress=False)
+                          progress=False)
     return {"eval_clean": result.clean.value, "eval_robust": result.robust.value, "eval_n": len(y)}
