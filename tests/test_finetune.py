@@ -352,3 +352,23 @@ def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):
     with pytest.raises(ValueError, match="eval_data"):
         ft.finetune(fresh(), x, y, tiny_config(eval_every=2), tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_lock_taken_where_there_was_no_directory_leaves_none_when_its_block_fails(tmp_path):
+    """reproduce locks its results directory before it checks weights and data: a bad input must leave no folder
+    (nor a lock file) behind; one that was there, or that got other files, stays."""
+    from cliplab.training.runs import run_lock
+
+    with pytest.raises(ValueError, match="bad weights"):
+        with run_lock(tmp_path / "results" / "shapes", "reproduce run"):
+            raise ValueError("bad weights")
+    assert not (tmp_path / "results").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError):
+        with run_lock(tmp_path / "kept" / "out", "evaluation"):
+            (tmp_path / "kept" / "out" / "evaluation.json").write_text("{}")
+            raise ValueError("stopped later")
+    assert (tmp_path / "kept" / "out" / "evaluation.json").is_file()
+    with run_lock(tmp_path / "done", "evaluation"):
+        pass
+    assert (tmp_path / "done" / ".lock").is_file()  # a run that ended marks its directory

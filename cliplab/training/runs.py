@@ -143,12 +143,15 @@ def run_lock(out: Path, what: str = "fine-tuning run"):
     second run into the same directory fails at once, naming the holder, which ``what`` describes. The kernel drops
     the lock when the holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it
     before loading anything, and the ``finetune`` it calls finds it held; another thread, like another process, is
-    refused."""
-    key = (Path(out).resolve(), threading.get_ident())
+    refused. A block that fails leaves no trace of the lock where it found no directory: the folders it made for
+    the lock are removed again if nothing else was written in them."""
+    out = Path(out)
+    key = (out.resolve(), threading.get_ident())
     if key in _HELD:
         yield
         return
     check_directory(out, "out")
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     with file_lock(out / _LOCK, wait=False) as held:
         if not held:
             raise RunLocked(f"{out} is in use by another {what} (pid {lock_holder(out / _LOCK)}): wait for it to end, "
@@ -156,8 +159,21 @@ def run_lock(out: Path, what: str = "fine-tuning run"):
         _HELD.add(key)
         try:
             yield
+        except BaseException:
+            _remove_if_only_the_lock(made)
+            raise
         finally:
             _HELD.discard(key)
+
+
+def _remove_if_only_the_lock(made: list[Path]) -> None:
+    """Remove the folders ``run_lock`` made (deepest first) while they hold nothing but its lock file."""
+    for folder in made:
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {_LOCK}:
+            (folder / _LOCK).unlink(missing_ok=True)
+            folder.rmdir()
+        else:
+            return
 
 
 def run_settings(config: FinetuneConfig | dict) -> dict:
