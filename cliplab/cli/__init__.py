@@ -5,6 +5,8 @@ import sys
 
 from .stopping import StopSignals
 
+__all__ = ["console", "main"]
+
 
 def main(argv: list[str] | None = None) -> int:
     """``cliplab``. The signal handler comes first, before torch and the commands import (seconds), so that a stop at
@@ -25,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("cliplab: interrupted while starting; nothing was done\n")
         return stop.status()
 
-
-__all__ = ["console", "main"]
 
 
 def console() -> None:
