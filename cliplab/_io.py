@@ -1,5 +1,6 @@
-"""Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), the one
-safetensors writer built on them, a file lock (``file_lock``) and a file's content digest (``file_digest``)."""
+"""Atomic file writes (write to a temporary file beside the target, flush it to disk, then rename over it), the
+safetensors writer built on them, a file lock (``file_lock``), the lock every run holds on its output directory
+(``run_lock``) and a file's content digest (``file_digest``)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,10 +8,13 @@ import functools
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
+from ._arguments import check_directory
 
 TEMPORARY_GLOB = ".*.tmp"
+LOCK_FILE = ".lock"  # run_lock's file in a run's output directory
 
 
 @contextlib.contextmanager
@@ -72,6 +76,58 @@ def lock_holder(path: str | os.PathLike) -> str:
         return Path(path).read_text(errors="replace").strip()[:32] or "unknown"
     except OSError:
         return "unknown"
+
+
+class RunLocked(FileExistsError):
+    """Another process is training into the same directory (a run that exists, in progress)."""
+
+
+_HELD: set[tuple[Path, int]] = set()  # (run directory, thread) for each lock this process holds
+
+
+def written_by_a_run(out: str | os.PathLike) -> bool:
+    """Whether a cliplab run has written into ``out``: every run takes ``run_lock`` on its output directory, and
+    the lock file it leaves there marks the directory as a run's (files beside it are the run's to replace)."""
+    return (Path(out) / LOCK_FILE).is_file()
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, what: str = "fine-tuning run"):
+    """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
+    second run into the same directory fails at once, naming the holder, which ``what`` describes. The kernel drops
+    the lock when the holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it
+    before loading anything, and the ``finetune`` it calls finds it held; another thread, like another process, is
+    refused. A block that fails leaves no trace of the lock where it found no directory: the folders it made for
+    the lock are removed again if nothing else was written in them."""
+    out = Path(out)
+    key = (out.resolve(), threading.get_ident())
+    if key in _HELD:
+        yield
+        return
+    check_directory(out, "out")
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    with file_lock(out / LOCK_FILE, wait=False) as held:
+        if not held:
+            raise RunLocked(f"{out} is in use by another {what} (pid {lock_holder(out / LOCK_FILE)}): wait for it to "
+                            f"end, or choose another directory")
+        _HELD.add(key)
+        try:
+            yield
+        except BaseException:
+            _remove_if_only_the_lock(made)
+            raise
+        finally:
+            _HELD.discard(key)
+
+
+def _remove_if_only_the_lock(made: list[Path]) -> None:
+    """Remove the folders ``run_lock`` made (deepest first) while they hold nothing but its lock file."""
+    for folder in made:
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+        else:
+            return
 
 
 def save_tensors(tensors: dict, path: str | os.PathLike, dtype=None, metadata: dict[str, str] | None = None) -> None:

@@ -175,7 +175,7 @@ def held_lock():
     @contextlib.contextmanager
     def hold(out, what):
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-                                   "from cliplab.training.runs import run_lock\n"
+                                   "from cliplab._io import run_lock\n"
                                    "with run_lock(Path(sys.argv[1]), sys.argv[2]):\n"
                                    "    print('held', flush=True); time.sleep(120)", str(out), what],
                                   stdout=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ LAYERS = {
     "kernels: the classifier, attacks, defences": (1, {"attacks", "defences", "classifier", "vit"}),
     "kernels: evaluation": (2, {"evaluation"}),
     "kernels: training": (3, {"training"}),
-    "loading": (4, {"models", "data", "suite", "shapes_clip"}),
+    "loading": (4, {"models", "data", "shapes100", "suite", "shapes_clip"}),
     "study": (5, {"study"}),
     "command line": (6, {"cli", "__init__", "__main__"}),
 }

@@ -245,7 +245,7 @@ def test_an_out_with_files_the_user_had_or_another_run_in_it_is_refused(tmp_path
     import threading
 
     from cliplab.study import benchmark
-    from cliplab.training.runs import RunLocked, run_lock
+    from cliplab._io import RunLocked, run_lock
 
     settings = benchmark.BenchmarkSettings(models=(ModelSpec.parse("shapes"),), datasets=("cifar10",))
     (tmp_path / "mine").mkdir()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cliplab import ZeroShotClassifier
-from cliplab.data import render_shapes
+from cliplab.shapes100 import render_shapes
 
 
 @pytest.fixture(scope="module")

@@ -438,7 +438,7 @@ class Started(Exception):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Every command's heavy work raises ``Started``: a test sees whether the checks let it begin."""
-    from cliplab import shapes_clip
+    from cliplab.study import pretraining as shapes_clip
     from cliplab.study import report
     from cliplab.study import Profile
 
@@ -597,7 +597,7 @@ def test_a_stop_while_a_kernel_starts_is_one_line(signum, status, tmp_path):
     (["train-shapes-clip", "--out", "{tmp}/w.safetensors"], "interrupted; nothing was saved to {tmp}/w.safetensors"),
 ])
 def test_ctrl_c_stops_every_command_with_one_line(argv, says, tmp_path, capsys, monkeypatch):
-    from cliplab import shapes_clip
+    from cliplab.study import pretraining as shapes_clip
     from cliplab.study import finetuning, report
 
     def interrupted(*args, **kwargs):
@@ -642,7 +642,7 @@ def test_a_signal_while_torch_imports_is_said_once_the_import_is_over(monkeypatc
 def test_finetune_into_a_directory_in_use_is_refused_before_loading(no_work, tmp_path, capsys):
     """The run's lock is taken right after the checks: a second run fails at once, not after loading the model."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from cliplab import training as ft\nwith ft.run_lock(Path(sys.argv[1])):\n"
+                               "from cliplab._io import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
                                "    print('held', flush=True); time.sleep(60)", str(tmp_path / "run")],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cliplab import load_dataset
-from cliplab.data import SHAPES100_CLASSES, class_names, render_shapes, sample_indices, templates
+from cliplab.data import class_names, sample_indices, templates
+from cliplab.shapes100 import SHAPES100_CLASSES, render_shapes
 
 
 def _check_contract(x, y, n):

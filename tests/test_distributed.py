@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import cliplab
 from cliplab import _distributed, training as ft
+from cliplab._io import RunLocked
 from cliplab.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -219,7 +220,7 @@ def test_without_a_process_group_the_helpers_are_those_of_one_process():
 def test_another_process_failure_is_raised_as_its_nearest_built_in_exception():
     """A rank learns of another's failure by class names only: cliplab's RunLocked arrives as FileExistsError, which
     the command line reports as a clean error; a class with no built-in base as RuntimeError."""
-    locked = [kind.__name__ for kind in ft.RunLocked.__mro__]
+    locked = [kind.__name__ for kind in RunLocked.__mro__]
     assert _distributed._exception_type(locked) is FileExistsError
     assert _distributed._exception_type(["Mine", "Exception", "BaseException", "object"]) is RuntimeError
 

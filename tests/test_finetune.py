@@ -9,6 +9,7 @@ import torch
 
 import cliplab
 from cliplab import training as ft, study
+from cliplab._io import RunLocked, run_lock
 from cliplab.training import objectives
 from cliplab.training import oft_parameters
 
@@ -126,7 +127,7 @@ def test_a_second_run_into_the_same_directory_fails_at_once_naming_the_holder(tm
     held, release = threading.Event(), threading.Event()
 
     def running_job():  # holds the lock as a training job in another thread of this process would
-        with ft.run_lock(tmp_path / "run"):
+        with run_lock(tmp_path / "run"):
             held.set()
             release.wait(30)
 
@@ -134,7 +135,7 @@ def test_a_second_run_into_the_same_directory_fails_at_once_naming_the_holder(tm
     job.start()
     try:
         assert held.wait(30)
-        with pytest.raises(ft.RunLocked, match=rf"in use by another fine-tuning run \(pid {os.getpid()}\)"):
+        with pytest.raises(RunLocked, match=rf"in use by another fine-tuning run \(pid {os.getpid()}\)"):
             ft.finetune(fresh(), x, y, tiny_config(), tmp_path / "run")
     finally:
         release.set()
@@ -148,10 +149,10 @@ def test_a_second_process_is_locked_out(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from cliplab import training as ft\n"
-            "try:\n    ft.run_lock(Path(sys.argv[1])).__enter__()\nexcept ft.RunLocked as e:\n"
+    code = ("import sys; from pathlib import Path; from cliplab._io import RunLocked, run_lock\n"
+            "try:\n    run_lock(Path(sys.argv[1])).__enter__()\nexcept RunLocked as e:\n"
             "    print(e); sys.exit(3)\n")
-    with ft.run_lock(tmp_path):
+    with run_lock(tmp_path):
         locked = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert locked.returncode == 3 and f"pid {os.getpid()}" in locked.stdout
     free = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
@@ -357,8 +358,6 @@ def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):
 def test_a_lock_taken_where_there_was_no_directory_leaves_none_when_its_block_fails(tmp_path):
     """reproduce locks its results directory before it checks weights and data: a bad input must leave no folder
     (nor a lock file) behind; one that was there, or that got other files, stays."""
-    from cliplab.training.runs import run_lock
-
     with pytest.raises(ValueError, match="bad weights"):
         with run_lock(tmp_path / "results" / "shapes", "reproduce run"):
             raise ValueError("bad weights")

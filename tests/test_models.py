@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab.data import render_shapes
+from cliplab.shapes100 import render_shapes
 
 
 def _logits(clf, x):

@@ -4,8 +4,8 @@ import torch
 
 import cliplab
 from cliplab.classifier import ZeroShotClassifier
-from cliplab.data import SHAPES100_CLASSES, SHAPES100_TEMPLATES
-from cliplab.shapes_clip import ShapesCLIPConfig, caption_loss, train_shapes_clip
+from cliplab.shapes100 import SHAPES100_CLASSES, SHAPES100_TEMPLATES
+from cliplab.study.pretraining import ShapesCLIPConfig, caption_loss, train_shapes_clip
 
 
 def test_caption_loss_treats_same_class_captions_as_positives():

@@ -158,17 +158,26 @@ def _distributed_command(args) -> int:
         _distributed.stop()
 
 
+# the one-line help (cliplab --help) and the description (cliplab COMMAND --help) of the two evaluation commands
+SUMMARIES = {
+    "evaluate": "worst-case robust accuracy of a model over an attack ensemble (a robustness report card)",
+    "benchmark": "worst-case zero-shot robustness of several models on several data sets (a grid)",
+}
+DESCRIPTIONS = {
+    "evaluate": "Clean, per-attack and worst-case robust accuracy at each radius, with n and 95% CIs: a Markdown table "
+                "on stdout and, with --out, a JSON file with the settings, versions and seed.",
+    "benchmark": "Clean and worst-case robust accuracy of every model on every data set of the zero-shot suite, one "
+                 "cell at a time, each written to OUT/cells as it finishes (run the same command again to resume); "
+                 "then OUT/benchmark.md, .csv and .png.",
+}
+
+
 def _add_evaluate_parser(commands) -> None:
-    evaluate = commands.add_parser(
-        "evaluate", help="worst-case robust accuracy of a model over an attack ensemble (a robustness report card)",
-        description="Clean, per-attack and worst-case robust accuracy at each radius, with n and 95% CIs: a "
-                    "Markdown table on stdout and, with --out, a JSON file with the settings, versions and seed.")
+    evaluate = commands.add_parser("evaluate", help=SUMMARIES["evaluate"], description=DESCRIPTIONS["evaluate"])
     evaluate.add_argument("--model", default=None,
                           help="a profile (shapes, cifar100) or an open_clip model name such as ViT-B-32 "
                                "(default: the data set's profile)")
-    evaluate.add_argument("--pretrained", metavar="PATH_OR_TAG",
-                          help="a local checkpoint (a cliplab finetune final.safetensors too) or an open_clip tag "
-                               "(default: the profile's own weights; required for a bare model name)")
+    _add_pretrained_argument(evaluate, "the profile's own weights; required for a bare model name")
     evaluate.add_argument("--encoder", type=_path, metavar="PATH",
                           help="an image encoder alone, loaded on top of the model (the notebooks' cache, e.g. "
                                "notebooks/encoders/shapes/fare-full.safetensors)")
@@ -188,8 +197,7 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--votes", type=int, default=1, help="majority vote of this many passes scores an image")
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the sample of images and every attack")
-    evaluate.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
-    _add_precision_arguments(evaluate)
+    _add_precision_arguments(evaluate, device="default: CUDA when available")
     evaluate.add_argument("--out", type=_path, help="directory for evaluation.json")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an evaluation.json already in --out (default: refuse, before any work)")
@@ -216,11 +224,7 @@ def _add_attack_budget_arguments(parser) -> None:
 def _add_benchmark_parser(commands) -> None:
     from ..suite import SUITE
 
-    bench = commands.add_parser(
-        "benchmark", help="worst-case zero-shot robustness of several models on several data sets (a grid)",
-        description="Clean and worst-case robust accuracy of every model on every data set of the zero-shot suite, "
-                    "one cell at a time, each written to OUT/cells as it finishes (run the same command again to "
-                    "resume); then OUT/benchmark.md, .csv and .png.")
+    bench = commands.add_parser("benchmark", help=SUMMARIES["benchmark"], description=DESCRIPTIONS["benchmark"])
     bench.add_argument("--models", type=_model_specs, required=True,
                        help="comma-separated [LABEL=]NAME[:PRETRAINED][+ENCODER]: a profile (shapes, cifar100), an "
                             "open_clip architecture with a tag or a checkpoint (ViT-B-32:openai, "
@@ -241,8 +245,7 @@ def _add_benchmark_parser(commands) -> None:
                        help="one prompt per class instead of each data set's prompt ensemble")
     bench.add_argument("--image-size", type=int, default=224,
                        help="side to which photographs of many sizes are resized and cropped (default: 224)")
-    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
-    _add_precision_arguments(bench)
+    _add_precision_arguments(bench, device="default: CUDA when available")
     bench.add_argument("--out", type=_path, required=True, help="directory of the cells and the results")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -341,7 +344,7 @@ def _evaluate(args) -> int:
 
 def _output_lock(out: Path | None, what: str):
     """``run_lock`` on a command's output directory, held by the main process (none without ``--out``)."""
-    from ..training.runs import run_lock
+    from .._io import run_lock
 
     return run_lock(out, what) if out is not None and _distributed.is_main() else contextlib.nullcontext()
 
@@ -394,17 +397,22 @@ def _listed(text: str, known, allowed: str) -> tuple[str, ...]:
 def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose a profile and what it loads, shared by ``reproduce`` and ``finetune``."""
     parser.add_argument("--profile", choices=sorted(PROFILES), help="default: $CLIPLAB_PROFILE, else shapes")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: the profile's (CUDA for cifar100)")
-    parser.add_argument("--pretrained", metavar="PATH_OR_TAG",
-                        help="model weights: a local checkpoint (.safetensors/.pt/.bin) or an open_clip tag "
-                             "(default: the profile's own; cifar100: OpenAI's, from the Hugging Face cache)")
+    _add_pretrained_argument(parser, "the profile's own; cifar100: OpenAI's, from the Hugging Face cache")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="directory holding cifar-100-python/ (default: $CLIPLAB_DATA or ~/.cache/cliplab/data)")
-    _add_precision_arguments(parser)
+    _add_precision_arguments(parser, device="default: the profile's (CUDA for cifar100)")
 
 
-def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` and its shorthand ``--fp32``, one or the other."""
+def _add_pretrained_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--pretrained", metavar="PATH_OR_TAG",
+                        help="model weights: a local checkpoint (.safetensors/.pt/.bin; a cliplab finetune "
+                             f"final.safetensors too) or an open_clip tag (default: {default})")
+
+
+def _add_precision_arguments(parser: argparse.ArgumentParser, device: str) -> None:
+    """``--device`` (``device`` says its default), then ``--precision`` and its shorthand ``--fp32``, one or the
+    other."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), help=device)
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(
         "--precision", choices=PRECISIONS,
@@ -521,7 +529,7 @@ def _train_shapes_clip(out: Path, steps: int | None, overwrite: bool) -> int:
     import torch
 
     from ..models import save_weights
-    from ..shapes_clip import ShapesCLIPConfig, train_shapes_clip
+    from ..study.pretraining import ShapesCLIPConfig, train_shapes_clip
 
     config = ShapesCLIPConfig() if steps is None else ShapesCLIPConfig(steps=steps)
     check_new_file(out, "--out", overwrite)  # before the training, whose model would otherwise be lost

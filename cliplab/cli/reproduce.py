@@ -22,7 +22,7 @@ from .._arguments import check_directory, check_int
 from .._io import atomic_write
 from .._torch import precision_line, resolve_precision
 from ..study.profiles import Profile, profile_environment
-from ..training.runs import written_by_a_run
+from .._io import written_by_a_run
 from .stopping import STOP_SIGNALS, interruption
 
 # what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra

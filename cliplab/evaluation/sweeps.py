@@ -22,13 +22,9 @@ from .statistics import Proportion
 
 @dataclass(frozen=True)
 class RobustAccuracy:
-    """Clean and adversarial accuracy on the same images.
-
-    Attributes:
-        clean: accuracy on the clean images.
-        robust: accuracy on the adversarial images (a misclassified clean image counts as not robust).
-        success: untargeted success rate among the images classified correctly when clean.
-    """
+    """Clean and adversarial accuracy on the same images: ``clean`` on the clean images, ``robust`` on the
+    adversarial ones (a misclassified clean image counts as not robust), and ``success``, the untargeted success
+    rate among the images classified correctly when clean."""
 
     clean: Proportion
     robust: Proportion

@@ -7,6 +7,7 @@
 - ``measures``: the seeded targets of the targeted attacks, 03's certified accuracy, 06's neuron geometry and
   trainable parameters;
 - ``conclusions``: what each notebook's results say, written from them (judgements by disjoint 95% intervals);
+- ``pretraining``: the recipe that trained the shapes profile's tiny CLIP (``cliplab train-shapes-clip``);
 - ``report``: ``cliplab evaluate``'s worst-case report card;
 - ``plots``: the notebooks' figures.
 

@@ -26,7 +26,7 @@ from .._torch import PRECISIONS, resolve_precision
 from ..evaluation.ensemble import ENSEMBLES, ThreatModel, check_attack_plan, fit_to_classes
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
-from ..training.runs import run_lock, written_by_a_run
+from .._io import run_lock, written_by_a_run
 from .profiles import Runtime
 from .report import check_encoder, results_document, versions
 

@@ -28,7 +28,8 @@ from ..evaluation.tables import format_accuracy_table, robustness_table
 from ..models import save_weights
 from ..training.config import FinetuneConfig
 from ..training.oft import check_block_size, merge_oft
-from ..training.runs import check_run_directory, check_same_run, run_lock, run_settings
+from .._io import run_lock
+from ..training.runs import check_run_directory, check_same_run, run_settings
 from ..training.trainer import finetune
 from .conclusions import Markdown
 from .measures import trainable_parameters

@@ -3,12 +3,10 @@ directory holds this run and nothing else, and the lock that keeps a second run 
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
 import re
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,11 +14,10 @@ import torch
 
 from .. import _distributed
 from .._arguments import check_directory
-from .._io import TEMPORARY_GLOB, atomic_write, file_lock, lock_holder, save_tensors
+from .._io import LOCK_FILE, TEMPORARY_GLOB, atomic_write, save_tensors
 from .config import FinetuneConfig
 
 _CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
-_LOCK = ".lock"
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -115,65 +112,13 @@ def _check_fresh(out: Path) -> None:
 
 def _is_run_file(name: str) -> bool:
     """Files a run writes: its checkpoints, history, pointer, lock and temporary files."""
-    return (bool(_CHECKPOINT_FILE.fullmatch(name)) or name in ("latest.json", "history.json", _LOCK)
+    return (bool(_CHECKPOINT_FILE.fullmatch(name)) or name in ("latest.json", "history.json", LOCK_FILE)
             or fnmatch.fnmatch(name, TEMPORARY_GLOB))
 
 
 def remove_temporary_files(out: Path) -> None:
     for tmp in out.glob(TEMPORARY_GLOB):
         tmp.unlink(missing_ok=True)
-
-
-class RunLocked(FileExistsError):
-    """Another process is training into the same directory (a run that exists, in progress)."""
-
-
-_HELD: set[tuple[Path, int]] = set()  # (run directory, thread) for each lock this process holds
-
-
-def written_by_a_run(out: str | os.PathLike) -> bool:
-    """Whether a cliplab run has written into ``out``: every run takes ``run_lock`` on its output directory, and
-    the lock file it leaves there marks the directory as a run's (files beside it are the run's to replace)."""
-    return (Path(out) / _LOCK).is_file()
-
-
-@contextlib.contextmanager
-def run_lock(out: Path, what: str = "fine-tuning run"):
-    """Hold an exclusive lock on ``out`` (its ``.lock`` file, which records the holder's pid) for the block; a
-    second run into the same directory fails at once, naming the holder, which ``what`` describes. The kernel drops
-    the lock when the holder exits, killed or not. Re-entrant within a thread: ``finetune_and_evaluate`` takes it
-    before loading anything, and the ``finetune`` it calls finds it held; another thread, like another process, is
-    refused. A block that fails leaves no trace of the lock where it found no directory: the folders it made for
-    the lock are removed again if nothing else was written in them."""
-    out = Path(out)
-    key = (out.resolve(), threading.get_ident())
-    if key in _HELD:
-        yield
-        return
-    check_directory(out, "out")
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    with file_lock(out / _LOCK, wait=False) as held:
-        if not held:
-            raise RunLocked(f"{out} is in use by another {what} (pid {lock_holder(out / _LOCK)}): wait for it to end, "
-                            f"or choose another directory")
-        _HELD.add(key)
-        try:
-            yield
-        except BaseException:
-            _remove_if_only_the_lock(made)
-            raise
-        finally:
-            _HELD.discard(key)
-
-
-def _remove_if_only_the_lock(made: list[Path]) -> None:
-    """Remove the folders ``run_lock`` made (deepest first) while they hold nothing but its lock file."""
-    for folder in made:
-        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {_LOCK}:
-            (folder / _LOCK).unlink(missing_ok=True)
-            folder.rmdir()
-        else:
-            return
 
 
 def run_settings(config: FinetuneConfig | dict) -> dict:

@@ -29,7 +29,8 @@ from .config import FinetuneConfig
 from .objectives import objective_config, training_objective
 from .oft import apply_oft, oft_parameters
 from .optimizer import adamw
-from .runs import check_run_directory, read_checkpoint, remove_temporary_files, run_lock, run_settings, save_checkpoint
+from .._io import run_lock
+from .runs import check_run_directory, read_checkpoint, remove_temporary_files, run_settings, save_checkpoint
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
