@@ -23,7 +23,7 @@ in [0, 1], resized to 224x224 inside the classifier:
 
 2. **OFT forward overhead** (``--bench oft``): images per second of the image encoder's forward pass
    under ``torch.no_grad()`` with OFT rotations applied (``apply_oft``, unmerged: each linear weight
-   is W0 R^T, recomputed every call) against the same encoder after ``merge_oft`` (plain weights),
+   is W0 R^T, recomputed every call) against the same encoder after ``merge_adapters`` (plain weights),
    batch ``--batch-size``; the outputs of the two are checked to agree.
 
 Run (from the repository root, with the venv active)::
@@ -45,7 +45,7 @@ import torch
 import cliplab
 from bench_attacks import IMAGE_SIZE, MODEL, best_of, cpu_name, setup
 from cliplab import training as ft
-from cliplab.training import apply_oft, merge_oft, oft_parameters
+from cliplab.training import apply_oft, merge_adapters, oft_parameters
 
 EPS = 4 / 255
 
@@ -122,7 +122,7 @@ def bench_oft(base: cliplab.ZeroShotClassifier, x: torch.Tensor, args: argparse.
     with torch.no_grad():
         for parameter in oft_parameters(visual):  # rotate away from the identity, as after training
             parameter.normal_(std=0.01)
-    merged = merge_oft(copy.deepcopy(visual))
+    merged = merge_adapters(copy.deepcopy(visual))
     images = base.preprocess(x)
     with torch.no_grad():
         difference = (visual(images) - merged(images)).abs().max().item()

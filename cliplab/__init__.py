@@ -26,7 +26,7 @@ _HOMES = {
                      "gradient_masking_report", "pgd_accuracy", "predict"], ".evaluation"),
     **dict.fromkeys(["load_classifier", "save_weights"], ".models"),
     **dict.fromkeys(["Profile", "get_profile"], ".study"),
-    **dict.fromkeys(["apply_oft", "merge_oft"], ".training"),
+    **dict.fromkeys(["apply_lora", "apply_oft", "merge_adapters"], ".training"),
 }
 # the modules a notebook imports by name (every other submodule is found as well: cliplab.training, ...)
 _MODULES = {"plots": ".study.plots", "study": ".study"}

@@ -271,6 +271,52 @@ def test_finetune_resume_problems_are_found_before_anything_is_loaded(tmp_path, 
     assert "not a cliplab run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--adapter", "lora", "--rank", "0"], "rank must be >= 1"),
+    (["--adapter", "lora", "--rank", "128"], "rank must be below both sides of every adapted weight: 128"),
+    (["--adapter", "oft", "--block-size", "48"], "block_size must divide the width of every adapted weight"),
+    (["--adapter", "last-k", "--blocks", "5"], "blocks must be at most the encoder's depth, 4 blocks, got 5"),
+    (["--adapter", "full", "--rank", "4"], "rank applies to adapter='lora' only, got it with adapter='full'"),
+    (["--adapter", "bitfit", "--blocks", "2"], "blocks applies to adapter='last-k' only"),
+])
+def test_an_adapter_size_that_does_not_fit_is_refused_before_anything_is_loaded(args, says, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from cliplab.study import Profile
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the adapter was checked")
+
+    monkeypatch.setattr(Profile, "load_classifier", never)
+    monkeypatch.setattr(Profile, "load_dataset", never)
+    assert main(["finetune", "--out", str(tmp_path / "run"), *args]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_adapter_option_names_every_adapter(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--out", "x", "--adapter", "prompt"])
+    assert "(choose from 'full', 'oft', 'lora', 'last-k', 'bitfit')" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # renders the profile's 10,000 training images
+@pytest.mark.parametrize("adapter, size", [("lora", ["--rank", "2"]), ("last-k", ["--blocks", "2"]),
+                                           ("bitfit", [])])
+def test_every_adapter_trains_merges_and_evaluates_through_the_command_line(adapter, size, tmp_path, capsys):
+    """cliplab finetune writes the merged weights, which cliplab evaluate loads as any checkpoint."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--adapter", adapter, *size, "--steps", "2", "--save-every", "1", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    weights = load_file(out / "final.safetensors")
+    assert not any("parametrizations" in key for key in weights), "merged into plain weights"
+    capsys.readouterr()
+    assert main(["evaluate", "--pretrained", str(out / "final.safetensors"), "--n", "8", "--eps", "4/255",
+                 "--attacks", "apgd-ce", "--steps", "2", "--device", "cpu", "--quiet"]) == 0
+    assert "| eps 4/255 |" in capsys.readouterr().out
+
+
 def test_shell_replies_are_polled_in_slices():
     """A reply that a long get_msg would only see at its timeout (jupyter/nbclient#312) is found by the next
     one-second poll; with nothing to receive, the overall timeout still holds."""

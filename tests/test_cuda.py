@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cliplab
-from cliplab import Denoised, GaussianNoise, RandomizedSmoothing, apply_oft, merge_oft
+from cliplab import Denoised, GaussianNoise, RandomizedSmoothing, apply_oft, merge_adapters
 from cliplab.defences import denoise
 from cliplab import training as ft
 from cliplab.training import objectives
@@ -160,7 +160,7 @@ def test_finetune_steps_save_and_resume(clf, images, tmp_path, monkeypatch, meth
     assert moved, "fine-tuning must change the encoder"
 
 
-def test_merge_oft(clf, images):
+def test_merge_adapters(clf, images):
     x, _ = images
     model = _with_precision(clf, "fp32")
     apply_oft(model.model.visual, block_size=8)
@@ -169,7 +169,7 @@ def test_merge_oft(clf, images):
         parameter.data.normal_(0, 0.05)
     with torch.no_grad():
         before = model(x)
-        merge_oft(model.model.visual)
+        merge_adapters(model.model.visual)
         after = model(x)
     assert not ft.oft_parameters(model.model.visual) and _devices(model) == {torch.device(DEVICE).type}
     torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)

@@ -53,6 +53,19 @@ def test_report_card_of_a_fine_tuned_checkpoint_matches_the_library(tmp_path, ca
     assert hits == {name: p.hits for name, p in expected.per_attack.items()}
 
 
+@pytest.mark.slow  # one short evaluation per committed encoder
+def test_every_adapters_merged_encoder_loads_through_the_command_line(capsys):
+    """06's encoders hold every adapter (full, OFT, LoRA, the last block, BitFit) merged into plain weights: each
+    loads with --encoder."""
+    encoders = sorted(NOTEBOOK_CHECKPOINTS.glob("*.safetensors"))
+    adapters = {json.loads(p.with_suffix(".json").read_text())["config"]["adapter"] for p in encoders}
+    assert adapters == {"full", "oft", "lora", "last-k", "bitfit"}
+    for encoder in encoders:
+        assert main(["evaluate", "--encoder", str(encoder), "--n", "4", "--eps", "4/255", "--attacks", "apgd-ce",
+                     *FAST]) == 0, encoder.name
+        assert "| eps 4/255 |" in capsys.readouterr().out
+
+
 def test_report_card_of_a_cached_encoder(tmp_path, capsys):
     """The notebooks' fine-tuned encoders (the image encoder alone) load with --encoder; a file holding anything else
     is refused before any work."""

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import cliplab
 from cliplab import training as ft, study
@@ -47,7 +48,8 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method, adapter, eval_every", [("fare", "full", 0), ("tecoa", "oft", 1)])
+@pytest.mark.parametrize("method, adapter, eval_every", [("fare", "full", 0), ("tecoa", "oft", 1), ("fare", "lora", 0),
+                                                        ("tecoa", "last-k", 0), ("fare", "bitfit", 0)])
 def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data, method, adapter, eval_every):
     x, y = data
     config = tiny_config(method=method, adapter=adapter, eval_every=eval_every)
@@ -66,6 +68,47 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert history == json.loads((tmp_path / "full" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
+
+
+KILLED_RUN = """
+import json, os, signal, sys, torch
+import cliplab
+from cliplab import training as ft
+from cliplab.training import objectives
+config, out, kill_at = ft.FinetuneConfig(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+real, calls = objectives.adversarial_loss, []
+def killed(*args):
+    calls.append(1)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no cleanup, no exception
+    return real(*args)
+objectives.adversarial_loss = killed
+x, y, _ = cliplab.load_dataset("shapes", split="test", n=64)
+torch.manual_seed(0)
+classifier = cliplab.load_classifier("shapes", pretrained=None, device="cpu", precision="fp32")
+torch.manual_seed(0)
+ft.finetune(classifier, x, y, config, out, resume=os.path.exists(os.path.join(out, "latest.json")))
+"""
+
+
+@pytest.mark.slow  # three processes per adapter
+@pytest.mark.parametrize("adapter", ["lora", "last-k", "bitfit"])
+def test_every_adapter_resumes_after_kill_9_to_the_uninterrupted_weights(tmp_path, data, adapter):
+    import subprocess
+    import sys
+
+    x, y = data
+    settings = dict(steps=4, batch_size=8, attack_steps=2, save_every=2, warmup=1, lr=1e-3, progress=False,
+                    adapter=adapter)
+    reference = weights(ft.finetune(fresh(), x, y, ft.FinetuneConfig(**settings), tmp_path / "whole"))
+    run = [sys.executable, "-c", KILLED_RUN, json.dumps(settings), str(tmp_path / "killed")]
+    assert subprocess.run([*run, "3"], capture_output=True).returncode == -9  # killed in its third step
+    assert json.loads((tmp_path / "killed" / "latest.json").read_text()) == {"step": 2}
+    resumed = subprocess.run([*run, "0"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = load_file(tmp_path / "killed" / "checkpoint-4.safetensors")
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[key], reference[key]) for key in reference)
 
 
 def test_checkpoint_clean_up_deletes_only_its_own_files(tmp_path, data):
@@ -246,7 +289,10 @@ def test_oft_trains_only_rotations_and_export_merges(data, tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"), (dict(steps=0), "steps"), (dict(eps=1.5), "eps"),
     (dict(eps=0.0), r"eps must be in \(0, 1\].*adversarial fine-tuning needs a radius"),
-    (dict(eps=-0.1), "eps"), (dict(method="pgd"), "method"), (dict(adapter="lora"), "adapter"),
+    (dict(eps=-0.1), "eps"), (dict(method="pgd"), "method"), (dict(adapter="prompt"), "adapter"),
+    (dict(adapter="lora", rank=0), "rank"), (dict(adapter="lora", rank=128), "rank must be below both sides"),
+    (dict(adapter="last-k", blocks=9), "blocks must be at most the encoder's depth, 4 blocks"),
+    (dict(adapter="oft", block_size=5), "block_size must divide"),
     (dict(save_every=0), "save_every"), (dict(eval_every=-1), "eval_every"),
 ])
 def test_bad_config_names_the_field(overrides, match, data, tmp_path):
@@ -341,6 +387,13 @@ def test_profile_finetune_config_takes_the_profile_budgets_per_adapter():
     assert (custom.method, custom.block_size, custom.lr, custom.steps) == ("tecoa", 4, 1e-2, 3)
     with pytest.raises(ValueError, match=r"^block_size must be >= 1"):  # not silently the profile's 128
         profile.finetune_config("fare", "oft", block_size=0).validate()
+    for adapter in ("lora", "last-k", "bitfit"):  # every restricted update: OFT's clean weight
+        assert profile.finetune_config("fare", adapter).clean_weight == profile.finetuning.oft_clean_weight
+    for adapter in ("lora", "bitfit"):  # updates that start at zero, as OFT's rotations do: OFT's learning rate
+        assert profile.finetune_config("fare", adapter).lr == profile.finetuning.oft_lr
+    assert profile.finetune_config("fare", "last-k").lr == profile.finetuning.lr  # it trains weights themselves
+    with pytest.raises(ValueError, match="rank applies to adapter='lora' only, got it with adapter='oft'"):
+        profile.finetune_config("fare", "oft", rank=4)
 
 
 def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):

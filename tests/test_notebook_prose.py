@@ -119,6 +119,36 @@ def test_oft_missing_its_targets_is_said_so():
     assert "none is clearly more accurate on clean images" in text
 
 
+FAMILIES = {"FARE-full": "full", "FARE-OFT b=128": "oft", "FARE-OFT b=16": "oft", "FARE-LoRA r=28": "lora",
+            "FARE-BitFit": "bitfit"}
+PARAMETERS = {"FARE-full": 828_672, "FARE-OFT b=128": 227_584, "FARE-OFT b=16": 26_880, "FARE-LoRA r=28": 229_376,
+              "FARE-BitFit": 7_168}
+
+
+def test_the_frontier_is_the_points_no_other_beats_on_both_axes():
+    points = {"a": (p(90), p(50)), "b": (p(95), p(30)), "c": (p(85), p(40)), "d": (p(95), p(20))}
+    assert conclusions.pareto_front(points) == ["a", "b"]  # c is beaten by a, d by b
+
+
+def test_a_restricted_update_clearly_above_oft_says_the_shortfall_is_ofts():
+    points = {"FARE-full": (p(90), p(53)), "FARE-OFT b=128": (p(93), p(27)), "FARE-OFT b=16": (p(91), p(9)),
+              "FARE-LoRA r=28": (p(94), p(40)), "FARE-BitFit": (p(96), p(5))}
+    text = conclusions.frontier_conclusions(points, FAMILIES, PARAMETERS, 4 / 255, full="FARE-full")
+    assert "FARE-LoRA r=28 is clearly more robust than OFT's best at 4/255: what OFT misses is OFT's" in text
+    assert "lora: its most robust, FARE-LoRA r=28 (229,376 parameters)" in text and "+13.0 points" in text
+    assert "from the cleanest to the most robust: FARE-BitFit (7,168 parameters), FARE-LoRA r=28" in text
+    assert "every restricted update is clearly less robust" in text
+
+
+def test_no_restricted_update_above_oft_says_oft_does_no_worse():
+    points = {"FARE-full": (p(90), p(53)), "FARE-OFT b=128": (p(93), p(27)), "FARE-OFT b=16": (p(91), p(9)),
+              "FARE-LoRA r=28": (p(94), p(25)), "FARE-BitFit": (p(96), p(5))}
+    text = conclusions.frontier_conclusions(points, FAMILIES, PARAMETERS, 4 / 255, full="FARE-full")
+    assert "no other restricted update is clearly more robust than OFT's best at 4/255" in text
+    assert "is indistinguishable from OFT's most robust, FARE-OFT b=128" in text
+    assert "every restricted update is clearly less robust; FARE-BitFit is clearly cleaner." in text
+
+
 def test_a_target_inside_the_interval_is_not_settled():
     assert conclusions.verdict(p(28), 0.25).startswith("not settled at this n") and "estimate meets" in \
         conclusions.verdict(p(28), 0.25)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cliplab.training.oft import OrthogonalRotation
-from cliplab.training import apply_oft, merge_oft, oft_parameters
+from cliplab.training import apply_oft, merge_adapters, oft_parameters
 
 
 def perturb(module, scale=0.3):
@@ -58,7 +58,7 @@ def test_merged_and_unmerged_outputs_agree(visual):
     apply_oft(visual, block_size=8)
     perturb(visual)
     adapted = visual(x)
-    merge_oft(visual)
+    merge_adapters(visual)
     assert not any(isinstance(m, OrthogonalRotation) for m in visual.modules())
     torch.testing.assert_close(visual(x), adapted, atol=1e-5, rtol=1e-4)
 
@@ -69,7 +69,7 @@ def test_merging_a_copy_leaves_the_original_working(visual):
     apply_oft(visual, block_size=8)
     perturb(visual)
     adapted = visual(x)
-    merged = merge_oft(copy.deepcopy(visual))
+    merged = merge_adapters(copy.deepcopy(visual))
     torch.testing.assert_close(visual(x), adapted)
     torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-4)
     assert oft_parameters(visual) and not oft_parameters(merged)

@@ -13,7 +13,7 @@ import torch
 import cliplab
 from cliplab import study
 from cliplab.evaluation import PGDSweep
-from cliplab.training import apply_oft, merge_oft, oft_parameters
+from cliplab.training import apply_oft, merge_adapters, oft_parameters
 
 
 def test_random_targets_are_seeded_other_classes_on_the_labels_device():
@@ -96,9 +96,9 @@ def test_oft_keeps_the_neuron_geometry_that_full_fine_tuning_changes(random_shap
     with torch.no_grad():
         for parameter in oft_parameters(rotated.model.visual):
             parameter.normal_(0, 0.1)  # a real rotation of every block
-    with pytest.raises(ValueError, match="merge_oft"):
+    with pytest.raises(ValueError, match="merge_adapters"):
         study.neuron_geometry(rotated)  # the rotations are not in the weights yet
-    merge_oft(rotated.model.visual)
+    merge_adapters(rotated.model.visual)
     norm_change, angle_change = study.geometry_change(reference, study.neuron_geometry(rotated))
     assert norm_change.max() < 1e-5 and angle_change.max() < 1e-3
 
@@ -272,11 +272,12 @@ def test_the_study_runs_name_the_committed_encoders_with_their_settings():
     trained with exactly its settings, so that `cliplab reproduce` on shapes trains nothing it has."""
     from pathlib import Path
 
-    from cliplab.study.finetuning import finetune_runs
+    from cliplab.study.finetuning import finetune_runs, frontier_runs
     from cliplab.training.runs import check_same_run
 
     committed = Path(__file__).resolve().parents[1] / "notebooks" / "encoders" / "shapes"
-    runs = finetune_runs(cliplab.get_profile("shapes"))
+    profile = cliplab.get_profile("shapes")
+    runs = finetune_runs(profile) | frontier_runs(profile, profile.load_classifier().model.visual)
     assert sorted(cache for cache, _ in runs.values()) == sorted(p.stem for p in committed.glob("*.safetensors"))
     for cache, config in runs.values():
         check_same_run(json.loads((committed / f"{cache}.json").read_text())["config"], config, cache)

@@ -18,6 +18,7 @@ from .. import _distributed
 from .._arguments import check_int, check_new_file
 from .._torch import PRECISIONS
 from ..study.profiles import PROFILES, Profile, Runtime, get_profile
+from ..training.config import ADAPTERS
 from .reproduce import plan_reproduction, reproduce
 from .stopping import StopSignals
 
@@ -49,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="adversarially fine-tune the image encoder (FARE or TeCoA)")
     _add_profile_arguments(tune)
     tune.add_argument("--method", default="fare", help="fare (unsupervised) or tecoa (supervised)")
-    tune.add_argument("--adapter", default="full", help="full or oft")
-    tune.add_argument("--block-size", type=int, help="OFT block size (default: the profile's first)")
+    tune.add_argument("--adapter", default="full", choices=ADAPTERS,
+                      help="what is trained: full (every weight), oft (orthogonal rotations), lora (low-rank "
+                           "updates), last-k (the last blocks), bitfit (biases and norms); default: full")
+    tune.add_argument("--block-size", type=int, help="oft: block size (default: the profile's first)")
+    tune.add_argument("--rank", type=int, help="lora: rank (default: the profile's first)")
+    tune.add_argument("--blocks", type=int, help="last-k: how many of the last blocks (default: the profile's first)")
     tune.add_argument("--eps", type=_radius, help="L-inf radius, e.g. 4/255 or 0.0157 (default: 4/255)")
     tune.add_argument("--steps", type=int, help="optimiser steps (default: the profile's)")
     tune.add_argument("--batch-size", type=int,
@@ -505,8 +510,8 @@ def _finetune(args, profile: Profile) -> int:
 
     given = dict(eps=args.eps, steps=args.steps, batch_size=args.batch_size, lr=args.lr, clean_weight=args.clean_weight,
                  save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
-    config = profile.finetune_config(args.method, args.adapter, block_size=args.block_size,
-                                     **{k: v for k, v in given.items() if v is not None})
+    config = profile.finetune_config(args.method, args.adapter, block_size=args.block_size, rank=args.rank,
+                                     blocks=args.blocks, **given)
     _say_precision(profile.runtime)
     metrics = finetune_and_evaluate(profile, config, args.out, resume=args.resume)
     if not _distributed.is_main():

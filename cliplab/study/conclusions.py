@@ -347,6 +347,56 @@ def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candid
     return _join(lines)
 
 
+def pareto_front(points: Mapping[str, tuple[Proportion, Proportion]]) -> list[str]:
+    """The points no other point dominates (at least as clean and as robust, and better in one), by point estimate,
+    in order of clean accuracy: the frontier of the clean-vs-robust trade-off."""
+    def dominated(name):
+        clean, robust = (p.value for p in points[name])
+        return any(c.value >= clean and r.value >= robust and (c.value, r.value) != (clean, robust)
+                   for other, (c, r) in points.items() if other != name)
+    return sorted((name for name in points if not dominated(name)), key=lambda name: points[name][0].value)
+
+
+def frontier_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], families: Mapping[str, str],
+                         parameters: Mapping[str, int], eps: float, *, full: str, oft: str = "oft") -> Markdown:
+    """06's frontier: fine-tuned models (name -> (clean, worst-case robust at ``eps``)), each of an adapter family
+    (``families``: name -> "oft", "lora", ...) with its trainable ``parameters``. Which lie on the frontier; each
+    family's most robust member against OFT's and against full fine-tuning (``full``); which are clearly cleaner
+    than ``full``."""
+    front = pareto_front(points)
+    lines = [f"- On the frontier (no other fine-tuned model is both cleaner and more robust at {_eps(eps)}, by point "
+             f"estimate), from the cleanest to the most robust: "
+             + _listing([f"{name} ({parameters[name]:,} parameters)" for name in reversed(front)]) + "."]
+    best = {}
+    for name, family in families.items():
+        if family not in best or points[name][1].value > points[best[family]][1].value:
+            best[family] = name
+    top_oft = best[oft]
+    for family, name in best.items():
+        if family == oft or name == full:
+            continue
+        robust, reference = points[name][1], points[top_oft][1]
+        lines.append(f"- {family}: its most robust, {name} ({parameters[name]:,} parameters), "
+                     f"{rate(robust)}, is {relation(robust, reference)} OFT's most robust, {top_oft} "
+                     f"({parameters[top_oft]:,} parameters, {rate(reference)}): "
+                     f"{100 * (robust.value - reference.value):+.1f} points.")
+    restricted = [name for name in points if name != full and families[name] != "full"]
+    above = [name for name in restricted if compare(points[name][1], points[top_oft][1]) > 0]
+    lines.append("- Is it OFT, or any restricted update? "
+                 + (f"{_listing(above)} {'is' if len(above) == 1 else 'are'} clearly more robust than OFT's best "
+                    f"at {_eps(eps)}: what OFT misses is OFT's, not every restricted update's." if above else
+                    f"no other restricted update is clearly more robust than OFT's best at {_eps(eps)}: at these sizes "
+                    "and this budget, OFT does no worse than the other restrictions."))
+    level = [name for name in restricted if compare(points[name][1], points[full][1]) >= 0]
+    cleaner = [name for name in restricted if compare(points[name][0], points[full][0]) > 0]
+    lines.append(f"- Against {full} ({rate(points[full][1])} at {_eps(eps)}, clean {rate(points[full][0])}): "
+                 + (f"{_listing(level)} {'is' if len(level) == 1 else 'are'} not clearly less robust"
+                    if level else "every restricted update is clearly less robust")
+                 + "; " + (f"{_listing(cleaner)} {'is' if len(cleaner) == 1 else 'are'} clearly cleaner."
+                           if cleaner else "none is clearly cleaner."))
+    return _join(lines)
+
+
 # ------------------------------------------------------------------------------------------ 07: every defence
 
 

@@ -10,8 +10,10 @@ import copy
 import json
 import os
 import shutil
+import statistics
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +29,11 @@ from ..evaluation.sweeps import pgd_accuracy
 from ..evaluation.tables import format_accuracy_table, robustness_table
 from ..models import save_weights
 from ..training.config import FinetuneConfig
-from ..training.oft import check_block_size, merge_oft
+from ..training.adapters import check_adapter, matching_lora_rank, merge_adapters
 from .._io import run_lock
 from ..training.runs import check_run_directory, check_same_run, run_settings
-from ..training.trainer import finetune
+from ..training.objectives import training_objective
+from ..training.trainer import finetune, prepare, train_step
 from .conclusions import Markdown
 from .measures import trainable_parameters
 from .shared import fingerprint, shared
@@ -60,18 +63,26 @@ class FinetuneStudy:
         self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
 
     def runs(self) -> dict[str, tuple[str, FinetuneConfig]]:
-        """``finetune_runs`` of the profile."""
+        """``finetune_runs`` of the profile: 05-07's fine-tuned models."""
         return finetune_runs(self.profile)
 
+    def frontier(self) -> dict[str, tuple[str, FinetuneConfig]]:
+        """``frontier_runs`` of the profile and its image encoder: 06's other restricted updates."""
+        return frontier_runs(self.profile, self.original.model.visual)
+
+    def every_run(self) -> dict[str, tuple[str, FinetuneConfig]]:
+        """``runs`` and ``frontier``: every fine-tuned model of the study."""
+        return self.runs() | self.frontier()
+
     def models(self, *names: str) -> tuple[dict[str, ZeroShotClassifier], dict[str, list[dict]]]:
-        """The original and the fine-tuned models ``names`` (of ``runs``; all of them when none is named), each from
-        the cache or trained now, and their training histories."""
-        runs = self.runs()
+        """The original and the fine-tuned models ``names`` (of ``runs`` or ``frontier``; every one of ``runs`` when
+        none is named), each from the cache or trained now, and their training histories."""
+        runs = self.every_run()
         unknown = set(names) - set(runs)
         if unknown:
             raise ValueError(f"names must be among {', '.join(runs)}, got {', '.join(sorted(unknown))}")
         models, histories = {"original": self.original}, {}
-        for name in names or runs:
+        for name in names or self.runs():
             models[name], histories[name] = self.fine_tuned(*runs[name])
         return models, histories
 
@@ -83,7 +94,7 @@ class FinetuneStudy:
         for name in names:
             config = runs[name][1]
             count = trainable_parameters(self.original, config)
-            adapter = config.adapter if config.adapter == "full" else f"{config.adapter}, b={config.block_size}"
+            adapter = adapter_label(config)
             rows.append(f"| {name} | {adapter} | {count:,} | {count / encoder:.1%} |")
         return Markdown("| model | adapter | trainable parameters | share of the image encoder |\n|---|---|---|---|\n"
                         + "\n".join(rows))
@@ -108,30 +119,82 @@ class FinetuneStudy:
         return load_or_finetune(copy.deepcopy(self.original), name, config, self.x_train, self.y_train,
                                 self.profile.encoder_cache_dir)
 
-    def evaluate(self, models: Mapping[str, nn.Module]) -> dict[str, dict[float, RobustnessReport]]:
-        """Each model's worst-case robustness reports under ``threat`` on the test images (seed 0).
+    def evaluate(self, models: Mapping[str, nn.Module], threat: ThreatModel | None = None
+                 ) -> dict[str, dict[float, RobustnessReport]]:
+        """Each model's worst-case robustness reports under ``threat`` (default: the study's) on the test images
+        (seed 0).
 
         Where the runtime names an ``evaluation_cache``, the notebooks of a run share these evaluations (05 and 06
         both evaluate the original and FARE-full, with the same images and settings): one evaluated elsewhere is read,
         not made again. The models another notebook is evaluating at the time come last, so that neither waits
         while there is work of its own."""
+        threat = threat or self.threat
         cache = self.profile.runtime.evaluation_cache
         if cache is None:
-            return {name: self._evaluation(model)() for name, model in models.items()}
-        settings = dict(threat=asdict(self.threat), batch_size=self.profile.sweeps.batch_size, seed=0)
+            return {name: self._evaluation(model, threat)() for name, model in models.items()}
+        settings = dict(threat=asdict(threat), batch_size=self.profile.sweeps.batch_size, seed=0)
         keys = {name: fingerprint(model, self.x_test, self.y_test, settings) for name, model in models.items()}
         reports = {}
         for wait in (False, True):
             for name in [name for name in models if name not in reports]:
-                found = shared(cache, keys[name], self._evaluation(models[name]), wait=wait)
+                found = shared(cache, keys[name], self._evaluation(models[name], threat), wait=wait)
                 if found is not None:
                     reports[name] = found
         return {name: reports[name] for name in models}
 
-    def _evaluation(self, model: nn.Module) -> Callable[[], dict[float, RobustnessReport]]:
-        """``model``'s evaluation, to be made."""
-        return lambda: self.threat.evaluate(model, self.x_test, self.y_test, batch_size=self.profile.sweeps.batch_size,
-                                            seed=0, progress=False)
+    def _evaluation(self, model: nn.Module, threat: ThreatModel) -> Callable[[], dict[float, RobustnessReport]]:
+        """``model``'s evaluation under ``threat``, to be made."""
+        return lambda: threat.evaluate(model, self.x_test, self.y_test, batch_size=self.profile.sweeps.batch_size,
+                                       seed=0, progress=False)
+
+    def at_largest_radius(self) -> ThreatModel:
+        """The study's threat model at its largest radius alone: the radius the frontier compares at."""
+        return replace(self.threat, eps=self.threat.eps[-1:])
+
+    def step_seconds(self, name: str, steps: int = 2) -> float:
+        """Seconds per optimiser step of the fine-tuning run ``name`` (of ``runs`` or ``frontier``), measured here on
+        a copy of the original: the median of ``steps`` steps after one to warm up, on the run's batch size."""
+        config = (self.every_run())[name][1]
+        model = copy.deepcopy(self.original)
+        objective = training_objective(model, copy.deepcopy(model.model.visual).requires_grad_(False), config)
+        trained = prepare(model, config)
+        optimizer = torch.optim.AdamW(trained, lr=config.lr)
+        x, y = self.x_train[:config.batch_size], self.y_train[:config.batch_size]
+        times = []
+        for seed in range(steps + 1):
+            start = time.perf_counter()
+            train_step(objective, x, y, optimizer, trained, seed)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    def adapters(self, names) -> tuple[dict[str, str], dict[str, int]]:
+        """For the fine-tuned models ``names`` (of ``runs`` or ``frontier``): each one's adapter ("full", "oft",
+        "lora", ...) and its trainable parameters (``trainable_parameters``)."""
+        runs = self.every_run()
+        configs = {name: runs[name][1] for name in names}
+        return ({name: config.adapter for name, config in configs.items()},
+                {name: trainable_parameters(self.original, config) for name, config in configs.items()})
+
+    def frontier_table(self, results: Mapping[str, Mapping[float, Proportion]], seconds: Mapping[str, float]
+                       ) -> Markdown:
+        """06's frontier as a table: per fine-tuned model of ``results`` (``accuracy_curve`` of its reports), its
+        adapter, trainable parameters, clean and worst-case accuracy at each of the study's radii (-- where it was
+        not evaluated), and the training time its ``seconds`` per step (``step_seconds``) give for its steps."""
+        runs = self.every_run()
+        radii = self.threat.eps
+        head = ("| model | adapter | trainable parameters | clean | "
+                + " | ".join(f"worst case at {255 * e:g}/255" for e in radii) + " | training (s/step x steps) |")
+        rows = [head, "|" + "---|" * (5 + len(radii))]
+        sizes = sorted({p.n for curve in results.values() for p in curve.values()})
+        for name, curve in results.items():
+            if name not in runs:
+                continue
+            config = runs[name][1]
+            cells = [curve[0].percent(unit="%"), *(curve[e].percent(unit="%") if e in curve else "--" for e in radii)]
+            rows.append(f"| {name} | {adapter_label(config)} | {trainable_parameters(self.original, config):,} | "
+                        + " | ".join(cells) + f" | {_duration(seconds[name] * config.steps)} "
+                        f"({seconds[name]:.2f} s x {config.steps}) |")
+        return Markdown(f"Accuracy in % [95% CI], n={', '.join(map(str, sizes))} test images.\n\n" + "\n".join(rows))
 
     def worst_case_table(self, curves: Mapping[str, Mapping[float, Proportion]]) -> str:
         """The table 05 and 06 check: each model's clean and worst-case accuracy per radius (``accuracy_curve``
@@ -146,10 +209,14 @@ class FinetuneStudy:
                         + robustness_table({name: by_eps[self.threat.eps[-1]] for name, by_eps in reports.items()}))
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:
-    """Every fine-tuned model of the study, name -> (cache name, config): FARE and TeCoA on the whole encoder
-    (05), and FARE with OFT (06) at each of the profile's block sizes, then the largest blocks again at two and
-    three times the clean term's weight, the knob between clean and robust accuracy."""
+    """The fine-tuned models of 05-07, name -> (cache name, config): FARE and TeCoA on the whole encoder (05), and
+    FARE with OFT (06) at each of the profile's block sizes, then the largest blocks again at two and three times
+    the clean term's weight, the knob between clean and robust accuracy. (06's frontier adds ``frontier_runs``.)"""
     finetuning, config = profile.finetuning, profile.finetune_config
     runs = {"FARE-full": ("fare-full", config("fare", "full")), "TeCoA-full": ("tecoa-full", config("tecoa", "full"))}
     largest = max(finetuning.oft_block_sizes)
@@ -161,9 +228,28 @@ def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:
     return runs
 
 
+def frontier_runs(profile: Profile, visual: nn.Module) -> dict[str, tuple[str, FinetuneConfig]]:
+    """06's frontier beside OFT, FARE with every other restricted update of ``visual``, at matched sizes: LoRA at
+    the ranks whose parameter counts match OFT's at each of the profile's block sizes (``matching_lora_rank``),
+    the last block alone (about as many parameters as OFT's largest blocks), and BitFit (the fewest). Each trains
+    with the OFT runs' steps, batch, inner attack and clean-term weight (``Profile.finetune_config``)."""
+    config = profile.finetune_config
+    ranks = sorted({matching_lora_rank(visual, b) for b in profile.finetuning.oft_block_sizes})
+    runs = {f"FARE-LoRA r={r}": (f"fare-lora{r}", config("fare", "lora", rank=r)) for r in ranks}
+    runs["FARE-last-1"] = ("fare-last1", config("fare", "last-k", blocks=1))
+    runs["FARE-BitFit"] = ("fare-bitfit", config("fare", "bitfit"))
+    return runs
+
+
+def adapter_label(config: FinetuneConfig) -> str:
+    """The adapter and its size, e.g. ``"oft, b=128"``, ``"lora, r=4"``, ``"last-k, k=2"``, ``"bitfit"``."""
+    size = {"oft": f"b={config.block_size}", "lora": f"r={config.rank}", "last-k": f"k={config.blocks}"}
+    return f"{config.adapter}, {size[config.adapter]}" if config.adapter in size else config.adapter
+
+
 def save_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-    """Save only the image encoder (OFT merged), small enough to ship: the text side never changes."""
-    merge_oft(classifier.model.visual)
+    """Save only the image encoder (adapters merged), small enough to ship: the text side never changes."""
+    merge_adapters(classifier.model.visual)
     save_tensors(classifier.model.visual.state_dict(), path, dtype)
 
 
@@ -176,8 +262,8 @@ def load_encoder(classifier: ZeroShotClassifier, path: str | os.PathLike) -> Zer
 
 
 def export_weights(classifier: ZeroShotClassifier, path: str | os.PathLike) -> None:
-    """Save the fine-tuned model (OFT merged) so that ``load_classifier(profile, pretrained=path)`` loads it."""
-    merge_oft(classifier.model.visual)
+    """Save the fine-tuned model (adapters merged) so that ``load_classifier(profile, pretrained=path)`` loads it."""
+    merge_adapters(classifier.model.visual)
     save_weights(classifier, path)
 
 
@@ -225,11 +311,11 @@ def _finetune_into(directory: Path, name: str, classifier: ZeroShotClassifier, c
 def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | os.PathLike, *,
                           resume: bool = False) -> dict:
     """``cliplab finetune``: evaluate the profile's classifier, fine-tune it with checkpoints in ``out``, evaluate
-    it again, write ``out/final.safetensors`` (OFT merged) and ``out/metrics.json`` (atomically).
+    it again, write ``out/final.safetensors`` (adapters merged) and ``out/metrics.json`` (atomically).
 
     Both evaluations are PGD (the profile's steps and restarts, margin loss, seed 0) at ``config.eps`` on the
     first ``profile.defences.images`` test images. Everything that can fail fast does (settings, ``out``, weights,
-    data, OFT block size) before any model is loaded.
+    data, the adapter's size) before any model is loaded.
 
     Returns:
         The metrics written: the config, eps, and the clean and robust accuracy before and after.
@@ -240,8 +326,7 @@ def finetune_and_evaluate(profile: Profile, config: FinetuneConfig, out: str | o
         config.validate()
         check_run_directory(out, config, resume)
         architecture = profile.check_inputs()
-        if config.adapter == "oft":
-            check_block_size(architecture.visual, config.block_size)
+        check_adapter(architecture.visual, config)
 
     _distributed.on_every_rank(check, "cliplab finetune's checks")
     # the run's lock, taken before anything loads: a second run into ``out`` fails at once (finetune re-enters it)

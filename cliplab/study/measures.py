@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..classifier import ZeroShotClassifier
 from ..evaluation.statistics import Proportion
 from ..training.config import FinetuneConfig
+from ..training.adapters import trained_parameter_count
 from ..training.trainer import prepare
 
 
@@ -50,7 +51,7 @@ def neuron_geometry(classifier: ZeroShotClassifier) -> dict[str, tuple[torch.Ten
             geometry[name] = weight.norm(dim=1), torch.rad2deg(torch.arccos(cosines.clamp(-1, 1)))
     if not geometry:
         raise ValueError(f"no weight named *{', *'.join(ADAPTED_WEIGHTS)} in the image encoder: an open_clip ViT is "
-                         f"needed, with OFT rotations merged (cliplab.merge_oft) if it has any")
+                         f"needed, with OFT rotations merged (cliplab.merge_adapters) if it has any")
     return geometry
 
 
@@ -78,11 +79,7 @@ def certified_accuracy(classes: torch.Tensor, radii: torch.Tensor, y: torch.Tens
 
 
 def trainable_parameters(classifier: ZeroShotClassifier, config: FinetuneConfig) -> int:
-    """The free parameters ``config``'s adapter trains in ``classifier``'s image encoder (measured on a copy): every
-    weight for full fine-tuning; for OFT, the b(b-1)/2 angles of each b x b skew-symmetric block (its generator
-    stores b x b entries, of which only the skew part acts)."""
-    parameters = prepare(copy.deepcopy(classifier), config)
-    if config.adapter != "oft":
-        return sum(p.numel() for p in parameters)
-    b = config.block_size
-    return sum(p.numel() // (b * b) * (b * (b - 1) // 2) for p in parameters)
+    """The free parameters ``config``'s adapter trains in ``classifier``'s image encoder (measured on a copy,
+    ``adapters.trained_parameter_count``): every entry it trains, but for OFT the b(b-1)/2 angles of each b x b
+    skew-symmetric block (its generator stores b x b entries, of which only the skew part acts)."""
+    return trained_parameter_count(config, prepare(copy.deepcopy(classifier), config))

@@ -1,6 +1,8 @@
 """Figures of the study, shared by the notebooks. Every rate is drawn with its 95% confidence band."""
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -140,6 +142,27 @@ def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], linestyle="none"))  # a line of text: what the bars are
     ax.legend(handles, [*labels, BARS], loc="upper left", bbox_to_anchor=(1.02, 1))  # beside: points fill corners
+
+
+def plot_frontier(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportion]], parameters: Mapping[str, int],
+                  front: Sequence[str], *, xlabel: str, ylabel: str, colors: Mapping[str, str] | None = None) -> None:
+    """``plot_tradeoff``'s points (95% intervals on both axes), each marker's area growing with the log of its
+    trainable ``parameters`` (the legend gives them), and the Pareto-optimal points ``front`` joined by a line."""
+    for label, (clean, robust) in points.items():
+        x, y = 100 * clean.value, 100 * robust.value
+        ax.errorbar(x, y, xerr=[[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]],
+                    yerr=[[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]], marker="o", capsize=3, alpha=0.85,
+                    markersize=4 + 3 * max(math.log10(max(parameters[label], 1)) - 3, 0),
+                    label=f"{label} ({parameters[label]:,} parameters, n={clean.n})",
+                    **({"color": colors[label]} if colors and label in colors else {}))
+    ax.plot([100 * points[name][0].value for name in front], [100 * points[name][1].value for name in front],
+            color="gray", linestyle="--", linewidth=1, zorder=0, label="the frontier (Pareto-optimal points)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none"))
+    ax.legend(handles, [*labels, BARS], loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
 
 
 def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:

@@ -22,7 +22,7 @@ from .._arguments import check_choice
 from .._torch import PRECISIONS
 from ..evaluation.ensemble import AttackBudget, ThreatModel
 from ..evaluation.sweeps import PGDSweep
-from ..training.config import FinetuneConfig
+from ..training.config import ADAPTER_SIZES, ADAPTERS, FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ class Finetuning:
     steps: int  # optimiser steps
     batch_size: int  # images per step
     attack_steps: int  # PGD steps of the inner attack
-    lr: float  # peak AdamW learning rate of full fine-tuning
-    oft_lr: float  # peak learning rate of orthogonal fine-tuning (its rotations start at the identity)
-    oft_clean_weight: float  # weight of FARE's clean term in OFT runs (keeps clean embeddings in place)
+    lr: float  # peak AdamW learning rate of full fine-tuning (and of last-k's blocks)
+    oft_lr: float  # peak learning rate of orthogonal fine-tuning, and of LoRA and BitFit (their updates start at zero)
+    oft_clean_weight: float  # weight of FARE's clean term in OFT runs and every other restricted one
     oft_block_sizes: tuple[int, ...]  # OFT block sizes compared in 06 (the first is the default)
 
 
@@ -132,24 +132,31 @@ class Profile:
         return PGDSweep(steps=self.sweeps.steps, batch_size=self.sweeps.batch_size,
                         votes=self.defences.votes if votes else 1, early_stop=early_stop)
 
-    def finetune_config(self, method: str = "fare", adapter: str = "full", *, block_size: int | None = None,
-                        **overrides) -> FinetuneConfig:
+    def finetune_config(self, method: str = "fare", adapter: str = "full", **overrides) -> FinetuneConfig:
         """The study's ``FinetuneConfig`` (notebooks 05-06, defaults of ``cliplab finetune``).
 
-        L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate;
-        OFT runs take the profile's OFT learning rate and clean-term weight, and its first block size unless
-        ``block_size`` is given. ``overrides`` replace any other field. (Precision is the classifier's, from the
+        L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate.
+        A restricted adapter (all but ``full``) trains with the clean-term weight of the OFT runs, and LoRA and BitFit,
+        whose updates start at zero as OFT's rotations do, with OFT's learning rate; OFT's block size is the
+        profile's first unless given, LoRA's rank and last-k's block count ``FinetuneConfig``'s. ``overrides``
+        replace any field; a size of another adapter is an error. (Precision is the classifier's, from the
         runtime's ``precision``: by default bf16 autocast where the device computes bf16 natively, else fp32.)
         """
-        if block_size is not None and adapter != "oft":
-            raise ValueError(f"block_size applies to adapter='oft' only, got it with adapter={adapter!r}")
+        check_choice(adapter, "adapter", ADAPTERS)
+        for size in set(ADAPTER_SIZES.values()) - {ADAPTER_SIZES.get(adapter)}:
+            if overrides.get(size) is not None:
+                owner = next(name for name, its in ADAPTER_SIZES.items() if its == size)
+                raise ValueError(f"{size} applies to adapter={owner!r} only, got it with adapter={adapter!r}")
         tuning = self.finetuning
         settings = dict(method=method, adapter=adapter, eps=4 / 255, attack_steps=tuning.attack_steps,
                         steps=tuning.steps, batch_size=tuning.batch_size, lr=tuning.lr)
+        if adapter != "full":
+            settings["clean_weight"] = tuning.oft_clean_weight
+        if adapter in ("oft", "lora", "bitfit"):
+            settings["lr"] = tuning.oft_lr
         if adapter == "oft":
-            settings.update(lr=tuning.oft_lr, clean_weight=tuning.oft_clean_weight,
-                            block_size=tuning.oft_block_sizes[0] if block_size is None else block_size)
-        return FinetuneConfig(**{**settings, **overrides})
+            settings["block_size"] = tuning.oft_block_sizes[0]
+        return FinetuneConfig(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
 
     def attack_budget(self, randomised: bool = False) -> AttackBudget:
         """The ``AttackBudget`` of the worst-case evaluations; ``randomised``: with the defences' EOT draws."""

@@ -6,14 +6,18 @@ from dataclasses import dataclass
 from .. import _distributed
 from .._arguments import check_choice, check_int, check_positive
 
-METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft")
+METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft", "lora", "last-k", "bitfit")
+# each adapter's size setting (``training.adapters``); a run's settings leave out the others' (``runs.run_settings``)
+ADAPTER_SIZES = {"oft": "block_size", "lora": "rank", "last-k": "blocks"}
 
 
 @dataclass
 class FinetuneConfig:
     method: str = "fare"  # "fare" (unsupervised) or "tecoa" (supervised)
-    adapter: str = "full"  # "full": every image-encoder weight; "oft": orthogonal fine-tuning
+    adapter: str = "full"  # what is trained (training.adapters): full, oft, lora, last-k or bitfit
     block_size: int = 8  # OFT block size (must divide the encoder's widths)
+    rank: int = 8  # LoRA rank (below every adapted weight's sides)
+    blocks: int = 1  # last-k: the last this many transformer blocks (at most the depth)
     eps: float = 4 / 255  # L-inf radius of the inner attack, on [0, 1] images
     attack_steps: int = 10  # inner PGD steps
     clean_weight: float = 0.0  # FARE: weight of the clean term ||f(x) - f0(x)||^2
@@ -31,7 +35,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         check_choice(self.method, "method", METHODS)
         check_choice(self.adapter, "adapter", ADAPTERS)
-        check_int(self.block_size, "block_size")
+        for name in ADAPTER_SIZES.values():
+            check_int(getattr(self, name), name)
         check_positive(self.eps, "eps", allow_zero=True)
         if not 0 < self.eps <= 1:  # radius 0 would train on clean images and call the result adversarial
             raise ValueError(f"eps must be in (0, 1] (pixel values are in [0, 1]; adversarial fine-tuning needs a "

@@ -4,6 +4,7 @@ A weight W0 (rows are neurons) becomes W' = W0 R^T with R block-diagonal and ort
 exact Cayley transform (I + Q)(I - Q)^{-1} of a skew-symmetric Q. Rotating every neuron by the same R
 keeps their norms and pairwise angles, hence the hyperspherical energy of the layer, which is what lets
 OFT adapt a model while keeping what it knew. Q = 0 at initialisation, so R = I and the model is unchanged.
+``training.adapters.merge_adapters`` folds R into W.
 
 The adaptation is a ``torch.nn.utils.parametrize`` parametrization of the weight tensor, so it reaches
 ``nn.MultiheadAttention.in_proj_weight`` (the fused q/k/v projection CLIP uses), which adapter libraries
@@ -49,7 +50,9 @@ class OrthogonalRotation(nn.Module):
         return torch.einsum("okb,kcb->okc", rows, blocks).reshape(weight.shape)  # W R^T, block by block
 
 
-def _default_targets(module: nn.Module) -> Iterable[tuple[nn.Module, str]]:
+def adapted_weights(module: nn.Module) -> Iterable[tuple[nn.Module, str]]:
+    """The (submodule, attribute) pairs OFT and LoRA adapt: every ``nn.Linear`` weight and the fused q/k/v
+    in-projection of every ``nn.MultiheadAttention``."""
     for sub in module.modules():
         if isinstance(sub, nn.MultiheadAttention) and sub.in_proj_weight is not None:
             yield sub, "in_proj_weight"
@@ -63,7 +66,7 @@ def check_block_size(module: nn.Module, block_size: int,
     (submodule, attribute) pairs. Works on a model on the ``meta`` device, so a run can be checked before loading."""
     check_int(block_size, "block_size")
     names = {sub: name for name, sub in module.named_modules()}
-    chosen = [(sub, attr) for sub, attr in _default_targets(module) if targets is None or targets(names[sub], sub)]
+    chosen = [(sub, attr) for sub, attr in adapted_weights(module) if targets is None or targets(names[sub], sub)]
     for sub, attr in chosen:
         width = getattr(sub, attr).shape[1]
         if width % block_size:
@@ -97,20 +100,6 @@ def apply_oft(module: nn.Module, *, block_size: int,
         rotation = OrthogonalRotation(weight.shape[1], block_size).to(weight.device)
         parametrize.register_parametrization(sub, attr, rotation)
     return [f"{names[sub]}.{attr}".lstrip(".") for sub, attr in chosen]
-
-
-def merge_oft(module: nn.Module) -> nn.Module:
-    """Fold every OFT rotation into its weight (W <- W0 R^T): zero overhead at inference, no OFT left."""
-    for sub in list(module.modules()):
-        if parametrize.is_parametrized(sub):
-            # torch.nn.utils.parametrize keeps the weight's property on a class made per module, which a
-            # deepcopy shares; removing it from that class would break every copy, so work on a private one
-            cls = type(sub)
-            sub.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-            for attr in list(sub.parametrizations.keys()):
-                if any(isinstance(p, OrthogonalRotation) for p in sub.parametrizations[attr]):
-                    parametrize.remove_parametrizations(sub, attr, leave_parametrized=True)
-    return module
 
 
 def oft_parameters(module: nn.Module) -> list[nn.Parameter]:

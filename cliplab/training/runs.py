@@ -15,7 +15,7 @@ import torch
 from .. import _distributed
 from .._arguments import check_directory
 from .._io import LOCK_FILE, TEMPORARY_GLOB, atomic_write, save_tensors
-from .config import FinetuneConfig
+from .config import ADAPTER_SIZES, FinetuneConfig
 
 _CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
 
@@ -122,11 +122,12 @@ def remove_temporary_files(out: Path) -> None:
 
 
 def run_settings(config: FinetuneConfig | dict) -> dict:
-    """The settings that define a run: all but how often it saves or evaluates and whether it shows a bar. Precision
-    is not one of them: it is the classifier's, and it changes rounding, not the method (a run cached on a CPU stays
-    usable on a GPU)."""
+    """The settings that define a run: all but how often it saves or evaluates, whether it shows a bar, and the size
+    settings of the adapters it does not use (``block_size`` means nothing to LoRA). Precision is not one of them: it
+    is the classifier's, and it changes rounding, not the method (a run cached on a CPU stays usable on a GPU)."""
     settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
-    return {k: v for k, v in settings.items() if k not in ("save_every", "eval_every", "progress")}
+    unused = {size for adapter, size in ADAPTER_SIZES.items() if adapter != settings.get("adapter")}
+    return {k: v for k, v in settings.items() if k not in {"save_every", "eval_every", "progress", *unused}}
 
 
 def check_same_run(stored: dict, config: FinetuneConfig, context: str) -> None:

@@ -1,8 +1,9 @@
 """Adversarial fine-tuning of CLIP's image encoder (``objectives``), the text head frozen.
 
-Either adapts all image-encoder weights (``adapter="full"``) or only orthogonal rotations of them
-(``adapter="oft"``, ``training.oft``). Training is resumable: a run killed at any moment restarts from its
-last checkpoint (``runs``) and ends with exactly the weights of an uninterrupted run with the same seed.
+It trains what ``config.adapter`` names (``training.adapters``): every image-encoder weight, orthogonal rotations
+or low-rank updates of them, the last blocks, or the biases and norms. Training is resumable: a run killed at any
+moment restarts from its last checkpoint (``runs``) and ends with exactly the weights of an uninterrupted run with
+the same seed.
 
 Under ``torchrun`` the same code runs data-parallel: every process draws the same global batch (and inner-attack
 random start) from the run's generator and trains on its own rows, DistributedDataParallel averages the gradients
@@ -27,23 +28,17 @@ from ..classifier import ZeroShotClassifier
 from ..evaluation.sweeps import pgd_accuracy
 from .config import FinetuneConfig
 from .objectives import objective_config, training_objective
-from .oft import apply_oft, oft_parameters
+from .adapters import apply_adapter, check_adapter
 from .optimizer import adamw
 from .._io import run_lock
 from .runs import check_run_directory, read_checkpoint, remove_temporary_files, run_settings, save_checkpoint
 
 
 def prepare(classifier: ZeroShotClassifier, config: FinetuneConfig) -> list[torch.nn.Parameter]:
-    """Freeze the classifier except what ``config.adapter`` trains in the image encoder; return that."""
-    for parameter in classifier.parameters():
-        parameter.requires_grad_(False)
-    visual = classifier.model.visual
-    if config.adapter == "oft":
-        apply_oft(visual, block_size=config.block_size)
-        return oft_parameters(visual)
-    for parameter in visual.parameters():
-        parameter.requires_grad_(True)
-    return list(visual.parameters())
+    """Freeze the classifier except what ``config.adapter`` trains in the image encoder (``apply_adapter``); return
+    that."""
+    classifier.requires_grad_(False)
+    return apply_adapter(classifier.model.visual, config)
 
 
 def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
@@ -62,11 +57,11 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
             inner attack's eps and steps, margin loss); the results join that step's history entry.
 
     Returns:
-        The fine-tuned classifier (OFT rotations still unmerged; ``merge_oft`` folds them in).
+        The fine-tuned classifier (OFT and LoRA still unmerged; ``merge_adapters`` folds them in).
     """
     out = Path(out)
     # every check passes in every process or fails in all of them (torchrun), before the model is touched
-    _distributed.on_every_rank(lambda: _check_arguments(config, eval_data), "fine-tuning's settings")
+    _distributed.on_every_rank(lambda: _check_arguments(classifier, config, eval_data), "fine-tuning's settings")
     _distributed.check_same_everywhere(
         {**run_settings(config), "images": tuple(x.shape), "resume": resume,
          "eval_images": None if eval_data is None else tuple(eval_data[0].shape)}, "fine-tuning's settings")
@@ -76,8 +71,9 @@ def finetune(classifier: ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, c
     return classifier
 
 
-def _check_arguments(config: FinetuneConfig, eval_data) -> None:
+def _check_arguments(classifier: ZeroShotClassifier, config: FinetuneConfig, eval_data) -> None:
     config.validate()
+    check_adapter(classifier.model.visual, config)
     if config.eval_every and eval_data is None:
         raise ValueError("eval_every needs eval_data: pass held-out (images, labels), or set eval_every=0")
 
