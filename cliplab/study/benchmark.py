@@ -21,12 +21,11 @@ from pathlib import Path
 
 from .. import _distributed
 from .._arguments import check_choice, check_directory, check_int, check_seed
-from .._io import atomic_write, file_digest, save_tensors
+from .._io import atomic_write, file_digest, run_lock, save_tensors, written_by_a_run
 from .._torch import PRECISIONS, resolve_precision
 from ..evaluation.ensemble import ENSEMBLES, ThreatModel, check_attack_plan, fit_to_classes
 from ..evaluation.statistics import Proportion
 from ..suite import IMAGE_SIZE, SUITE
-from .._io import run_lock, written_by_a_run
 from .profiles import Runtime
 from .report import check_encoder, results_document, versions
 

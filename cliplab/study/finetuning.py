@@ -21,18 +21,17 @@ import torch
 from torch import nn
 
 from .. import _distributed
-from .._io import atomic_write, file_lock, save_tensors
+from .._io import atomic_write, file_lock, run_lock, save_tensors
 from ..classifier import ZeroShotClassifier
 from ..evaluation.ensemble import RobustnessReport, ThreatModel
 from ..evaluation.statistics import Proportion
 from ..evaluation.sweeps import pgd_accuracy
 from ..evaluation.tables import format_accuracy_table, robustness_table
 from ..models import save_weights
-from ..training.config import FinetuneConfig
 from ..training.adapters import check_adapter, matching_lora_rank, merge_adapters
-from .._io import run_lock
-from ..training.runs import check_run_directory, check_same_run, run_settings
+from ..training.config import FinetuneConfig
 from ..training.objectives import training_objective
+from ..training.runs import check_run_directory, check_same_run, run_settings
 from ..training.trainer import finetune, prepare, train_step
 from .conclusions import Markdown
 from .measures import trainable_parameters

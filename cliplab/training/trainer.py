@@ -23,14 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _distributed, _torch
+from .._io import run_lock
 from ..attacks.common import random_delta
 from ..classifier import ZeroShotClassifier
 from ..evaluation.sweeps import pgd_accuracy
+from .adapters import apply_adapter, check_adapter
 from .config import FinetuneConfig
 from .objectives import objective_config, training_objective
-from .adapters import apply_adapter, check_adapter
 from .optimizer import adamw
-from .._io import run_lock
 from .runs import check_run_directory, read_checkpoint, remove_temporary_files, run_settings, save_checkpoint
 
 
