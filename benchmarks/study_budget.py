@@ -162,11 +162,11 @@ def notebook_costs(p: cliplab.Profile, upper: bool = False) -> dict[str, Cost]:
         c.finetune = {adapter: count * p.finetuning.steps * scale for adapter, count in runs.items()}
         for _ in range(models):  # FinetuneStudy.evaluate: robustness_vs_eps at 1, 2, 4 / 255
             c.ensemble(p.sweeps.images, p.threat_model().attacks, p.attack_budget(), radii=len(p.threat_model().eps))
-    # 06's frontier: LoRA at two ranks, the last block and BitFit, each evaluated at the largest radius alone; their
-    # steps are counted at full fine-tuning's time (the same inner attack; on the 2-core CPU within 15% of it)
-    c = costs["06_orthogonal_finetune"]
-    c.finetune["full"] = c.finetune.get("full", 0) + 4 * p.finetuning.steps * scale
-    for _ in range(4):
+    # 06's frontier: LoRA at two ranks, the last one and two blocks and BitFit, each evaluated at the largest radius
+    # alone; their steps are counted at full fine-tuning's time (the same inner attack; on the 2-core CPU within 15%)
+    c, frontier = costs["06_orthogonal_finetune"], 5
+    c.finetune["full"] = c.finetune.get("full", 0) + frontier * p.finetuning.steps * scale
+    for _ in range(frontier):
         c.ensemble(p.sweeps.images, p.threat_model().attacks, p.attack_budget(), radii=1)
     costs["05_adversarial_finetune"].masking_report(100, p.sweeps.steps)
 

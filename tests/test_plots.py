@@ -36,6 +36,21 @@ def test_tradeoff_points_carry_their_intervals_and_n():
     plt.close(fig)
 
 
+def test_the_frontier_is_a_staircase_and_each_family_has_its_marker():
+    points = {"full": (Proportion(90, 100), Proportion(50, 100)), "oft": (Proportion(95, 100), Proportion(30, 100)),
+              "lora": (Proportion(85, 100), Proportion(20, 100))}
+    families = {"full": "full", "oft": "oft", "lora": "lora"}
+    fig, ax = plt.subplots()
+    plots.plot_frontier(ax, points, {"full": 10**6, "oft": 10**5, "lora": 10**4}, ["full", "oft"], families,
+                        xlabel="clean", ylabel="robust", colors=plots.colours_for(points))
+    markers = [container.lines[0].get_marker() for container in ax.containers]
+    assert len(set(markers)) == 3 and [c.lines[0].get_markersize() for c in ax.containers] == [13, 10, 7]
+    (front,) = [line for line in ax.get_lines() if line.get_label().startswith("the frontier")]
+    # the edge of what the front dominates: down from the robust end at its clean accuracy, then across
+    assert front.get_drawstyle() == "steps-pre" and list(front.get_xdata()) == [90, 95]
+    plt.close(fig)
+
+
 def test_held_out_evaluations_are_drawn_as_points():
     history = [{"step": s, "loss": 1.0, "clean": 1.0, "robust": 0.5} for s in range(1, 5)]
     history[1].update(eval_clean=0.9, eval_robust=0.4, eval_n=16)

@@ -357,36 +357,34 @@ def pareto_front(points: Mapping[str, tuple[Proportion, Proportion]]) -> list[st
     return sorted((name for name in points if not dominated(name)), key=lambda name: points[name][0].value)
 
 
-def frontier_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], families: Mapping[str, str],
-                         parameters: Mapping[str, int], eps: float, *, full: str, oft: str = "oft") -> Markdown:
-    """06's frontier: fine-tuned models (name -> (clean, worst-case robust at ``eps``)), each of an adapter family
-    (``families``: name -> "oft", "lora", ...) with its trainable ``parameters``. Which lie on the frontier; each
-    family's most robust member against OFT's and against full fine-tuning (``full``); which are clearly cleaner
-    than ``full``."""
+def frontier_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], parameters: Mapping[str, int],
+                         eps: float, *, full: str, nearest_oft: Mapping[str, str]) -> Markdown:
+    """06's frontier: fine-tuned models (name -> (clean, worst-case robust at ``eps``)) with their trainable
+    ``parameters``. Which lie on the frontier; each restricted update other than OFT against the OFT model nearest
+    to it in size with the same clean-term weight (``nearest_oft``: name -> that OFT model), on both axes; whether
+    any is clearly more robust than its OFT model once the number of such comparisons is accounted for
+    (Bonferroni); and every restricted update against full fine-tuning (``full``)."""
     front = pareto_front(points)
-    lines = [f"- On the frontier (no other fine-tuned model is both cleaner and more robust at {_eps(eps)}, by point "
-             f"estimate), from the cleanest to the most robust: "
-             + _listing([f"{name} ({parameters[name]:,} parameters)" for name in reversed(front)]) + "."]
-    best = {}
-    for name, family in families.items():
-        if family not in best or points[name][1].value > points[best[family]][1].value:
-            best[family] = name
-    top_oft = best[oft]
-    for family, name in best.items():
-        if family == oft or name == full:
-            continue
-        robust, reference = points[name][1], points[top_oft][1]
-        lines.append(f"- {family}: its most robust, {name} ({parameters[name]:,} parameters), "
-                     f"{rate(robust)}, is {relation(robust, reference)} OFT's most robust, {top_oft} "
-                     f"({parameters[top_oft]:,} parameters, {rate(reference)}): "
-                     f"{100 * (robust.value - reference.value):+.1f} points.")
-    restricted = [name for name in points if name != full and families[name] != "full"]
-    above = [name for name in restricted if compare(points[name][1], points[top_oft][1]) > 0]
+    lines = [f"- On the frontier (no other fine-tuned model is at least as clean and as robust at {_eps(eps)} and "
+             "better on one, by point estimate), from the cleanest to the most robust: "
+             + _listing([f"{name} ({parameters[name]:,} parameters; clean {100 * points[name][0].value:.1f}%, "
+                         f"robust {100 * points[name][1].value:.1f}%)" for name in reversed(front)]) + "."]
+    for name, oft in nearest_oft.items():
+        lines.append(f"- {name} against {oft}, the OFT model nearest in size ({parameters[name]:,} trainable "
+                     f"parameters against {parameters[oft]:,}: {_size_ratio(parameters[name], parameters[oft])}): robust at {_eps(eps)} "
+                     f"{_against(points[name][1], points[oft][1])}; clean {_against(points[name][0], points[oft][0])}.")
+    above = [name for name, oft in nearest_oft.items()
+             if _clearly_above(points[name][1], points[oft][1], len(nearest_oft))]
+    below = [name for name, oft in nearest_oft.items() if compare(points[name][1], points[oft][1]) < 0]
     lines.append("- Is it OFT, or any restricted update? "
-                 + (f"{_listing(above)} {'is' if len(above) == 1 else 'are'} clearly more robust than OFT's best "
-                    f"at {_eps(eps)}: what OFT misses is OFT's, not every restricted update's." if above else
-                    f"no other restricted update is clearly more robust than OFT's best at {_eps(eps)}: at these sizes "
-                    "and this budget, OFT does no worse than the other restrictions."))
+                 + (f"{_listing(above)} {'is' if len(above) == 1 else 'are'} clearly more robust than the OFT model "
+                    f"nearest in size, even with Bonferroni over the {len(nearest_oft)} comparisons: what OFT misses "
+                    "here is OFT's, not every restricted update's." if above else
+                    f"No other restricted update is clearly more robust than the OFT model nearest in size at "
+                    f"{_eps(eps)}" + (f" ({_listing(below)} clearly less)" if below else "")
+                    + ": these runs show no restriction that escapes what OFT misses, and cannot rule out a "
+                      "difference inside the intervals above."))
+    restricted = [name for name in points if name != full]
     level = [name for name in restricted if compare(points[name][1], points[full][1]) >= 0]
     cleaner = [name for name in restricted if compare(points[name][0], points[full][0]) > 0]
     lines.append(f"- Against {full} ({rate(points[full][1])} at {_eps(eps)}, clean {rate(points[full][0])}): "
@@ -395,6 +393,22 @@ def frontier_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], fa
                  + "; " + (f"{_listing(cleaner)} {'is' if len(cleaner) == 1 else 'are'} clearly cleaner."
                            if cleaner else "none is clearly cleaner."))
     return _join(lines)
+
+
+def _size_ratio(size: int, reference: int) -> str:
+    """How many parameters one model trains against another's, in words: "about as many", "0.27 times as many"."""
+    ratio = size / reference
+    return "about as many" if abs(ratio - 1) < 0.05 else f"{ratio:.2g} times as many"
+
+
+def _against(a: Proportion, b: Proportion) -> str:
+    """``a`` against ``b`` in words: both rates, how they compare (``relation``) and the difference in points."""
+    return f"{rate(a)}, {relation(a, b)} {rate(b)} ({100 * (a.value - b.value):+.1f} points)"
+
+
+def _clearly_above(a: Proportion, b: Proportion, comparisons: int) -> bool:
+    """``compare(a, b) > 0`` with both intervals at the Bonferroni level for ``comparisons`` comparisons at once."""
+    return selected_interval(a, comparisons)[0] > selected_interval(b, comparisons)[1]
 
 
 # ------------------------------------------------------------------------------------------ 07: every defence

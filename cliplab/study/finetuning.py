@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import statistics
@@ -174,6 +175,20 @@ class FinetuneStudy:
         return ({name: config.adapter for name, config in configs.items()},
                 {name: trainable_parameters(self.original, config) for name, config in configs.items()})
 
+    def nearest_oft(self, names) -> dict[str, str]:
+        """For each restricted model of ``names`` that is not OFT, the OFT model of ``names`` trained with the same
+        clean-term weight whose trainable parameters are nearest to its own (by ratio): the pairs 06's frontier
+        compares, so that no other restriction is judged against an OFT model of another size or weight."""
+        runs, (families, parameters) = self.every_run(), self.adapters(names)
+        weight = {name: runs[name][1].clean_weight for name in names}
+        ofts = [name for name in names if families[name] == "oft"]
+
+        def nearest(name):
+            peers = [oft for oft in ofts if weight[oft] == weight[name]]
+            return min(peers, key=lambda oft: abs(math.log(parameters[oft] / parameters[name]))) if peers else None
+        pairs = {name: nearest(name) for name in names if families[name] not in ("oft", "full")}
+        return {name: oft for name, oft in pairs.items() if oft is not None}
+
     def frontier_table(self, results: Mapping[str, Mapping[float, Proportion]], seconds: Mapping[str, float]
                        ) -> Markdown:
         """06's frontier as a table: per fine-tuned model of ``results`` (``accuracy_curve`` of its reports), its
@@ -230,12 +245,13 @@ def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:
 def frontier_runs(profile: Profile, visual: nn.Module) -> dict[str, tuple[str, FinetuneConfig]]:
     """06's frontier beside OFT, FARE with every other restricted update of ``visual``, at matched sizes: LoRA at
     the ranks whose parameter counts match OFT's at each of the profile's block sizes (``matching_lora_rank``),
-    the last block alone (about as many parameters as OFT's largest blocks), and BitFit (the fewest). Each trains
+    the last block (about as many parameters as OFT's largest blocks) and the last two, and BitFit (the fewest,
+    and one size only: it has no knob). Each trains
     with the OFT runs' steps, batch, inner attack and clean-term weight (``Profile.finetune_config``)."""
     config = profile.finetune_config
     ranks = sorted({matching_lora_rank(visual, b) for b in profile.finetuning.oft_block_sizes})
     runs = {f"FARE-LoRA r={r}": (f"fare-lora{r}", config("fare", "lora", rank=r)) for r in ranks}
-    runs["FARE-last-1"] = ("fare-last1", config("fare", "last-k", blocks=1))
+    runs |= {f"FARE-last-{k}": (f"fare-last{k}", config("fare", "last-k", blocks=k)) for k in (1, 2)}
     runs["FARE-BitFit"] = ("fare-bitfit", config("fare", "bitfit"))
     return runs
 

@@ -33,13 +33,18 @@ def use_style() -> None:
 MODEL_COLOURS = {"original": "tab:blue", "FARE-full": "tab:green", "TeCoA-full": "tab:purple"}
 RESTRICTED_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "darkgoldenrod", "teal", "navy", "lime")
 OTHER_COLOURS = ("tab:gray", "black", "gold", "magenta", "darkkhaki", "slateblue")
+# 06's frontier: the other restricted updates (FARE-LoRA, FARE-last-k, ...) in colours no model of 05-07 takes, and
+# one marker shape per adapter family, so that no two points of the frontier figure look alike
+FRONTIER_COLOURS = ("black", "darkviolet", "navy", "limegreen", "goldenrod", "slateblue", "deeppink")
+FAMILY_MARKERS = {"full": "o", "oft": "s", "lora": "^", "last-k": "D", "bitfit": "v"}
 
 
 def colours_for(names: Sequence[str]) -> dict[str, str]:
     """One colour per name (a model, a defence), the same in every figure of a notebook that passes it on and, for
     the study's models, in every notebook; none red or orange, which the top-5 bars keep for the label and target."""
-    restricted, others = iter(RESTRICTED_COLOURS), iter(OTHER_COLOURS)
-    return {name: MODEL_COLOURS.get(name) or next(restricted if name.startswith("FARE-OFT") else others)
+    restricted, frontier, others = iter(RESTRICTED_COLOURS), iter(FRONTIER_COLOURS), iter(OTHER_COLOURS)
+    return {name: MODEL_COLOURS.get(name) or next(restricted if name.startswith("FARE-OFT") else
+                                                  frontier if name.startswith("FARE-") else others)
             for name in names}
 
 
@@ -145,18 +150,23 @@ def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
 
 
 def plot_frontier(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportion]], parameters: Mapping[str, int],
-                  front: Sequence[str], *, xlabel: str, ylabel: str, colors: Mapping[str, str] | None = None) -> None:
-    """``plot_tradeoff``'s points (95% intervals on both axes), each marker's area growing with the log of its
-    trainable ``parameters`` (the legend gives them), and the Pareto-optimal points ``front`` joined by a line."""
+                  front: Sequence[str], families: Mapping[str, str], *, xlabel: str, ylabel: str,
+                  colors: Mapping[str, str] | None = None) -> None:
+    """``plot_tradeoff``'s points (95% intervals on both axes), one marker shape per adapter family (``families``:
+    name -> "oft", "lora", ...), each marker's size growing with the log of its trainable ``parameters`` (the legend
+    gives them), and the Pareto-optimal points ``front`` joined as a staircase: the edge of what they dominate, not a
+    line of models one could train between them."""
     for label, (clean, robust) in points.items():
         x, y = 100 * clean.value, 100 * robust.value
         ax.errorbar(x, y, xerr=[[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]],
-                    yerr=[[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]], marker="o", capsize=3, alpha=0.85,
+                    yerr=[[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]],
+                    marker=FAMILY_MARKERS.get(families[label], "o"), capsize=3, alpha=0.85,
                     markersize=4 + 3 * max(math.log10(max(parameters[label], 1)) - 3, 0),
                     label=f"{label} ({parameters[label]:,} parameters, n={clean.n})",
                     **({"color": colors[label]} if colors and label in colors else {}))
-    ax.plot([100 * points[name][0].value for name in front], [100 * points[name][1].value for name in front],
-            color="gray", linestyle="--", linewidth=1, zorder=0, label="the frontier (Pareto-optimal points)")
+    ax.step([100 * points[name][0].value for name in front], [100 * points[name][1].value for name in front],
+            where="pre", color="black", linestyle=":", linewidth=1, zorder=0,
+            label="the frontier (Pareto-optimal points; below and left of it: dominated)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
