@@ -46,8 +46,12 @@ def test_the_frontier_is_a_staircase_and_each_family_has_its_marker():
     markers = [container.lines[0].get_marker() for container in ax.containers]
     assert len(set(markers)) == 3 and [c.lines[0].get_markersize() for c in ax.containers] == [13, 10, 7]
     (front,) = [line for line in ax.get_lines() if line.get_label().startswith("the frontier")]
-    # the edge of what the front dominates: down from the robust end at its clean accuracy, then across
-    assert front.get_drawstyle() == "steps-pre" and list(front.get_xdata()) == [90, 95]
+    # the edge of what the front dominates, from the left edge at the most robust point's height, down at each
+    # point's clean accuracy and across to the next, down to the bottom at the cleanest
+    left, bottom = ax.get_xlim()[0], ax.get_ylim()[0]
+    assert front.get_drawstyle() == "steps-pre"
+    assert list(front.get_xdata()) == [left, 90, 95, 95] and list(front.get_ydata()) == [50, 50, 30, bottom]
+    assert ax.containers[2].lines[0].get_markerfacecolor() == "none"  # LoRA hollow, OFT and full filled
     plt.close(fig)
 
 

@@ -365,25 +365,40 @@ def frontier_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], pa
     any is clearly more robust than its OFT model once the number of such comparisons is accounted for
     (Bonferroni); and every restricted update against full fine-tuning (``full``)."""
     front = pareto_front(points)
+    sizes = sorted({p.n for pair in points.values() for p in pair})
     lines = [f"- On the frontier (no other fine-tuned model is at least as clean and as robust at {_eps(eps)} and "
              "better on one, by point estimate), from the cleanest to the most robust: "
              + _listing([f"{name} ({parameters[name]:,} parameters; clean {100 * points[name][0].value:.1f}%, "
-                         f"robust {100 * points[name][1].value:.1f}%)" for name in reversed(front)]) + "."]
+                         f"robust {100 * points[name][1].value:.1f}%)" for name in reversed(front)])
+             + f". Below, every accuracy is in % with its 95% interval, n={', '.join(map(str, sizes))} test images."]
     for name, oft in nearest_oft.items():
         lines.append(f"- {name} against {oft}, the OFT model nearest in size ({parameters[name]:,} trainable "
-                     f"parameters against {parameters[oft]:,}: {_size_ratio(parameters[name], parameters[oft])}): robust at {_eps(eps)} "
-                     f"{_against(points[name][1], points[oft][1])}; clean {_against(points[name][0], points[oft][0])}.")
-    above = [name for name, oft in nearest_oft.items()
-             if _clearly_above(points[name][1], points[oft][1], len(nearest_oft))]
-    below = [name for name, oft in nearest_oft.items() if compare(points[name][1], points[oft][1]) < 0]
-    lines.append("- Is it OFT, or any restricted update? "
-                 + (f"{_listing(above)} {'is' if len(above) == 1 else 'are'} clearly more robust than the OFT model "
-                    f"nearest in size, even with Bonferroni over the {len(nearest_oft)} comparisons: what OFT misses "
-                    "here is OFT's, not every restricted update's." if above else
-                    f"No other restricted update is clearly more robust than the OFT model nearest in size at "
-                    f"{_eps(eps)}" + (f" ({_listing(below)} clearly less)" if below else "")
-                    + ": these runs show no restriction that escapes what OFT misses, and cannot rule out a "
-                      "difference inside the intervals above."))
+                     f"parameters against {parameters[oft]:,}: {_size_ratio(parameters[name], parameters[oft])}): "
+                     f"robust at {_eps(eps)} {_against(points[name][1], points[oft][1])}; clean "
+                     f"{_against(points[name][0], points[oft][0])}.")
+    pairs = len(nearest_oft)
+    above = [name for name, oft in nearest_oft.items() if _clearly_above(points[name][1], points[oft][1], pairs)]
+    only_alone = [name for name, oft in nearest_oft.items()
+                  if compare(points[name][1], points[oft][1]) > 0 and name not in above]
+    below = [name + ("" if parameters[name] >= 0.8 * parameters[oft] else
+                     f" (with {_size_ratio(parameters[name], parameters[oft])} parameters)")
+             for name, oft in nearest_oft.items() if compare(points[name][1], points[oft][1]) < 0]
+    if above:
+        answer = (f"{_listing(above)} {'is' if len(above) == 1 else 'are'} clearly more robust than the OFT model "
+                  f"nearest in size, even with Bonferroni over the {pairs} pairs: what OFT lacks here is OFT's, "
+                  "not every restricted update's.")
+    else:
+        answer = (f"No other restricted update is clearly more robust than the OFT model nearest in size at "
+                  f"{_eps(eps)}" + (f"; clearly less: {_listing(below)}" if below else "")
+                  + (f". On this evidence the robustness OFT gives up against {full} is not OFT's alone"
+                     if all(compare(points[oft][1], points[full][1]) < 0 for oft in nearest_oft.values()) else
+                     ". On this evidence no other restriction does better than OFT at its size")
+                  + ", though a difference inside the intervals above is not ruled out.")
+        if only_alone:
+            answer += (f" ({_listing(only_alone)} {'is' if len(only_alone) == 1 else 'are'} above its OFT model on "
+                       f"the pair's own intervals, but not once the {pairs} pairs are accounted for (Bonferroni): "
+                       "not a finding.)")
+    lines.append("- Is it OFT, or any restricted update? " + answer)
     restricted = [name for name in points if name != full]
     level = [name for name in restricted if compare(points[name][1], points[full][1]) >= 0]
     cleaner = [name for name in restricted if compare(points[name][0], points[full][0]) > 0]
@@ -402,8 +417,9 @@ def _size_ratio(size: int, reference: int) -> str:
 
 
 def _against(a: Proportion, b: Proportion) -> str:
-    """``a`` against ``b`` in words: both rates, how they compare (``relation``) and the difference in points."""
-    return f"{rate(a)}, {relation(a, b)} {rate(b)} ({100 * (a.value - b.value):+.1f} points)"
+    """``a`` against ``b`` in words: both rates, how they compare (``compare``) and the difference in points."""
+    words = {1: "clearly above", -1: "clearly below", 0: "not distinguishable at this n from"}[compare(a, b)]
+    return f"{a.percent(unit='%')}, {words} {b.percent(unit='%')} ({100 * (a.value - b.value):+.1f} points)"
 
 
 def _clearly_above(a: Proportion, b: Proportion, comparisons: int) -> bool:

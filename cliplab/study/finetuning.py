@@ -178,7 +178,7 @@ class FinetuneStudy:
     def nearest_oft(self, names) -> dict[str, str]:
         """For each restricted model of ``names`` that is not OFT, the OFT model of ``names`` trained with the same
         clean-term weight whose trainable parameters are nearest to its own (by ratio): the pairs 06's frontier
-        compares, so that no other restriction is judged against an OFT model of another size or weight."""
+        compares. The nearest there is may still differ in size (06 prints the ratio), never in clean weight."""
         runs, (families, parameters) = self.every_run(), self.adapters(names)
         weight = {name: runs[name][1].clean_weight for name in names}
         ofts = [name for name in names if families[name] == "oft"]

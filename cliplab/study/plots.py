@@ -35,7 +35,7 @@ RESTRICTED_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "darkgol
 OTHER_COLOURS = ("tab:gray", "black", "gold", "magenta", "darkkhaki", "slateblue")
 # 06's frontier: the other restricted updates (FARE-LoRA, FARE-last-k, ...) in colours no model of 05-07 takes, and
 # one marker shape per adapter family, so that no two points of the frontier figure look alike
-FRONTIER_COLOURS = ("black", "darkviolet", "navy", "limegreen", "goldenrod", "slateblue", "deeppink")
+FRONTIER_COLOURS = ("black", "darkviolet", "navy", "goldenrod", "teal", "slateblue", "deeppink")
 FAMILY_MARKERS = {"full": "o", "oft": "s", "lora": "^", "last-k": "D", "bitfit": "v"}
 
 
@@ -153,20 +153,27 @@ def plot_frontier(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
                   front: Sequence[str], families: Mapping[str, str], *, xlabel: str, ylabel: str,
                   colors: Mapping[str, str] | None = None) -> None:
     """``plot_tradeoff``'s points (95% intervals on both axes), one marker shape per adapter family (``families``:
-    name -> "oft", "lora", ...), each marker's size growing with the log of its trainable ``parameters`` (the legend
-    gives them), and the Pareto-optimal points ``front`` joined as a staircase: the edge of what they dominate, not a
-    line of models one could train between them."""
+    name -> "oft", "lora", ...; hollow for the families beside full fine-tuning and OFT, so that a point on top of
+    another hides neither), each marker's size growing with the log of its trainable ``parameters`` (the legend
+    gives them); the Pareto-optimal points ``front`` ringed, and the edge of the region they dominate drawn as a
+    staircase to the axes: not a line of models one could train between them."""
     for label, (clean, robust) in points.items():
         x, y = 100 * clean.value, 100 * robust.value
+        hollow = {"markerfacecolor": "none", "markeredgewidth": 1.5} if families[label] not in ("full", "oft") else {}
         ax.errorbar(x, y, xerr=[[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]],
                     yerr=[[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]],
                     marker=FAMILY_MARKERS.get(families[label], "o"), capsize=3, alpha=0.85,
                     markersize=4 + 3 * max(math.log10(max(parameters[label], 1)) - 3, 0),
-                    label=f"{label} ({parameters[label]:,} parameters, n={clean.n})",
+                    label=f"{label} ({parameters[label]:,} parameters, n={clean.n})", **hollow,
                     **({"color": colors[label]} if colors and label in colors else {}))
-    ax.step([100 * points[name][0].value for name in front], [100 * points[name][1].value for name in front],
-            where="pre", color="black", linestyle=":", linewidth=1, zorder=0,
-            label="the frontier (Pareto-optimal points; below and left of it: dominated)")
+    xs, ys = [100 * points[name][0].value for name in front], [100 * points[name][1].value for name in front]
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    ax.step([left, *xs, xs[-1]], [ys[0], *ys, bottom], where="pre", color="dimgray", linestyle="--", linewidth=1.5,
+            zorder=3, label="the frontier: its points ringed; below and left of the dashed edge, dominated")
+    ax.plot(xs, ys, linestyle="none", marker="o", markersize=20, markerfacecolor="none", markeredgecolor="dimgray",
+            zorder=3)
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -80,7 +80,7 @@ class Finetuning:
     batch_size: int  # images per step
     attack_steps: int  # PGD steps of the inner attack
     lr: float  # peak AdamW learning rate of full fine-tuning (and of last-k's blocks)
-    oft_lr: float  # peak learning rate of orthogonal fine-tuning, and of LoRA and BitFit (their updates start at zero)
+    oft_lr: float  # peak learning rate of orthogonal fine-tuning, and of LoRA and BitFit (like OFT, few parameters)
     oft_clean_weight: float  # weight of FARE's clean term in OFT runs and every other restricted one
     oft_block_sizes: tuple[int, ...]  # OFT block sizes compared in 06 (the first is the default)
 
@@ -137,7 +137,7 @@ class Profile:
 
         L-inf eps 4/255, the profile's inner-attack steps (PGD-10), optimiser steps, batch size and learning rate.
         A restricted adapter (all but ``full``) trains with the clean-term weight of the OFT runs, and LoRA and BitFit,
-        whose updates start at zero as OFT's rotations do, with OFT's learning rate; OFT's block size is the
+        which like OFT train few parameters, with OFT's learning rate; OFT's block size is the
         profile's first unless given, LoRA's rank and last-k's block count ``FinetuneConfig``'s. ``overrides``
         replace any field; a size of another adapter is an error. (Precision is the classifier's, from the
         runtime's ``precision``: by default bf16 autocast where the device computes bf16 natively, else fp32.)
