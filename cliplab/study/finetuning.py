@@ -243,11 +243,10 @@ def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:
 
 
 def frontier_runs(profile: Profile, visual: nn.Module) -> dict[str, tuple[str, FinetuneConfig]]:
-    """06's frontier beside OFT, FARE with every other restricted update of ``visual``, at matched sizes: LoRA at
-    the ranks whose parameter counts match OFT's at each of the profile's block sizes (``matching_lora_rank``),
-    the last block (about as many parameters as OFT's largest blocks) and the last two, and BitFit (the fewest,
-    and one size only: it has no knob). Each trains
-    with the OFT runs' steps, batch, inner attack and clean-term weight (``Profile.finetune_config``)."""
+    """06's frontier beside OFT, FARE with three other restricted updates of ``visual``: LoRA at the ranks whose
+    parameter counts come nearest OFT's at each of the profile's block sizes (``matching_lora_rank``), the last
+    block and the last two, and BitFit (the fewest parameters, and one size only: it has no knob). Each trains with
+    the OFT runs' steps, batch, inner attack and clean-term weight (``Profile.finetune_config``)."""
     config = profile.finetune_config
     ranks = sorted({matching_lora_rank(visual, b) for b in profile.finetuning.oft_block_sizes})
     runs = {f"FARE-LoRA r={r}": (f"fare-lora{r}", config("fare", "lora", rank=r)) for r in ranks}
