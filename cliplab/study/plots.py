@@ -135,18 +135,26 @@ def plot_tradeoff(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
     """One point per model at (clean, robust) accuracy, with 95% intervals as error bars on both axes (the legend,
     beside the axes, says so); ``markers`` may set a point's marker (e.g. one per family of defences)."""
     for label, (clean, robust) in points.items():
-        x, y = 100 * clean.value, 100 * robust.value
-        xerr = [[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]]
-        yerr = [[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker=(markers or {}).get(label, "o"), capsize=3, alpha=0.85,
-                    label=f"{label} (n={clean.n})",
-                    **({"color": colors[label]} if colors and label in colors else {}))
+        _point(ax, clean, robust, label=f"{label} (n={clean.n})", marker=(markers or {}).get(label, "o"),
+               **({"color": colors[label]} if colors and label in colors else {}))
+    _finish_points(ax, xlabel, ylabel)
+
+
+def _point(ax: plt.Axes, clean: Proportion, robust: Proportion, **style) -> None:
+    """One model at (clean, robust) accuracy in %, its 95% intervals as error bars on both axes."""
+    x, y = 100 * clean.value, 100 * robust.value
+    ax.errorbar(x, y, xerr=[[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]],
+                yerr=[[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]], capsize=3, alpha=0.85, **style)
+
+
+def _finish_points(ax: plt.Axes, xlabel: str, ylabel: str, **legend) -> None:
+    """Labels, grid and the legend beside the axes (points fill the corners), ending on what the bars are."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], linestyle="none"))  # a line of text: what the bars are
-    ax.legend(handles, [*labels, BARS], loc="upper left", bbox_to_anchor=(1.02, 1))  # beside: points fill corners
+    ax.legend(handles, [*labels, BARS], loc="upper left", bbox_to_anchor=(1.02, 1), **legend)
 
 
 def plot_frontier(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportion]], parameters: Mapping[str, int],
@@ -158,14 +166,11 @@ def plot_frontier(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
     gives them); the Pareto-optimal points ``front`` ringed, and the edge of the region they dominate drawn as a
     staircase to the axes: not a line of models one could train between them."""
     for label, (clean, robust) in points.items():
-        x, y = 100 * clean.value, 100 * robust.value
         hollow = {"markerfacecolor": "none", "markeredgewidth": 1.5} if families[label] not in ("full", "oft") else {}
-        ax.errorbar(x, y, xerr=[[x - 100 * clean.ci95[0]], [100 * clean.ci95[1] - x]],
-                    yerr=[[y - 100 * robust.ci95[0]], [100 * robust.ci95[1] - y]],
-                    marker=FAMILY_MARKERS.get(families[label], "o"), capsize=3, alpha=0.85,
-                    markersize=4 + 3 * max(math.log10(max(parameters[label], 1)) - 3, 0),
-                    label=f"{label} ({parameters[label]:,} parameters, n={clean.n})", **hollow,
-                    **({"color": colors[label]} if colors and label in colors else {}))
+        _point(ax, clean, robust, label=f"{label} ({parameters[label]:,} parameters, n={clean.n})",
+               marker=FAMILY_MARKERS.get(families[label], "o"),
+               markersize=4 + 3 * max(math.log10(max(parameters[label], 1)) - 3, 0), **hollow,
+               **({"color": colors[label]} if colors and label in colors else {}))
     xs, ys = [100 * points[name][0].value for name in front], [100 * points[name][1].value for name in front]
     (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
     ax.step([left, *xs, xs[-1]], [ys[0], *ys, bottom], where="pre", color="dimgray", linestyle="--", linewidth=1.5,
@@ -174,12 +179,7 @@ def plot_frontier(ax: plt.Axes, points: Mapping[str, tuple[Proportion, Proportio
             zorder=3)
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    handles.append(Line2D([], [], linestyle="none"))
-    ax.legend(handles, [*labels, BARS], loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    _finish_points(ax, xlabel, ylabel, fontsize=8)
 
 
 def show_image(ax: plt.Axes, image: torch.Tensor, title: str = "") -> None:
