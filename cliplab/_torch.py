@@ -1,9 +1,12 @@
 """The one home of the small torch helpers every layer uses, with no knowledge of CLIP: where a module lives, how
-many classes it predicts, eval mode that restores each submodule, and the bf16 autocast switch."""
+many classes it predicts, a copy of its structure alone, eval mode that restores each submodule, and the bf16
+autocast switch."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import itertools
 import platform
 
 import torch
@@ -27,6 +30,18 @@ def computing_device(model: nn.Module, default: torch.device) -> torch.device:
         raise ValueError("model is on the meta device, which holds no weights and computes no predictions: load it "
                          "on a real device (cpu, cuda)")
     return device
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are on the ``meta`` device: its structure, shapes and
+    ``requires_grad`` flags without copying a byte of its weights (a ViT-B/32 CLIP in milliseconds, where
+    ``copy.deepcopy`` takes half a second and 600 MB), for what only needs the structure, such as counting what an
+    adapter would train."""
+    memo = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        meta = tensor.to("meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 def logits_of(output, n: int) -> torch.Tensor:

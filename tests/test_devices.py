@@ -13,7 +13,7 @@ from open_clip.transformer import ResidualAttentionBlock
 
 import cliplab
 from cliplab import RandomizedSmoothing
-from cliplab._torch import cpu_has_bf16
+from cliplab._torch import cpu_has_bf16, meta_copy
 from cliplab.vit import SelfAttention
 from cliplab.training.oft import apply_oft, oft_parameters
 
@@ -73,6 +73,21 @@ class _Answers(torch.nn.Module):
     def forward(self, x):
         logits = self.linear(x.flatten(1))
         return {"scores": logits.sum(1), "one row": logits[:1], "tuple": (logits, logits)}[self.kind]
+
+
+def test_a_meta_copy_has_the_structure_and_flags_without_the_weights(random_shapes_clf):
+    """meta_copy copies no weight: every parameter and buffer of the copy is on meta, with its name, shape, class
+    and requires_grad flag, and the original keeps its own tensors."""
+    visual = random_shapes_clf.model.visual
+    visual.conv1.weight.requires_grad_(False)
+    before = {name: (t.data_ptr(), t.device) for name, t in visual.state_dict(keep_vars=True).items()}
+    shape = meta_copy(visual)
+    for (name, t), (copied_name, c) in zip(visual.state_dict(keep_vars=True).items(),
+                                           shape.state_dict(keep_vars=True).items(), strict=True):
+        assert (copied_name, c.device.type, c.shape, type(c)) == (name, "meta", t.shape, type(t))
+        assert c.requires_grad == t.requires_grad
+    assert {name: (t.data_ptr(), t.device) for name, t in visual.state_dict(keep_vars=True).items()} == before
+    assert type(shape.transformer.resblocks[0].attn) is SelfAttention
 
 
 @pytest.mark.parametrize("kind, says", [("scores", r"it returned shape \(\d+,\)"),

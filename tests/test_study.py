@@ -265,6 +265,14 @@ def test_trainable_parameters_count_what_each_adapter_trains(random_shapes_clf):
     widths = [w.shape[1] for name, w in visual.state_dict().items() if name.endswith(ADAPTED_WEIGHTS)]
     assert oft == sum(w // 16 * (16 * 15 // 2) for w in widths) < full
     assert not any("parametrizations" in name for name, _ in visual.named_parameters()), "counted on a copy"
+    # counted on the meta device as on a real copy, for every run of the study
+    from cliplab.study.finetuning import finetune_runs, frontier_runs
+    from cliplab.training.adapters import trained_parameter_count
+    from cliplab.training.trainer import prepare
+
+    for _, config in (finetune_runs(profile) | frontier_runs(profile, visual)).values():
+        real = trained_parameter_count(config, prepare(copy.deepcopy(random_shapes_clf), config))
+        assert trainable_parameters(random_shapes_clf, config) == real, config.adapter
 
 
 def test_the_study_runs_name_the_committed_encoders_with_their_settings():

@@ -5,17 +5,16 @@ angles between neurons (``neuron_geometry``, ``geometry_change``) and how many p
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .._torch import meta_copy
 from ..classifier import ZeroShotClassifier
 from ..evaluation.statistics import Proportion
 from ..training.config import FinetuneConfig
-from ..training.adapters import trained_parameter_count
-from ..training.trainer import prepare
+from ..training.adapters import apply_adapter, trained_parameter_count
 
 
 def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
@@ -79,7 +78,8 @@ def certified_accuracy(classes: torch.Tensor, radii: torch.Tensor, y: torch.Tens
 
 
 def trainable_parameters(classifier: ZeroShotClassifier, config: FinetuneConfig) -> int:
-    """The free parameters ``config``'s adapter trains in ``classifier``'s image encoder (measured on a copy,
-    ``adapters.trained_parameter_count``): every entry it trains, but for OFT the b(b-1)/2 angles of each b x b
-    skew-symmetric block (its generator stores b x b entries, of which only the skew part acts)."""
-    return trained_parameter_count(config, prepare(copy.deepcopy(classifier), config))
+    """The free parameters ``config``'s adapter trains in ``classifier``'s image encoder (counted on a copy of its
+    structure on the meta device, ``adapters.trained_parameter_count``): every entry it trains, but for OFT the
+    b(b-1)/2 angles of each b x b skew-symmetric block (its generator stores b x b entries, of which only the skew
+    part acts)."""
+    return trained_parameter_count(config, apply_adapter(meta_copy(classifier.model.visual), config))
