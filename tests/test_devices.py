@@ -78,7 +78,7 @@ class _Answers(torch.nn.Module):
 def test_a_meta_copy_has_the_structure_and_flags_without_the_weights(random_shapes_clf):
     """meta_copy copies no weight: every parameter and buffer of the copy is on meta, with its name, shape, class
     and requires_grad flag, and the original keeps its own tensors."""
-    visual = random_shapes_clf.model.visual
+    visual = copy.deepcopy(random_shapes_clf.model.visual)  # the fixture is the session's
     visual.conv1.weight.requires_grad_(False)
     before = {name: (t.data_ptr(), t.device) for name, t in visual.state_dict(keep_vars=True).items()}
     shape = meta_copy(visual)
