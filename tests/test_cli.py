@@ -721,13 +721,16 @@ def test_update_pins_fp32_and_refuses_bf16(monkeypatch):
     monkeypatch.delenv("CLIPLAB_PRECISION", raising=False)
     job = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"], update=True)
     assert job.profile.runtime.precision == "fp32" and "precision: fp32" in str(job)
-    assert "committed notebooks" in job.arithmetic()
+    assert "committed notebooks they rewrote" in job.arithmetic()
     with pytest.raises(ValueError, match="--update writes the committed notebooks.*drop --precision bf16"):
         runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu", precision="bf16"), only=["01"],
                                  update=True)
     plain = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"])
     assert "bf16 autocast (auto: this CPU computes bf16 natively" in str(plain)
     assert "bf16" in plain.arithmetic() and "--precision fp32" in plain.arithmetic()
+    # an fp32 run says its outputs should read as committed, and that it did not compare them
+    fp32 = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu", precision="fp32"), only=["01"])
+    assert "should read as committed (this run does not compare them; nbval does)" in fp32.arithmetic()
 
 
 def test_the_suite_pins_the_notebooks_to_fp32():

@@ -325,10 +325,12 @@ class Reproduction:
         """What the run's numbers are, said when it ends: the committed fp32 ones, or bf16's."""
         runtime = self.profile.runtime
         if resolve_precision(runtime.device, runtime.precision) == "fp32":
+            if self.update:
+                return "These numbers were computed in fp32, the arithmetic of the committed notebooks they rewrote."
             committed = self.profile.name == "shapes" and not self.profile.smoke
             return ("These numbers were computed in fp32" +
-                    (", the arithmetic of the committed notebooks: their checked outputs read the same."
-                     if committed else "."))
+                    (", the arithmetic of the committed notebooks: their checked outputs should read as committed "
+                     "(this run does not compare them; nbval does)." if committed else "."))
         return ("These numbers were computed in bf16 autocast: a few images can stand or fall otherwise than in the "
                 "fp32 arithmetic of the committed notebooks (--precision fp32 gives theirs).")
 
