@@ -41,9 +41,9 @@ def compare(a: Proportion, b: Proportion) -> int:
     return 1 if a_low > b_high else -1 if a_high < b_low else 0
 
 
-def relation(a: Proportion, b: Proportion) -> str:
-    """``compare`` in words: "clearly above", "clearly below" or "indistinguishable from" (overlapping intervals)."""
-    return {1: "clearly above", -1: "clearly below", 0: "indistinguishable from"}[compare(a, b)]
+def relation(a: Proportion, b: Proportion, overlap: str = "indistinguishable from") -> str:
+    """``compare`` in words: "clearly above", "clearly below" or ``overlap`` (overlapping intervals)."""
+    return {1: "clearly above", -1: "clearly below", 0: overlap}[compare(a, b)]
 
 
 def selected_interval(p: Proportion, candidates: int) -> tuple[float, float]:
@@ -417,8 +417,8 @@ def _size_ratio(size: int, reference: int) -> str:
 
 
 def _against(a: Proportion, b: Proportion) -> str:
-    """``a`` against ``b`` in words: both rates, how they compare (``compare``) and the difference in points."""
-    words = {1: "clearly above", -1: "clearly below", 0: "not distinguishable at this n from"}[compare(a, b)]
+    """``a`` against ``b`` in words: both rates, how they compare (``relation``) and the difference in points."""
+    words = relation(a, b, overlap="not distinguishable at this n from")
     return f"{a.percent(unit='%')}, {words} {b.percent(unit='%')} ({100 * (a.value - b.value):+.1f} points)"
 
 
