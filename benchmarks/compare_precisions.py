@@ -13,61 +13,32 @@ the units printed (points for percentages).
 from __future__ import annotations
 
 import argparse
-import difflib
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import nbformat
-
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def checked_outputs(directory: Path) -> dict[tuple[str, int], list[str]]:
-    """(notebook, code cell number) -> the text lines of each checked cell's outputs."""
-    cells = {}
-    for path in sorted(directory.glob("[0-9][0-9]_*.ipynb")):
-        code = [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
-        for number, cell in enumerate(code, start=1):
-            if "NBVAL_CHECK_OUTPUT" in cell.source:
-                lines = []
-                for output in cell.get("outputs", []):
-                    text = output.get("text") or output.get("data", {}).get("text/markdown") \
-                        or output.get("data", {}).get("text/plain", "")
-                    lines.extend("".join(text).splitlines())
-                cells[path.stem, number] = lines
-    return cells
-
-
-def largest_difference(before: str, after: str) -> float | None:
-    """The largest difference between the numbers of two lines that hold as many numbers, else None."""
-    a, b = NUMBER.findall(before), NUMBER.findall(after)
-    if len(a) != len(b) or not a:
-        return None
-    return max(abs(float(x) - float(y)) for x, y in zip(a, b))
+from cliplab.cli.checked import changes, checked_outputs, largest_difference
 
 
 def compare(first: Path, second: Path) -> None:
-    ours, theirs = checked_outputs(first), checked_outputs(second)
+    """Every checked line of the notebooks in ``first`` that reads otherwise in ``second``, with the largest
+    difference between their numbers."""
+    ours, theirs = ({path.stem: path for path in directory.glob("[0-9][0-9]_*.ipynb")} for directory in (first, second))
     print(f"\nchecked cells of {first} (-) against {second} (+):\n")
-    same = 0
-    for key in sorted(ours.keys() | theirs.keys()):
-        before, after = ours.get(key, []), theirs.get(key, [])
-        if before == after:
-            same += 1
-            continue
-        print(f"{key[0]}, code cell {key[1]}:")
-        removed = [line for line in difflib.ndiff(before, after) if line[:2] in ("- ", "+ ")]
-        pairs = list(zip([line[2:] for line in removed if line[0] == "-"],
-                         [line[2:] for line in removed if line[0] == "+"]))
-        for old, new in pairs:
-            delta = largest_difference(old, new)
-            print(f"  - {old}\n  + {new}" + ("" if delta is None else f"\n    largest difference: {delta:g}"))
-        if len(pairs) * 2 != len(removed):
-            print("  (lines added or removed: " + str(len(removed) - 2 * len(pairs)) + ")")
-    print(f"\n{same} of {len(ours.keys() | theirs.keys())} checked cells read the same")
+    cells = differing = 0
+    for name in sorted(ours.keys() | theirs.keys()):
+        before, after = (checked_outputs(found[name]) if name in found else {} for found in (ours, theirs))
+        cells += len(before.keys() | after.keys())
+        for change in changes(name, before, after):
+            print(f"{name}, code cell {change.cell}:")
+            for old, new in change.pairs:
+                delta = largest_difference(old, new)
+                print(f"  - {old}\n  + {new}" + ("" if delta is None else f"\n    largest difference: {delta:g}"))
+            if change.unpaired:
+                print(f"  (lines added or removed: {change.unpaired})")
+            differing += 1
+    print(f"\n{cells - differing} of {cells} checked cells read the same")
 
 
 def run(precision: str, out: Path) -> Path:

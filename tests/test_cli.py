@@ -21,6 +21,7 @@ import torch
 import cliplab._torch
 from cliplab.cli import commands as cli
 from cliplab.cli import main
+from cliplab.cli import checked
 from cliplab.cli import reproduce as runner
 
 OK_CELLS = [
@@ -105,6 +106,57 @@ def test_reproduce_only_with_threads(notebooks, tmp_path, capsys):
     assert "02_fail" not in printed and "2 torch threads per notebook kernel" in printed
     executed = nbformat.read(out / "shapes" / "01_ok.ipynb", as_version=4)
     assert executed.cells[-1].outputs[0]["text"] == "threads 2 PASSIVE\n"
+
+
+def _checked_notebook(path, printed):
+    """A notebook of two checked cells and one unchecked, committed with the outputs ``printed`` (one line each)."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    sources = ["# NBVAL_CHECK_OUTPUT\nprint('robust 45.0% [40.1, 50.0] (n=400)')",
+               "print('not checked')",
+               "# NBVAL_CHECK_OUTPUT\nprint('clean 90.2% [87.0, 92.7] (n=400)')"]
+    notebook.cells = [nbformat.v4.new_code_cell(source, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=text + "\n")]) for source, text in zip(sources, printed)]
+    nbformat.write(notebook, path)
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("update", [False, True])
+def test_reproduce_ends_by_comparing_the_checked_outputs_with_the_committed_ones(update, tmp_path, capsys):
+    """A run of the shapes profile says which checked cells read as committed and, for each one that does not, how
+    many lines differ and by how much their numbers do; --update compares with the notebooks as they were before it
+    rewrote them. Unchecked cells do not count."""
+    directory = tmp_path / "notebooks"
+    directory.mkdir()
+    _checked_notebook(directory / "01_checked.ipynb",
+                      ["robust 45.0% [40.1, 50.0] (n=400)", "something else", "clean 90.0% [86.8, 92.6] (n=400)"])
+    code = main(["reproduce", "--notebooks", str(directory), "--results", str(tmp_path / "results"),
+                 *(["--update"] if update else []), "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    against = "the notebooks before this run" if update else "the committed notebooks"
+    assert (f"Checked outputs: 1 of 2 cells read as in {against}; these differ:\n"
+            "  01_checked, code cell 3: 1 line differs, numbers by up to 0.2\n") in printed
+    # the same notebooks again: with --update they now read as the run left them, without it as committed
+    assert main(["reproduce", "--notebooks", str(directory), "--results", str(tmp_path / "results"),
+                 *(["--update"] if update else []), "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"Checked outputs: all 2 cells read as in {against}." in printed) == update
+
+
+def test_checked_outputs_and_their_changes(tmp_path):
+    """``checked_outputs`` reads the text of the checked cells alone; ``changes`` pairs each changed line with its new
+    version and counts the lines one side lacks."""
+    path = tmp_path / "01_checked.ipynb"
+    _checked_notebook(path, ["robust 45.0% [40.1, 50.0] (n=400)", "something", "clean 90.0% [86.8, 92.6] (n=400)"])
+    before = checked.checked_outputs(path)
+    assert before == {1: ["robust 45.0% [40.1, 50.0] (n=400)"], 3: ["clean 90.0% [86.8, 92.6] (n=400)"]}
+    after = {1: ["robust 44.5% [39.6, 49.5] (n=400)", "a line more"], 3: before[3]}
+    (change,) = checked.changes("01_checked", before, after)
+    assert (change.cell, change.unpaired) == (1, 1) and change.largest == pytest.approx(0.5)
+    assert change.summary() == "01_checked, code cell 1: 2 lines differ, numbers by up to 0.5"
+    assert checked.changes("01_checked", before, before) == []
+    assert checked.comparison({}, {}) == ""  # nothing checked, nothing said
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -728,9 +780,14 @@ def test_update_pins_fp32_and_refuses_bf16(monkeypatch):
     plain = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu"), only=["01"])
     assert "bf16 autocast (auto: this CPU computes bf16 natively" in str(plain)
     assert "bf16" in plain.arithmetic() and "--precision fp32" in plain.arithmetic()
-    # an fp32 run says its outputs should read as committed, and that it did not compare them
+    # an fp32 run of the shapes profile is the committed notebooks' arithmetic, whose checked outputs it holds to
+    # compare with when it ends; a smoke run's have nothing to compare with
     fp32 = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu", precision="fp32"), only=["01"])
-    assert "should read as committed (this run does not compare them; nbval does)" in fp32.arithmetic()
+    assert fp32.arithmetic().endswith("in fp32, the arithmetic of the committed notebooks.")
+    assert fp32.committed["01_attacks"] == checked.checked_outputs(runner.default_notebook_dir() / "01_attacks.ipynb")
+    smoke = runner.plan_reproduction(cliplab.get_profile("shapes", device="cpu", precision="fp32", smoke=True),
+                                     only=["01"])
+    assert smoke.committed == {} and smoke.compared([]) == ""
 
 
 def test_the_suite_pins_the_notebooks_to_fp32():

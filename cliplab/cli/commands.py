@@ -113,6 +113,8 @@ def run(argv: list[str] | None, stop: StopSignals) -> int:
             status += f"; slowest: cell {cell}, {run_.cell_seconds[cell]:.0f} s"
         print(f"  {run_.name:<28} {run_.seconds:7.1f} s  {status}")
     print(job.arithmetic())
+    if compared := job.compared(runs):
+        print(compared)
     return 1 if any(run_.error for run_ in runs) else 0
 
 

@@ -23,6 +23,7 @@ from .._io import atomic_write
 from .._torch import precision_line, resolve_precision
 from ..study.profiles import Profile, profile_environment
 from .._io import written_by_a_run
+from . import checked
 from .stopping import STOP_SIGNALS, interruption
 
 # what executing the notebooks needs (04 imports ipywidgets), installed by the `notebooks` extra
@@ -311,6 +312,9 @@ class Reproduction:
     update: bool
     jobs: int  # notebooks executed at a time
     threads: int  # torch threads of each notebook kernel
+    # notebook stem -> its checked outputs as committed (read before the run, which --update replaces), for a run of
+    # the profile they were made with (shapes, not a smoke run); else empty
+    committed: dict[str, dict[int, list[str]]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         at_a_time = f"{self.jobs} notebooks at a time" if self.jobs > 1 else "one notebook at a time"
@@ -327,12 +331,19 @@ class Reproduction:
         if resolve_precision(runtime.device, runtime.precision) == "fp32":
             if self.update:
                 return "These numbers were computed in fp32, the arithmetic of the committed notebooks they rewrote."
-            committed = self.profile.name == "shapes" and not self.profile.smoke
-            return ("These numbers were computed in fp32" +
-                    (", the arithmetic of the committed notebooks: their checked outputs should read as committed "
-                     "(this run does not compare them; nbval does)." if committed else "."))
+            return "These numbers were computed in fp32" + (", the arithmetic of the committed notebooks." if
+                                                            self.committed else ".")
         return ("These numbers were computed in bf16 autocast: a few images can stand or fall otherwise than in the "
                 "fp32 arithmetic of the committed notebooks (--precision fp32 gives theirs).")
+
+    def compared(self, runs: list[NotebookRun]) -> str:
+        """The checked outputs of the ``runs`` that ended without an error against the committed ones (with
+        ``update``, as they were before the run): ``checked.comparison``'s paragraph, empty where there is nothing to
+        compare with (a smoke run, the cifar100 profile)."""
+        where = {path.stem: path if self.update else self.out / path.name for path in self.notebooks}
+        executed = {run.name: where[run.name] for run in runs if run.error is None and run.name in self.committed}
+        return checked.comparison(self.committed, executed,
+                                  "the notebooks before this run" if self.update else "the committed notebooks")
 
 
 def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks: Path | None = None,
@@ -380,7 +391,9 @@ def plan_reproduction(profile: Profile, only: list[str] | None = None, notebooks
     profile.check_inputs()
     if profile.smoke and profile.runtime.encoder_cache is None:
         profile = profile.with_runtime(encoder_cache=str((out / "encoders").resolve()))
-    return Reproduction(profile, paths, out, update, jobs, threads)
+    committed = ({path.stem: checked.checked_outputs(path) for path in paths}
+                 if profile.name == "shapes" and not profile.smoke else {})
+    return Reproduction(profile, paths, out, update, jobs, threads, committed)
 
 
 def check_not_theirs(out: Path) -> None:
