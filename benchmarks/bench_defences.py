@@ -1,6 +1,7 @@
-"""Defence throughput: batched randomized smoothing and a batched bilateral sweep against loops, in one process.
+"""Defence throughput: batched randomized smoothing and a batched bilateral sweep against loops, and cliplab's
+bilateral filter against kornia's, in one process.
 
-Two benchmarks, run together by default (``--bench`` picks one):
+Three benchmarks, run together by default (``--bench`` picks one):
 
 1. **Randomized smoothing** (``--bench smoothing``): noisy samples per second of the Monte Carlo step
    of Cohen et al.'s PREDICT/CERTIFY (add N(0, sigma^2) noise, sigma 0.25, classify, count the argmax)
@@ -32,6 +33,13 @@ Two benchmarks, run together by default (``--bench`` picks one):
    launches, but its temporaries are 15 times larger (kornia unfolds every 5x5 window: about 2 GB
    per temporary for 7500 images), which on CPU costs page faults (see ``benchmarks/RESULTS.md``).
 
+3. **Bilateral filter** (``--bench filter``): ``cliplab.defences.bilateral`` (on the CPU tap by tap,
+   ``denoise._bilateral_taps``) against kornia's ``bilateral_blur``, with the same per-image spatial sigmas
+   drawn as ``RandomBilateral`` draws them (0.05..4.95; colour sigma 0.1, kernel 5), on ``--filter-images``
+   random 32x32 images (2,000 by default: a batch of 02's EOT through the random bilateral blur, 100 images x
+   20 draws), forward+backward (``torch.autograd.grad`` of the sum: what an attack through the filter runs).
+   Without a gradient ``bilateral`` is kornia's own call (kornia 0.9 loops over the taps in place on the CPU).
+
 Each method is warmed up once before it is timed (the denoisers on the first 50 images, where their
 outputs and input gradients are also checked to agree); on CUDA the clock is read after
 ``torch.cuda.synchronize``. The batched methods and the loops other than (a) are timed ``--repeats``
@@ -45,6 +53,7 @@ Run (from the repository root, with the venv active)::
     python benchmarks/bench_defences.py                       # CUDA if available, else CPU
     python benchmarks/bench_defences.py --device cpu --threads 1
     python benchmarks/bench_defences.py --bench denoise --sweep-images 2000
+    python benchmarks/bench_defences.py --bench filter --device cpu --threads 1
 
 The tables are printed in Markdown, ready for ``benchmarks/RESULTS.md``.
 """
@@ -243,10 +252,38 @@ def bench_denoise(x: torch.Tensor, repeats: int) -> dict[str, tuple[Timing, Timi
     return results
 
 
-def format_denoise_table(results: dict[str, tuple[Timing, Timing]]) -> str:
-    """Markdown table: one row per pass and method, with the batched call's speed-up over the loop."""
+# --- the bilateral filter against kornia's -----------------------------------------------------------------
+
+
+def bench_filter(x: torch.Tensor, repeats: int) -> dict[str, tuple[Timing, Timing]]:
+    """Time cliplab's ``bilateral`` against kornia's ``bilateral_blur`` with the same per-image sigmas, forward and
+    backward, after a warm-up on a few images that checks both give the same outputs and input gradients.
+
+    Returns:
+        For "forward+backward": the timings of cliplab's filter and of kornia's.
+    """
+    space = 0.05 + 4.9 * torch.rand(len(x), device=x.device)  # as RandomBilateral draws them
+    color = torch.full_like(space, 0.1)
+    filters = {"ours": lambda z: bilateral(z, sigma_space=space[:len(z)], sigma_color=color[:len(z)]),
+               "kornia": lambda z: kornia.filters.bilateral_blur(z, 5, color[:len(z)],
+                                                                 space[:len(z), None].expand(-1, 2),
+                                                                 border_type="reflect")}
+    few = x[:WARMUP_IMAGES].clone().requires_grad_(True)
+    outputs = [f(few) for f in filters.values()]
+    torch.testing.assert_close(*(out.detach() for out in outputs))
+    torch.testing.assert_close(*(torch.autograd.grad(out.sum(), few)[0] for out in outputs))
+    leaf = x.clone().requires_grad_(True)
+
+    seconds = best_of({key: lambda f=f: torch.autograd.grad(f(leaf).sum(), leaf)[0] for key, f in filters.items()},
+                      x.device, repeats)
+    return {"forward+backward": (Timing("cliplab bilateral", len(x), len(x), seconds["ours"]),
+                                 Timing("kornia bilateral_blur", len(x), len(x), seconds["kornia"]))}
+
+
+def format_denoise_table(results: dict[str, tuple[Timing, Timing]], speedup_of: str = "batched") -> str:
+    """Markdown table: one row per pass and method, with the first method's speed-up over the second."""
     lines = ["| pass | method | calls | images per call | filtered images | seconds | images/s "
-             "| batched speed-up |",
+             f"| {speedup_of} speed-up |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, (batched, looped) in results.items():
         for timing in (batched, looped):
@@ -272,13 +309,16 @@ def describe(device: torch.device, args: argparse.Namespace) -> str:
     if args.bench in ("denoise", "all"):
         parts.append(f"denoise: {args.sweep_images} images {IMAGE_SIZE}x{IMAGE_SIZE}, {len(SWEEP_SIGMAS)} spatial "
                      f"sigmas {SWEEP_SIGMAS[0]}..{SWEEP_SIGMAS[-1]}, colour sigma 0.1, kernel 5")
+    if args.bench in ("filter", "all"):
+        parts.append(f"filter: {args.filter_images} images {IMAGE_SIZE}x{IMAGE_SIZE}, a spatial sigma per image "
+                     f"in 0.05..4.95, colour sigma 0.1, kernel 5")
     return "; ".join(parts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; defaults depend on the device (CPU runs are kept to a few minutes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--bench", choices=("all", "smoothing", "denoise"), default="all")
+    parser.add_argument("--bench", choices=("all", "smoothing", "denoise", "filter"), default="all")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=None,
@@ -296,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cached-draws", type=int, default=None,
                         help="draws per image of the cached loop (b); default: 16 on cpu, 200 on cuda")
     parser.add_argument("--sweep-images", type=int, default=500, help="images of the bilateral sweep")
+    parser.add_argument("--filter-images", type=int, default=2000, help="images of the filter against kornia's")
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved timings of the batched methods and of the cheap loops, the fastest "
                              "kept; default: 2 for smoothing, 3 for denoise only")
@@ -309,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.baseline_draws = args.baseline_draws or (1 if on_cpu else 10)
     args.cached_images = args.cached_images or (1 if on_cpu else 2)
     args.cached_draws = args.cached_draws or (16 if on_cpu else 200)
-    args.repeats = args.repeats or (3 if args.bench == "denoise" else 2)
+    args.repeats = args.repeats or (3 if args.bench in ("denoise", "filter") else 2)
     if max(args.baseline_images, args.cached_images) > args.images:
         parser.error("--baseline-images and --cached-images must not exceed --images")
     return args
@@ -323,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.bench in ("denoise", "all"):
         x = torch.rand(args.sweep_images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
         print(format_denoise_table(bench_denoise(x, args.repeats)), flush=True)
+    if args.bench in ("filter", "all"):
+        x = torch.rand(args.filter_images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+        print(format_denoise_table(bench_filter(x, args.repeats), "cliplab"), flush=True)
     if args.bench in ("smoothing", "all"):
         clf = cliplab.load_classifier(MODEL, pretrained=None, device=device, precision="fp32")
         x = torch.rand(args.images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
