@@ -396,6 +396,16 @@ def test_profile_finetune_config_takes_the_profile_budgets_per_adapter():
         profile.finetune_config("fare", "oft", rank=4)
 
 
+def test_a_printed_config_shows_only_its_own_adapters_size():
+    """``print(config)`` (05 prints one) leaves out the sizes of the other adapters, which mean nothing to it: a
+    ``blocks=1`` beside ``adapter='full'`` reads as one block trained. The repr keeps every field."""
+    profile = cliplab.get_profile("shapes")
+    full, lora = profile.finetune_config("fare", "full"), profile.finetune_config("fare", "lora", rank=3)
+    assert not any(size in str(full) for size in ("block_size=", "rank=", "blocks="))
+    assert "rank=3" in str(lora) and "block_size=" not in str(lora) and "blocks=" not in str(lora)
+    assert str(full).startswith("FinetuneConfig(method='fare', adapter='full', eps=") and "blocks=1" in repr(full)
+
+
 def test_periodic_evaluation_joins_the_history_and_needs_data(data, tmp_path):
     x, y = data
     ft.finetune(fresh(), x, y, tiny_config(eval_every=2), tmp_path / "run", eval_data=(x[:16], y[:16]))

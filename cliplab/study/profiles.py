@@ -22,7 +22,7 @@ from .._arguments import check_choice
 from .._torch import PRECISIONS
 from ..evaluation.ensemble import AttackBudget, ThreatModel
 from ..evaluation.sweeps import PGDSweep
-from ..training.config import ADAPTER_SIZES, ADAPTERS, FinetuneConfig
+from ..training.config import ADAPTER_SIZES, ADAPTERS, FinetuneConfig, unused_sizes
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Profile:
         runtime's ``precision``: by default bf16 autocast where the device computes bf16 natively, else fp32.)
         """
         check_choice(adapter, "adapter", ADAPTERS)
-        for size in set(ADAPTER_SIZES.values()) - {ADAPTER_SIZES.get(adapter)}:
+        for size in sorted(unused_sizes(adapter)):
             if overrides.get(size) is not None:
                 owner = next(name for name, its in ADAPTER_SIZES.items() if its == size)
                 raise ValueError(f"{size} applies to adapter={owner!r} only, got it with adapter={adapter!r}")

@@ -1,7 +1,7 @@
 """``FinetuneConfig``: every setting of a robust fine-tuning run (``validate`` checks them all)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .. import _distributed
 from .._arguments import check_choice, check_int, check_positive
@@ -9,6 +9,11 @@ from .._arguments import check_choice, check_int, check_positive
 METHODS, ADAPTERS = ("fare", "tecoa"), ("full", "oft", "lora", "last-k", "bitfit")
 # each adapter's size setting (``training.adapters``); a run's settings leave out the others' (``runs.run_settings``)
 ADAPTER_SIZES = {"oft": "block_size", "lora": "rank", "last-k": "blocks"}
+
+
+def unused_sizes(adapter: str) -> set[str]:
+    """The size settings of the adapters other than ``adapter``: they mean nothing to its run."""
+    return {size for owner, size in ADAPTER_SIZES.items() if owner != adapter}
 
 
 @dataclass
@@ -31,6 +36,13 @@ class FinetuneConfig:
     eval_every: int = 0  # clean and robust accuracy on held-out images every this many steps (0: never)
     seed: int = 0  # seeds batch order and attack starts
     progress: bool = True  # tqdm bar with loss and running clean/robust accuracy
+
+    def __str__(self) -> str:
+        """The dataclass's repr without the size settings of the other adapters (``blocks=1`` beside
+        ``adapter='full'`` would read as one block trained)."""
+        unused = unused_sizes(self.adapter)
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in unused)
+        return f"{type(self).__name__}({shown})"
 
     def validate(self) -> None:
         check_choice(self.method, "method", METHODS)

@@ -15,7 +15,7 @@ import torch
 from .. import _distributed
 from .._arguments import check_directory
 from .._io import LOCK_FILE, TEMPORARY_GLOB, atomic_write, save_tensors
-from .config import ADAPTER_SIZES, FinetuneConfig
+from .config import FinetuneConfig, unused_sizes
 
 _CHECKPOINT_FILE = re.compile(r"checkpoint-\d+\.(safetensors|state\.pt)")
 
@@ -126,7 +126,7 @@ def run_settings(config: FinetuneConfig | dict) -> dict:
     settings of the adapters it does not use (``block_size`` means nothing to LoRA). Precision is not one of them: it
     is the classifier's, and it changes rounding, not the method (a run cached on a CPU stays usable on a GPU)."""
     settings = asdict(config) if isinstance(config, FinetuneConfig) else dict(config)
-    unused = {size for adapter, size in ADAPTER_SIZES.items() if adapter != settings.get("adapter")}
+    unused = unused_sizes(settings.get("adapter"))
     return {k: v for k, v in settings.items() if k not in {"save_every", "eval_every", "progress", *unused}}
 
 
