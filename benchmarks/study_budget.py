@@ -22,9 +22,9 @@ correctly classified ones and each later attack only on the images still standin
 the real model, so it is counted twice: the lower bound has the first attack fool every image (the later ones cost
 nothing), the upper bound has every correctly classified image survive every attack (``Cost.ensemble``; a test
 holds both against counted runs). Per image attacked, with S
-steps and k EOT draws: APGD-CE or APGD-DLR S + 1 B per restart, times k; APGD-T num_targets * (S + 1) B, times k,
-plus k F to rank the targets; Square its queries in F; PGD as below; and a judgement after each attack, one F per
-vote (randomized smoothing: per noise draw).
+steps and k EOT draws: APGD-CE or APGD-DLR S B and 1 F (its final iterate) per restart, times k; APGD-T
+num_targets * (S B + 1 F), times k, plus k F to rank the targets; Square its queries in F; PGD as below; and a
+judgement after each attack, one F per vote (randomized smoothing: per noise draw).
 
 Usage:
     python benchmarks/study_budget.py                 # the cifar100 profile, as a markdown table (lower-upper bound)
@@ -84,13 +84,12 @@ class Cost:
                     self.backward += m * (name != "square") * k
                 elif name == "pgd":
                     self.attack(m, budget.pgd_steps, k, restarts=budget.pgd_restarts)
-                elif name == "apgd-t":
-                    self.forward += m * k
-                    self.backward += m * budget.num_targets * (budget.steps + 1) * k
                 elif name == "square":
                     self.forward += m * budget.queries * noise
-                else:  # apgd-ce, apgd-dlr
-                    self.backward += m * budget.restarts * (budget.steps + 1) * k
+                else:  # apgd-ce, apgd-dlr, apgd-t: a gradient at each step, none at the final iterate
+                    runs = budget.num_targets if name == "apgd-t" else budget.restarts
+                    self.forward += m * (runs + (name == "apgd-t")) * k
+                    self.backward += m * runs * budget.steps * k
                 self.predict(m, votes)
 
     def masking_report(self, n, steps, eot=1, votes=1, transfer=True):

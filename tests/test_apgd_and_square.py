@@ -117,16 +117,26 @@ def test_eot_apgd_runs_on_a_randomised_defence(shapes_clf, batch):
 
 # ------------------------------------------------------------------------ early stopping: less work, same result
 class Counted(torch.nn.Module):
-    """A model that counts the images its forward passes see."""
+    """A model that counts the images its forward passes see, and those of them whose gradient is taken."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.images = model, 0
+        self.model, self.images, self.with_gradient = model, 0, 0
         self.num_classes = model.num_classes
 
     def forward(self, x):
         self.images += len(x)
+        self.with_gradient += len(x) * torch.is_grad_enabled()
         return self.model(x)
+
+
+def test_apgd_takes_no_gradient_at_its_final_iterate(shapes_clf, standing):
+    """The final iterate is only judged, no step follows it: one forward pass per sample without a gradient, and a
+    gradient at each of the ``steps`` iterates before it."""
+    x, y = standing
+    model = Counted(shapes_clf)
+    apgd(model, x, y, eps=2 / 255, steps=5, seed=0)
+    assert (model.with_gradient, model.images) == (5 * len(x), 6 * len(x))
 
 
 @pytest.mark.parametrize("name", ATTACKS)

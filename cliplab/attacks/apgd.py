@@ -179,10 +179,15 @@ def _apgd_run(model, x, index, labels, best: Strongest, objective, history, *, e
         momentum = MOMENTUM if k > 1 else 1.0
         x_next = project(x, x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_previous), eps, norm)
         x_previous, x_adv = x_adv, x_next
-        value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples)
+        last = k == steps  # no step follows the final iterate: it is only evaluated, without a gradient
+        value, grad, logits = objective_and_gradient(model, x_adv, objective, drawn, eot_samples=eot_samples,
+                                                     gradient=not last)
         best.update(index, x_adv, value, logits, logits.argmax(dim=1) != labels[0])
+        history[k, index] = value
+        if last:
+            return
         rises += (value > value_previous).float()
-        history[k, index] = value_previous = value
+        value_previous = value
         improved = value > value_max
         x_max = torch.where(improved.view(-1, 1, 1, 1), x_adv, x_max)
         grad_max = torch.where(improved.view(-1, 1, 1, 1), grad, grad_max)
