@@ -96,7 +96,7 @@ def test_fare_that_gains_and_matches_tecoa_is_said_so():
     text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40),
                                             masking=("FARE-full", 100, False))
     assert "Clearly more robust at 1/255, 2/255 and 4/255." in text
-    assert "never sees a label, does as well" in text and "**met**" in text
+    assert "never sees a label, cannot be told apart" in text and "**met**" in text
     assert "a PGD quick look would overstate robustness" in text  # the original: 12% after PGD, 0% worst case
     assert "**fail**" in text
 

@@ -311,3 +311,11 @@ def test_the_study_refuses_a_model_it_does_not_know_and_shows_each_model_attacke
     fig = setup.adversarial_views({"original": setup.original}, images=2)
     assert len(fig.axes) == 2 * 2 * 2  # the clean row and the model's: image and perturbation for each of 2 images
     assert fig.axes[4].get_title().startswith("original:\n")
+
+
+def test_training_times_multiply_out():
+    """06's frontier table: the minutes are the shown seconds per step times the steps (0.81 s x 1000 is 13.5 min)."""
+    from cliplab.study.finetuning import _duration
+
+    assert _duration(round(0.8149, 2) * 1000) == "13.5 min"
+    assert _duration(95.4) == "95 s"

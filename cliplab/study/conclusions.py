@@ -282,8 +282,8 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
         same = [_eps(e) for e in [0, *radii] if compare(results[a][e], results[b][e]) == 0]
         lines.append(f"- {a} and {b} are indistinguishable (overlapping intervals) at "
                      + (f"{_listing(['clean' if e == '0/255' else e for e in same])}" if same else "no radius")
-                     + (": as far as this sample can tell, the unsupervised method, which never sees a label, does as "
-                        "well as the supervised one." if len(same) == len(radii) + 1 and "FARE" in a and "TeCoA" in b
+                     + (": on this sample the unsupervised method, which never sees a label, cannot be told apart from "
+                        "the supervised one." if len(same) == len(radii) + 1 and "FARE" in a and "TeCoA" in b
                         else "."))
     lines += [_pgd_gap(name, by_eps[eps]) for name, by_eps in reports.items()]
     if robust_target is not None:

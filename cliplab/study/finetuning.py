@@ -206,7 +206,7 @@ class FinetuneStudy:
             config = runs[name][1]
             cells = [curve[0].percent(unit="%"), *(curve[e].percent(unit="%") if e in curve else "--" for e in radii)]
             rows.append(f"| {name} | {adapter_label(config)} | {trainable_parameters(self.original, config):,} | "
-                        + " | ".join(cells) + f" | {_duration(seconds[name] * config.steps)} "
+                        + " | ".join(cells) + f" | {_duration(round(seconds[name], 2) * config.steps)} "
                         f"({seconds[name]:.2f} s x {config.steps}) |")
         return Markdown(f"Accuracy in % [95% CI], n={', '.join(map(str, sizes))} test images.\n\n" + "\n".join(rows))
 
@@ -224,7 +224,8 @@ class FinetuneStudy:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    """Seconds, or minutes to a tenth from two minutes on (the per-step seconds shown times the steps multiply out)."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def finetune_runs(profile: Profile) -> dict[str, tuple[str, FinetuneConfig]]:
