@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
@@ -153,7 +152,8 @@ class FinetuneStudy:
 
     def step_seconds(self, name: str, steps: int = 2) -> float:
         """Seconds per optimiser step of the fine-tuning run ``name`` (of ``runs`` or ``frontier``), measured here on
-        a copy of the original: the median of ``steps`` steps after one to warm up, on the run's batch size."""
+        a copy of the original: the shortest of ``steps`` steps after one to warm up (the one least disturbed by
+        whatever else runs beside it), on the run's batch size."""
         config = (self.every_run())[name][1]
         model = copy.deepcopy(self.original)
         objective = training_objective(model, copy.deepcopy(model.model.visual).requires_grad_(False), config)
@@ -165,7 +165,7 @@ class FinetuneStudy:
             start = time.perf_counter()
             train_step(objective, x, y, optimizer, trained, seed)
             times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+        return min(times[1:])
 
     def adapters(self, names) -> tuple[dict[str, str], dict[str, int]]:
         """For the fine-tuned models ``names`` (of ``runs`` or ``frontier``): each one's adapter ("full", "oft",

@@ -45,7 +45,7 @@ def neuron_geometry(classifier: ZeroShotClassifier) -> dict[str, tuple[torch.Ten
         if name.endswith(ADAPTED_WEIGHTS):
             weight = weight.double()  # (out, in): one neuron per row
             directions = F.normalize(weight, dim=1)
-            # every pair once, row by row: a mask reads them in the order triu_indices lists them, at a fifth of its cost
+            # every pair once, row by row: a mask reads them in triu_indices' order, at a fifth of its cost
             above_diagonal = torch.ones(len(weight), len(weight), dtype=torch.bool, device=weight.device).triu(1)
             cosines = (directions @ directions.T)[above_diagonal]
             geometry[name] = weight.norm(dim=1), torch.rad2deg(torch.arccos(cosines.clamp(-1, 1)))
