@@ -75,7 +75,7 @@ def test_conclusions_render_as_markdown_and_compare_as_text():
 def test_compare_goes_by_disjoint_intervals():
     assert conclusions.compare(p(60), p(40)) == 1 and conclusions.compare(p(40), p(60)) == -1
     assert conclusions.compare(p(52), p(50)) == 0
-    assert conclusions.relation(p(52), p(50)) == "indistinguishable from"
+    assert conclusions.relation(p(52), p(50)) == "not distinguishable at this n from"
 
 
 def test_fare_no_better_than_the_original_is_said_so_and_its_target_missed():
@@ -86,7 +86,7 @@ def test_fare_no_better_than_the_original_is_said_so_and_its_target_missed():
                                             masking=("FARE-full", 100, True))
     assert "Clearly more robust at no radius." in text
     assert "**missed**" in text and "**met**" not in text
-    assert "indistinguishable from the original's" in text
+    assert "not distinguishable at this n from the original's" in text
 
 
 def test_fare_that_gains_and_matches_tecoa_is_said_so():
@@ -96,7 +96,7 @@ def test_fare_that_gains_and_matches_tecoa_is_said_so():
     text = conclusions.finetune_conclusions(results, reports, robust_target=("FARE-full", 0.40),
                                             masking=("FARE-full", 100, False))
     assert "Clearly more robust at 1/255, 2/255 and 4/255." in text
-    assert "never sees a label, cannot be told apart" in text and "**met**" in text
+    assert "not distinguishable at this n (overlapping 95% intervals)" in text and "never sees a label" in text and "**met**" in text
     assert "a PGD quick look would overstate robustness" in text  # the original: 12% after PGD, 0% worst case
     assert "**fail**" in text
 
@@ -190,7 +190,7 @@ def test_attack_conclusions_warn_when_success_falls_with_eps():
 def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
     same = conclusions.eot_conclusions((1, 20), {"untargeted": [p(70, 100), p(70, 100)]},
                                        {"untargeted": p(38, 100)}, "random blur", 4 / 255)
-    assert "Indistinguishable (untargeted) means" in same and "does not mean the defence resists" in same
+    assert "Not distinguishable (untargeted) means" in same and "does not mean the defence resists" in same
     gain = conclusions.eot_conclusions((1, 20), {"untargeted": [p(30, 100), p(90, 100)]},
                                        {"untargeted": p(20, 100)}, "noise", 4 / 255)
     assert "clearly stronger than plain PGD" in gain and "does not mean" not in gain
@@ -229,7 +229,7 @@ def test_the_summary_names_the_defences_that_help_and_what_they_cost():
     text = conclusions.summary_conclusions(points, 4 / 255, references={"bilateral": "original, 100 images"})
     # bilateral's 4% [1.1, 9.9] is clearly above the 0% [0, 0.7] of 500 images, but not above the same 100 images'
     assert "on the same images at 4/255: FARE-full and TeCoA-full." in text
-    assert "The most robust is FARE-full" in text and "indistinguishable from it: TeCoA-full." in text  # not bilateral
+    assert "The most robust is FARE-full" in text and "not distinguishable from it at this n: TeCoA-full." in text  # not bilateral
     assert "on the same images: FARE-full and TeCoA-full." in text
     nothing = conclusions.summary_conclusions({"original": (p(98), p(0)), "noise": (p(97), p(1))}, 4 / 255)
     assert "no defence of the study." in nothing and "same images: none." in nothing

@@ -41,8 +41,9 @@ def compare(a: Proportion, b: Proportion) -> int:
     return 1 if a_low > b_high else -1 if a_high < b_low else 0
 
 
-def relation(a: Proportion, b: Proportion, overlap: str = "indistinguishable from") -> str:
-    """``compare`` in words: "clearly above", "clearly below" or ``overlap`` (overlapping intervals)."""
+def relation(a: Proportion, b: Proportion, overlap: str = "not distinguishable at this n from") -> str:
+    """``compare`` in words: "clearly above", "clearly below" or ``overlap`` (overlapping intervals: a difference this
+    sample cannot show, not an equality)."""
     return {1: "clearly above", -1: "clearly below", 0: overlap}[compare(a, b)]
 
 
@@ -129,7 +130,7 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
         verdict = {1: f"EOT with {samples[-1]} draws is clearly stronger than plain PGD",
                    -1: f"EOT with {samples[-1]} draws is clearly weaker than plain PGD (**warning**: more samples "
                        "should never hurt; look for a bug)",
-                   0: f"EOT with {samples[-1]} draws and plain PGD are indistinguishable"}[compare(eot, plain)]
+                   0: f"EOT with {samples[-1]} draws and plain PGD are not distinguishable at this n"}[compare(eot, plain)]
         white_box = max(curve, key=lambda p: p.value)
         lines.append(f"- **{mode}**, {transform}, eps={_eps(eps)}: plain PGD {rate(plain)}, EOT {rate(eot)}: "
                      f"{verdict}. The transferred attack succeeds on {rate(transfer[mode])}, "
@@ -137,7 +138,7 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
     unchanged = [mode for mode, curve in by_samples.items() if compare(curve[-1], curve[0]) == 0
                  and max(p.ci95[0] for p in curve) > 0.05]  # a rate at the floor can show no change at all
     if unchanged:
-        lines.append(f"- Indistinguishable ({_listing(unchanged)}) means: averaging the gradient over draws of the "
+        lines.append(f"- Not distinguishable ({_listing(unchanged)}) means: averaging the gradient over draws of the "
                      f"{transform} did not make the attack measurably stronger at this n. It does not mean the "
                      "defence resists: read the success rates themselves for that.")
     return _join(lines)
@@ -149,7 +150,7 @@ def eot_by_eps_conclusions(eps_grid: Sequence[float], by_eps: Mapping[str, Seque
     (plain_name, plain), (eot_name, eot) = by_eps.items()
     stronger = [f"{e:g}/255" for e, p, q in zip(eps_grid, plain, eot) if compare(q, p) > 0]
     return _join([f"- Through the {transform}, {eot_name} is clearly stronger than {plain_name} at "
-                  + (f"{_listing(stronger)} (disjoint intervals); at the other radii the two are indistinguishable."
+                  + (f"{_listing(stronger)} (disjoint intervals); at the other radii the two are not distinguishable at this n."
                      if stronger else f"no radius of {_listing([f'{e:g}/255' for e in eps_grid])}: "
                      "their intervals overlap everywhere.")])
 
@@ -253,7 +254,7 @@ def grid_conclusions(robust: Mapping[tuple[float, float], Proportion], clean: Ma
              f"{quick_cell[1]:g}) leaves {rate(quick_look)} standing; the ensemble leaves {rate(robust[quick_cell])}"
              + (f": PGD-{steps} alone would overstate the filter's robustness, as the rates of (a) and (b) may."
                 if compare(quick_look, robust[quick_cell]) > 0 else
-                ", indistinguishable at this sample size; only the ensemble's number is reported.")]
+                ", not distinguishable at this n; only the ensemble's number is reported.")]
     return _join(lines)
 
 
@@ -280,10 +281,10 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
                      + (f"{_listing(gains)}." if gains else "no radius."))
     for a, b in zip(tuned, tuned[1:]):
         same = [_eps(e) for e in [0, *radii] if compare(results[a][e], results[b][e]) == 0]
-        lines.append(f"- {a} and {b} are indistinguishable (overlapping intervals) at "
+        lines.append(f"- {a} and {b} are not distinguishable at this n (overlapping 95% intervals) at "
                      + (f"{_listing(['clean' if e == '0/255' else e for e in same])}" if same else "no radius")
-                     + (": on this sample the unsupervised method, which never sees a label, cannot be told apart from "
-                        "the supervised one." if len(same) == len(radii) + 1 and "FARE" in a and "TeCoA" in b
+                     + (": no measurable difference between the unsupervised method, which never sees a label, and the "
+                        "supervised one." if len(same) == len(radii) + 1 and "FARE" in a and "TeCoA" in b
                         else "."))
     lines += [_pgd_gap(name, by_eps[eps]) for name, by_eps in reports.items()]
     if robust_target is not None:
@@ -418,7 +419,7 @@ def _size_ratio(size: int, reference: int) -> str:
 
 def _against(a: Proportion, b: Proportion) -> str:
     """``a`` against ``b`` in words: both rates, how they compare (``relation``) and the difference in points."""
-    words = relation(a, b, overlap="not distinguishable at this n from")
+    words = relation(a, b)
     return f"{a.percent(unit='%')}, {words} {b.percent(unit='%')} ({100 * (a.value - b.value):+.1f} points)"
 
 
@@ -434,7 +435,7 @@ def summary_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], eps
                         references: Mapping[str, str] | None = None, reference: str = "original") -> Markdown:
     """07: every defence at one radius (name -> (clean, worst-case robust)), each against the undefended model
     measured on the same images (``references``: defence -> the name of that measurement; ``reference`` for the
-    others): which are clearly more robust, which is the most robust and which are indistinguishable from it, and
+    others): which are clearly more robust, which is the most robust and which cannot be told from it at this n, and
     what each clearly costs on clean images."""
     references = {name: (references or {}).get(name, reference) for name in points}
     undefended = set(references.values())
@@ -448,7 +449,7 @@ def summary_conclusions(points: Mapping[str, tuple[Proportion, Proportion]], eps
         top = max(gains, key=lambda name: points[name][1].value)
         peers = [name for name in gains if name != top and compare(points[name][1], points[top][1]) == 0]
         lines.append(f"- The most robust is {top} ({rate(points[top][1])})"
-                     + (f"; indistinguishable from it: {_listing(peers)}." if peers else
+                     + (f"; not distinguishable from it at this n: {_listing(peers)}." if peers else
                         ", clearly above the others that help."))
     costly = [name for name in defences if compare(points[name][0], points[references[name]][0]) < 0]
     lines.append("- Clearly less accurate on clean images than the undefended model on the same images: "

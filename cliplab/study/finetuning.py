@@ -197,7 +197,8 @@ class FinetuneStudy:
         runs = self.every_run()
         radii = self.threat.eps
         head = ("| model | adapter | trainable parameters | clean | "
-                + " | ".join(f"worst case at {255 * e:g}/255" for e in radii) + " | training (s/step x steps) |")
+                + " | ".join(f"worst case at {255 * e:g}/255" for e in radii)
+                + " | training, estimated (s/step x steps) |")
         rows = [head, "|" + "---|" * (5 + len(radii))]
         sizes = sorted({p.n for curve in results.values() for p in curve.values()})
         for name, curve in results.items():
