@@ -196,6 +196,22 @@ def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
     assert "clearly stronger than plain PGD" in gain and "does not mean" not in gain
 
 
+def test_eot_by_eps_says_where_it_is_stronger_and_where_at_none():
+    none = conclusions.eot_by_eps_conclusions([1, 2, 4], {"PGD": [p(50, 100)] * 3, "EOT-PGD": [p(55, 100)] * 3},
+                                              "random blur")
+    assert "is not clearly stronger than PGD at any of 1/255, 2/255 or 4/255" in none
+    some = conclusions.eot_by_eps_conclusions([1, 2], {"PGD": [p(50, 100), p(50, 100)],
+                                                       "EOT-PGD": [p(55, 100), p(90, 100)]}, "random blur")
+    assert "is clearly stronger than PGD at 2/255 (disjoint intervals)" in some
+
+
+def test_a_filter_grid_that_loses_everywhere_names_how_many_settings_it_tried():
+    cells = [(0.05, 1.0), (0.1, 1.0)]
+    text = conclusions.grid_conclusions({cell: p(10, 100) for cell in cells}, {cell: p(90, 100) for cell in cells},
+                                        p(12, 100), cells[0], 4 / 255, steps=10)
+    assert "none of the 2 settings tried keeps its clean accuracy under attack" in text
+
+
 def test_the_certification_conclusions_draw_the_budgets_limit():
     text = conclusions.certification_conclusions(
         [0.03, 0.25], [0.07, 0.55], {"L-inf 1/255": 0.22, "L-inf 4/255": 0.87},

@@ -82,9 +82,9 @@ def _eps(eps: float) -> str:
     return f"{255 * eps:g}/255"
 
 
-def _listing(items: Sequence[str]) -> str:
+def _listing(items: Sequence[str], last: str = "and") -> str:
     items = list(items)
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {last} " + items[-1]
 
 
 # ------------------------------------------------------------------------------------------ 01: PGD
@@ -149,10 +149,12 @@ def eot_by_eps_conclusions(eps_grid: Sequence[float], by_eps: Mapping[str, Seque
     """02: plain PGD against EOT-PGD through ``transform`` at each radius (``by_eps``: two curves, plain first)."""
     (plain_name, plain), (eot_name, eot) = by_eps.items()
     stronger = [f"{e:g}/255" for e, p, q in zip(eps_grid, plain, eot) if compare(q, p) > 0]
+    if not stronger:
+        return _join([f"- Through the {transform}, {eot_name} is not clearly stronger than {plain_name} at any of "
+                      f"{_listing([f'{e:g}/255' for e in eps_grid], 'or')}: their intervals overlap at every radius."])
     return _join([f"- Through the {transform}, {eot_name} is clearly stronger than {plain_name} at "
-                  + (f"{_listing(stronger)} (disjoint intervals); at the other radii the two are not distinguishable at this n."
-                     if stronger else f"no radius of {_listing([f'{e:g}/255' for e in eps_grid])}: "
-                     "their intervals overlap everywhere.")])
+                  f"{_listing(stronger)} (disjoint intervals); at the other radii the two are not distinguishable at "
+                  "this n."])
 
 
 def worst_case_sentence(name: str, report: RobustnessReport) -> Markdown:
@@ -246,7 +248,7 @@ def grid_conclusions(robust: Mapping[tuple[float, float], Proportion], clean: Ma
              f"{rate(robust[best])} worst-case accuracy at eps={_eps(eps)}, against {rate(clean[best])} clean. "
              f"It was chosen on these very images: its honest interval, covering all {len(robust)} cells at once "
              f"(Bonferroni), is [{100 * low:.1f}, {100 * high:.1f}], and a new sample would tend to put it lower.",
-             "- So no setting of the filter keeps its clean accuracy under attack." if not kept else
+             f"- So none of the {len(robust)} settings tried keeps its clean accuracy under attack." if not kept else
              f"- At {len(kept)} of the {len(robust)} cells the attack takes no accuracy this sample can show (worst "
              "case and clean accuracy have overlapping intervals); look at their clean accuracy before calling that "
              "robustness.",
