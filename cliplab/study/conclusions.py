@@ -41,10 +41,10 @@ def compare(a: Proportion, b: Proportion) -> int:
     return 1 if a_low > b_high else -1 if a_high < b_low else 0
 
 
-def relation(a: Proportion, b: Proportion, overlap: str = "not distinguishable at this n from") -> str:
-    """``compare`` in words: "clearly above", "clearly below" or ``overlap`` (overlapping intervals: a difference this
-    sample cannot show, not an equality)."""
-    return {1: "clearly above", -1: "clearly below", 0: overlap}[compare(a, b)]
+def relation(a: Proportion, b: Proportion) -> str:
+    """``compare`` in words: "clearly above", "clearly below" or "not distinguishable at this n from" (overlapping
+    intervals: a difference this sample cannot show, not an equality)."""
+    return {1: "clearly above", -1: "clearly below", 0: "not distinguishable at this n from"}[compare(a, b)]
 
 
 def selected_interval(p: Proportion, candidates: int) -> tuple[float, float]:
@@ -131,10 +131,12 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
                    -1: f"EOT with {samples[-1]} draws is clearly weaker than plain PGD (**warning**: more samples "
                        "should never hurt; look for a bug)",
                    0: f"EOT with {samples[-1]} draws and plain PGD are not distinguishable at this n"}[compare(eot, plain)]
-        white_box = max(curve, key=lambda p: p.value)
+        strongest = max(range(len(curve)), key=lambda i: curve[i].value)
+        white_box = "plain PGD" if strongest == 0 else f"EOT with {samples[strongest]} draws"
         lines.append(f"- **{mode}**, {transform}, eps={_eps(eps)}: plain PGD {rate(plain)}, EOT {rate(eot)}: "
                      f"{verdict}. The transferred attack succeeds on {rate(transfer[mode])}, "
-                     f"{relation(transfer[mode], white_box)} the strongest white-box attack.")
+                     f"{relation(transfer[mode], curve[strongest])} the strongest white-box attack ({white_box}, "
+                     f"{rate(curve[strongest])}).")
     unchanged = [mode for mode, curve in by_samples.items() if compare(curve[-1], curve[0]) == 0
                  and max(p.ci95[0] for p in curve) > 0.05]  # a rate at the floor can show no change at all
     if unchanged:
@@ -303,16 +305,18 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
 
 
 def _pgd_gap(name: str, report: RobustnessReport) -> str:
-    """What the attacks after PGD found, for one model at one radius (the images standing after the smaller radii
-    and PGD, against the worst case)."""
+    """What the attacks after PGD found, for one model at one radius: how many of the images PGD left standing they
+    broke. A count, not a comparison of intervals: both numbers are of the same images, and every image counted is
+    one that PGD alone would have called robust."""
     after_pgd = report.per_attack.get("pgd")
     if after_pgd is None:
         return ""
+    broken = after_pgd.hits - report.robust.hits
     return (f"- {name} at {_eps(report.eps)}: {rate(after_pgd)} still standing after the smaller radii and PGD, "
             f"{rate(report.robust)} once APGD and Square have run too: "
-            + ("the attacks after PGD break clearly more images, so a PGD quick look would overstate robustness."
-               if compare(after_pgd, report.robust) > 0 else
-               "the attacks after PGD break no more than this sample can show."))
+            + (f"the attacks after PGD broke {broken} of the {after_pgd.hits} images PGD left standing, so a PGD "
+               f"quick look would overstate its robustness by {100 * broken / report.robust.n:.1f} points."
+               if broken else "the attacks after PGD broke none of the images PGD left standing."))
 
 
 def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candidates: Sequence[str],
