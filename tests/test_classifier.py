@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cliplab import ZeroShotClassifier
+from cliplab.classifier import encode_prompts
 from cliplab.shapes100 import render_shapes
 
 
@@ -61,6 +62,46 @@ def test_text_head_matches_open_clip(vit):
     assert clf.text_head.shape == (len(clf.class_names), weights.shape[0])
     torch.testing.assert_close(clf.text_head, weights.T, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(clf.text_head.norm(dim=1), torch.ones(len(clf.class_names)))
+
+
+def _tokens_seen(model, tokens) -> int:
+    """How many tokens per prompt ``encode_prompts`` sends through ``model``'s text transformer."""
+    seen = []
+    handle = model.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            encode_prompts(model, tokens)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_prompts_are_encoded_without_their_shared_padding(vit, random_shapes_clf):
+    import open_clip
+
+    clf, model, _, _ = vit
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat.", "a blurry photo of a sweet pepper."])
+    assert tokens.shape[1] == 77 and _tokens_seen(clf.model, tokens) == 16  # 13 tokens at most, rounded up to 16
+    with torch.no_grad():
+        torch.testing.assert_close(encode_prompts(clf.model, tokens), model.encode_text(tokens, normalize=True),
+                                   atol=1e-6, rtol=0)
+    # the shapes model's context is 16 tokens: never cut, so its committed outputs keep every digit
+    shapes = random_shapes_clf.model
+    short = torch.zeros(2, shapes.positional_embedding.shape[0], dtype=torch.long)
+    short[:, :3] = torch.tensor([49406, 320, 49407])
+    assert _tokens_seen(shapes, short) == short.shape[1]
+
+
+def test_a_text_tower_that_pools_another_token_is_encoded_whole(vit, monkeypatch):
+    import open_clip
+
+    clf = vit[0]
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat."])
+    monkeypatch.setattr(clf.model, "text_pool_type", "last")  # the last position: the padding reaches it
+    assert _tokens_seen(clf.model, tokens) == 77
+    monkeypatch.setattr(clf.model, "text_pool_type", "argmax")
+    monkeypatch.setattr(clf.model, "attn_mask", None)  # no causal mask: every token sees the padding
+    assert _tokens_seen(clf.model, tokens) == 77
 
 
 def test_logits_match_open_clip_pipeline(vit):
