@@ -28,10 +28,8 @@ def build_text_head(model: nn.Module, tokenizer: Callable, class_names: Sequence
         (num_classes, embed_dim) class embeddings: for each class the mean of the L2-normalised
         template embeddings, renormalised.
     """
-    device = next(model.parameters()).device
     prompts = [template.format(name) for name in class_names for template in templates]
-    tokens = tokenizer(prompts).to(device)
-    embeddings = encode_prompts(model, tokens).float()  # (C*T, D)
+    embeddings = encode_prompts(model, tokenizer(prompts)).float()  # (C*T, D)
     embeddings = embeddings.reshape(len(class_names), len(templates), -1).mean(dim=1)
     return F.normalize(embeddings, dim=-1)  # (C, D)
 
@@ -48,11 +46,14 @@ def encode_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     The cut is exact arithmetic but changes float rounding (about 1e-7), so it is rounded up to a multiple of
     ``PROMPT_TOKENS_STEP`` tokens: a context that short (the shapes model's 16) is never cut, and its committed
-    outputs stay digit for digit. Any other text tower is encoded whole."""
+    outputs stay digit for digit. Any other text tower is encoded whole. ``tokens``: the tokenizer's, on any device
+    (read on the CPU, then moved to the model's)."""
+    tokens = tokens.cpu()
     length = -(-(int(tokens.argmax(dim=-1).max()) + 1) // PROMPT_TOKENS_STEP) * PROMPT_TOKENS_STEP
+    device = next(model.parameters()).device
     if length >= tokens.shape[1] or not _pools_the_end_under_a_causal_mask(model):
-        return model.encode_text(tokens, normalize=True)
-    tokens = tokens[:, :length]
+        return model.encode_text(tokens.to(device), normalize=True)
+    tokens = tokens[:, :length].to(device)
     cast_dtype = model.transformer.get_cast_dtype()  # open_clip's CLIP.encode_text, on the first `length` tokens
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
@@ -66,12 +67,13 @@ def encode_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def _pools_the_end_under_a_causal_mask(model: nn.Module) -> bool:
     """Whether ``model`` is open_clip's CLIP (whose ``encode_text`` ``encode_prompts`` follows) with argmax pooling
-    and the causal mask open_clip builds (-inf above the diagonal, 0 elsewhere)."""
+    and the causal mask open_clip builds (-inf above the diagonal, 0 elsewhere; a mask on the meta device holds no
+    values to check, and a model there computes shapes alone)."""
     from open_clip.model import CLIP
 
     mask = getattr(model, "attn_mask", None)
     return (type(model) is CLIP and getattr(model, "text_pool_type", None) == "argmax" and mask is not None
-            and torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1)))
+            and not mask.is_meta and torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1)))
 
 
 @functools.lru_cache(maxsize=32)
