@@ -85,6 +85,16 @@ def test_bad_input_to_the_study_helpers_is_named():
         study.certified_accuracy(torch.tensor([0, 1]), torch.tensor([0.5, 0.5]), y, at=[0.0])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 11])
+def test_every_pair_of_neurons_is_read_once_in_row_order_block_by_block(rows):
+    from cliplab.study.measures import _pair_cosines
+
+    directions = torch.nn.functional.normalize(torch.randn(rows, 6, dtype=torch.float64), dim=1)
+    i, j = torch.triu_indices(rows, rows, offset=1)
+    expected = (directions[i] * directions[j]).sum(dim=1)
+    torch.testing.assert_close(_pair_cosines(directions, block=4), expected, rtol=0, atol=1e-15)
+
+
 def test_oft_keeps_the_neuron_geometry_that_full_fine_tuning_changes(random_shapes_clf):
     reference = study.neuron_geometry(random_shapes_clf)
     assert reference and all(name.endswith(study.ADAPTED_WEIGHTS) for name in reference)

@@ -44,15 +44,23 @@ def neuron_geometry(classifier: ZeroShotClassifier) -> dict[str, tuple[torch.Ten
     for name, weight in classifier.model.visual.state_dict().items():
         if name.endswith(ADAPTED_WEIGHTS):
             weight = weight.double()  # (out, in): one neuron per row
-            directions = F.normalize(weight, dim=1)
-            # every pair once, row by row: a mask reads them in triu_indices' order, at a fifth of its cost
-            above_diagonal = torch.ones(len(weight), len(weight), dtype=torch.bool, device=weight.device).triu(1)
-            cosines = (directions @ directions.T)[above_diagonal]
+            cosines = _pair_cosines(F.normalize(weight, dim=1))
             geometry[name] = weight.norm(dim=1), torch.rad2deg(torch.arccos(cosines.clamp(-1, 1)))
     if not geometry:
         raise ValueError(f"no weight named *{', *'.join(ADAPTED_WEIGHTS)} in the image encoder: an open_clip ViT is "
                          f"needed, with OFT rotations merged (cliplab.merge_adapters) if it has any")
     return geometry
+
+
+def _pair_cosines(directions: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The cosine between every pair of rows of ``directions`` once, row by row (``triu_indices``' order), from
+    blocks of ``block`` rows, each against itself and the rows after it: about half the products of the whole Gram
+    matrix (float64 products are most of the cost: 12 ViT-B/32 blocks per model)."""
+    parts = []
+    for start in range(0, len(directions), block):
+        gram = directions[start:start + block] @ directions[start:].T  # (block, rows from start on)
+        parts.append(gram[torch.ones_like(gram, dtype=torch.bool).triu(1)])  # a row's pairs with the rows after it
+    return torch.cat(parts)
 
 
 def geometry_change(reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
