@@ -98,10 +98,10 @@ def test_fare_that_gains_and_matches_tecoa_is_said_so():
     assert "Clearly more robust at 1/255, 2/255 and 4/255." in text
     assert "not distinguishable at this n (overlapping 95% intervals)" in text and "never sees a label" in text and "**met**" in text
     # a count of the same images, not a comparison of intervals: 60 of 500 standing after PGD, none after the rest
-    assert ("the attacks after PGD broke 60 of the 60 images PGD left standing, so a PGD quick look would overstate "
-            "its robustness by 12.0 points") in text
-    # 2 points apart, well inside each other's interval, yet 10 images that PGD called robust are not
-    assert "broke 10 of the 275 images PGD left standing" in text and "by 2.0 points" in text
+    assert ("the attacks after PGD broke 60 of the 60 images still standing, so stopping after PGD at this radius "
+            "would have reported a worst case 12.0 points higher") in text
+    # 2 points apart, well inside each other's interval, yet 10 images standing after PGD fell to the rest
+    assert "broke 10 of the 275 images still standing" in text and "a worst case 2.0 points higher" in text
     assert "**fail**" in text
 
 
@@ -109,7 +109,7 @@ def test_attacks_after_pgd_that_break_nothing_are_said_so():
     reports = {"FARE-full": {EPS[-1]: report(93, 53, EPS[-1], after_pgd=53)}}
     text = conclusions.finetune_conclusions({"original": curve(98, 48, 7, 0), "FARE-full": curve(93, 86, 78, 53)},
                                             reports)
-    assert "the attacks after PGD broke none of the images PGD left standing." in text
+    assert "the attacks after PGD broke none of the 265 images still standing." in text
 
 
 def test_oft_meeting_its_targets_is_said_so():
@@ -203,11 +203,15 @@ def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
                                        {"untargeted": p(38, 100)}, "random blur", 4 / 255)
     assert "Not distinguishable (untargeted) means" in same and "does not mean the defence resists" in same
     # the transferred attack's rate set beside the white-box rate it is compared with, and which attack that was
-    assert ("succeeds on 38.0% [28.5, 48.3] (n=100), clearly below the strongest white-box attack (plain PGD, "
-            "70.0% [60.0, 78.8] (n=100))") in same
+    assert ("succeeds on 38.0% [28.5, 48.3] (n=100), clearly below the highest white-box rate (plain PGD and EOT "
+            "with 20 draws, 70.0% [60.0, 78.8] (n=100))") in same
     gain = conclusions.eot_conclusions((1, 20), {"untargeted": [p(30, 100), p(90, 100)]},
                                        {"untargeted": p(20, 100)}, "noise", 4 / 255)
     assert "clearly stronger than plain PGD" in gain and "does not mean" not in gain
+    assert "the highest white-box rate (EOT with 20 draws, 90.0%" in gain
+    tied = conclusions.eot_conclusions((1, 5, 20), {"targeted": [p(2, 100), p(3, 100), p(3, 100)]},
+                                       {"targeted": p(1, 100)}, "noise", 4 / 255)
+    assert "not distinguishable at this n from the highest white-box rate (EOT with 5 and 20 draws, 3.0%" in tied
 
 
 def test_eot_by_eps_says_where_it_is_stronger_and_where_at_none():

@@ -131,12 +131,12 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
                    -1: f"EOT with {samples[-1]} draws is clearly weaker than plain PGD (**warning**: more samples "
                        "should never hurt; look for a bug)",
                    0: f"EOT with {samples[-1]} draws and plain PGD are not distinguishable at this n"}[compare(eot, plain)]
-        strongest = max(range(len(curve)), key=lambda i: curve[i].value)
-        white_box = "plain PGD" if strongest == 0 else f"EOT with {samples[strongest]} draws"
+        highest = max(curve, key=lambda p: p.value)
         lines.append(f"- **{mode}**, {transform}, eps={_eps(eps)}: plain PGD {rate(plain)}, EOT {rate(eot)}: "
                      f"{verdict}. The transferred attack succeeds on {rate(transfer[mode])}, "
-                     f"{relation(transfer[mode], curve[strongest])} the strongest white-box attack ({white_box}, "
-                     f"{rate(curve[strongest])}).")
+                     f"{relation(transfer[mode], highest)} the highest white-box rate "
+                     f"({_white_box_attacks([n for n, p in zip(samples, curve) if p.value == highest.value])}, "
+                     f"{rate(highest)}).")
     unchanged = [mode for mode, curve in by_samples.items() if compare(curve[-1], curve[0]) == 0
                  and max(p.ci95[0] for p in curve) > 0.05]  # a rate at the floor can show no change at all
     if unchanged:
@@ -144,6 +144,13 @@ def eot_conclusions(samples: Sequence[int], by_samples: Mapping[str, Sequence[Pr
                      f"{transform} did not make the attack measurably stronger at this n. It does not mean the "
                      "defence resists: read the success rates themselves for that.")
     return _join(lines)
+
+
+def _white_box_attacks(samples: Sequence[int]) -> str:
+    """The white-box attacks of 02's curve by their numbers of EOT draws (1: plain PGD), in words."""
+    draws = [str(n) for n in samples if n > 1]
+    return " and ".join((["plain PGD"] if 1 in samples else [])
+                        + ([f"EOT with {_listing(draws)} draws"] if draws else []))
 
 
 def eot_by_eps_conclusions(eps_grid: Sequence[float], by_eps: Mapping[str, Sequence[Proportion]],
@@ -305,18 +312,18 @@ def finetune_conclusions(results: Mapping[str, Mapping[float, Proportion]],
 
 
 def _pgd_gap(name: str, report: RobustnessReport) -> str:
-    """What the attacks after PGD found, for one model at one radius: how many of the images PGD left standing they
-    broke. A count, not a comparison of intervals: both numbers are of the same images, and every image counted is
-    one that PGD alone would have called robust."""
+    """What the attacks after PGD found, for one model at one radius: how many of the images still standing after
+    the smaller radii and PGD they broke. A count, not a comparison of intervals: both rates are of the same images,
+    and stopping after PGD at this radius would have reported the first."""
     after_pgd = report.per_attack.get("pgd")
     if after_pgd is None:
         return ""
     broken = after_pgd.hits - report.robust.hits
     return (f"- {name} at {_eps(report.eps)}: {rate(after_pgd)} still standing after the smaller radii and PGD, "
-            f"{rate(report.robust)} once APGD and Square have run too: "
-            + (f"the attacks after PGD broke {broken} of the {after_pgd.hits} images PGD left standing, so a PGD "
-               f"quick look would overstate its robustness by {100 * broken / report.robust.n:.1f} points."
-               if broken else "the attacks after PGD broke none of the images PGD left standing."))
+            f"{rate(report.robust)} once APGD and Square have run too: the attacks after PGD broke "
+            + (f"{broken} of the {after_pgd.hits} images still standing, so stopping after PGD at this radius would "
+               f"have reported a worst case {100 * broken / report.robust.n:.1f} points higher."
+               if broken else f"none of the {after_pgd.hits} images still standing."))
 
 
 def oft_conclusions(results: Mapping[str, Mapping[float, Proportion]], *, candidates: Sequence[str],
