@@ -167,11 +167,17 @@ def eot_by_eps_conclusions(eps_grid: Sequence[float], by_eps: Mapping[str, Seque
 
 
 def worst_case_sentence(name: str, report: RobustnessReport) -> Markdown:
-    """One defence's worst case at its radius, against its clean accuracy."""
+    """One defence's worst case at its radius, against its clean accuracy: how many of the images it classifies right
+    the attacks break (``_broken``)."""
     return Markdown(f"- **{name}**, eps={_eps(report.eps)}: clean {rate(report.clean)}, worst-case robust "
-                    f"{rate(report.robust)}: the attack takes the defended model's accuracy "
-                    + ("clearly down." if compare(report.robust, report.clean) < 0
-                       else "down by no more than this sample can show."))
+                    f"{rate(report.robust)}: the attacks break {_broken(report.clean, report.robust)} the defended "
+                    "model classifies right when clean.")
+
+
+def _broken(clean: Proportion, robust: Proportion) -> str:
+    """"k of the m images": what an evaluation's attacks broke. A count, not a comparison of intervals: the worst
+    case is judged on the images classified right when clean, so the robust images are some of the clean ones."""
+    return f"{clean.hits - robust.hits} of the {clean.hits} image{'s' * (clean.hits != 1)}"
 
 
 # ------------------------------------------------------------------------------------------ 03: smoothing
@@ -187,12 +193,9 @@ def smoothing_conclusions(sigmas: Sequence[float], clean: Sequence[Proportion], 
                  + (f"sigma = {_listing(costly)}." if costly else "no sigma of the grid."))
     lines.append(f"- Worst-case accuracy under the adaptive attack at eps={_eps(eps)}: "
                  + best_of(dict(zip(sigmas, attacked)), "sigma") + ".")
-    collapsed = [f"{s:g}" for s, c, a in zip(sigmas, clean, attacked)
-                 if compare(a, c) == 0 and compare(c, undefended) < 0]
-    if collapsed:
-        lines.append(f"- At sigma = {_listing(collapsed)} the attack takes no accuracy this sample can show, but the "
-                     "noise has already taken the clean accuracy clearly below the undefended model's: little is "
-                     "left to take.")
+    lines.append("- Of the images each smoothed model classifies right when clean, the attack breaks "
+                 + _listing([f"{_broken(c, a)} at sigma = {s:g}" for s, c, a in zip(sigmas, clean, attacked)])
+                 + ": the worst case counts both what the noise costs on clean images and what the attack takes.")
     return _join(lines)
 
 
