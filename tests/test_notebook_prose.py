@@ -217,16 +217,16 @@ def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
 def test_a_defence_s_worst_case_is_told_as_the_images_the_attacks_broke():
     # 4 points apart with overlapping intervals, yet 4 images the defence classified right fell to the attacks
     text = conclusions.worst_case_sentence("noise", report(18, 14, 4 / 255))
-    assert "the attacks break 20 of the 90 images the defended model classifies right when clean." in text
-    assert "1 of the 1 image the" in conclusions.worst_case_sentence("noise", RobustnessReport(
+    assert "after the attacks it is wrong on 20 of the 90 images it classifies right when clean." in text
+    assert "wrong on 1 of the 1 image it" in conclusions.worst_case_sentence("noise", RobustnessReport(
         p(1, 100), p(0, 100), {}, standing=None, eps=4 / 255))
 
 
 def test_smoothing_conclusions_count_what_the_attack_breaks_at_each_sigma():
     text = conclusions.smoothing_conclusions([0.12, 0.25], [p(18, 100), p(12, 100)], [p(14, 100), p(12, 100)],
                                              p(99, 100), 2 / 255)
-    assert ("the attack breaks 4 of the 18 images at sigma = 0.12 and 0 of the 12 images at sigma = 0.25: the worst "
-            "case counts both") in text
+    assert ("it is wrong on or abstains from 4 of the 18 at sigma = 0.12 and 0 of the 12 at sigma = 0.25 after the "
+            "attacks: each worst case above is the clean accuracy, already cut by the noise, less these images.") in text
     assert "no accuracy this sample can show" not in text
 
 

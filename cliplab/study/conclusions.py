@@ -168,16 +168,18 @@ def eot_by_eps_conclusions(eps_grid: Sequence[float], by_eps: Mapping[str, Seque
 
 def worst_case_sentence(name: str, report: RobustnessReport) -> Markdown:
     """One defence's worst case at its radius, against its clean accuracy: how many of the images it classifies right
-    the attacks break (``_broken``)."""
+    when clean it gets wrong after the attacks (``_broken``; with a randomised judge, its fresh draws count too)."""
+    right = report.clean.hits
     return Markdown(f"- **{name}**, eps={_eps(report.eps)}: clean {rate(report.clean)}, worst-case robust "
-                    f"{rate(report.robust)}: the attacks break {_broken(report.clean, report.robust)} the defended "
-                    "model classifies right when clean.")
+                    f"{rate(report.robust)}: after the attacks it is wrong on {_broken(report.clean, report.robust)} "
+                    f"image{'s' * (right != 1)} it classifies right when clean.")
 
 
 def _broken(clean: Proportion, robust: Proportion) -> str:
-    """"k of the m images": what an evaluation's attacks broke. A count, not a comparison of intervals: the worst
-    case is judged on the images classified right when clean, so the robust images are some of the clean ones."""
-    return f"{clean.hits - robust.hits} of the {clean.hits} image{'s' * (clean.hits != 1)}"
+    """"k of the m": of the m images an evaluation's judge classifies right when clean, the k it gets wrong (or
+    abstains from) after the attacks. A count, not a comparison of intervals: the worst case is judged on the
+    clean-right images only, so the robust images are some of them."""
+    return f"{clean.hits - robust.hits} of the {clean.hits}"
 
 
 # ------------------------------------------------------------------------------------------ 03: smoothing
@@ -191,11 +193,12 @@ def smoothing_conclusions(sigmas: Sequence[float], clean: Sequence[Proportion], 
     lines.append(f"- The undefended model is right on {rate(undefended)} of these images. The noise costs clean "
                  "accuracy clearly (disjoint intervals) at "
                  + (f"sigma = {_listing(costly)}." if costly else "no sigma of the grid."))
-    lines.append(f"- Worst-case accuracy under the adaptive attack at eps={_eps(eps)}: "
+    lines.append(f"- Worst-case accuracy under the adaptive attacks at eps={_eps(eps)}: "
                  + best_of(dict(zip(sigmas, attacked)), "sigma") + ".")
-    lines.append("- Of the images each smoothed model classifies right when clean, the attack breaks "
-                 + _listing([f"{_broken(c, a)} at sigma = {s:g}" for s, c, a in zip(sigmas, clean, attacked)])
-                 + ": the worst case counts both what the noise costs on clean images and what the attack takes.")
+    lines.append("- Of the images each smoothed model's vote classifies right when clean, it is wrong on or abstains "
+                 "from " + _listing([f"{_broken(c, a)} at sigma = {s:g}" for s, c, a in zip(sigmas, clean, attacked)])
+                 + " after the attacks: each worst case above is the clean accuracy, already cut by the noise, less "
+                 "these images.")
     return _join(lines)
 
 
