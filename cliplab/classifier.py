@@ -48,16 +48,16 @@ def encode_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     ``PROMPT_TOKENS_STEP`` tokens: a context that short (the shapes model's 16) is never cut, and its committed
     outputs stay digit for digit. Any other text tower is encoded whole. ``tokens``: the tokenizer's, on any device
     (read on the CPU, then moved to the model's)."""
-    tokens = tokens.cpu()
-    length = -(-(int(tokens.argmax(dim=-1).max()) + 1) // PROMPT_TOKENS_STEP) * PROMPT_TOKENS_STEP
-    device = next(model.parameters()).device
+    tokens, device = tokens.cpu(), next(model.parameters()).device
+    ends = tokens.argmax(dim=-1)  # each prompt's end-of-text token, the one pooled
+    length = -(-(int(ends.max()) + 1) // PROMPT_TOKENS_STEP) * PROMPT_TOKENS_STEP
     if length >= tokens.shape[1] or not _pools_the_end_under_a_causal_mask(model):
         return model.encode_text(tokens.to(device), normalize=True)
     tokens = tokens[:, :length].to(device)
     cast_dtype = model.transformer.get_cast_dtype()  # open_clip's CLIP.encode_text, on the first `length` tokens
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+    x = x[torch.arange(len(x), device=x.device), ends.to(device)]
     if isinstance(model.text_projection, nn.Linear):
         x = model.text_projection(x)
     elif model.text_projection is not None:

@@ -215,7 +215,7 @@ def test_eot_that_changes_nothing_is_explained_and_a_gain_is_not():
 
 
 def test_a_defence_s_worst_case_is_told_as_the_images_the_attacks_broke():
-    # 4 points apart with overlapping intervals, yet 4 images the defence classified right fell to the attacks
+    # 4 points apart with overlapping intervals (n=500), yet 20 of the 90 images classified right fell after the attacks
     text = conclusions.worst_case_sentence("noise", report(18, 14, 4 / 255))
     assert "after the attacks it is wrong on 20 of the 90 images it classifies right when clean." in text
     assert "wrong on 1 of the 1 image it" in conclusions.worst_case_sentence("noise", RobustnessReport(
