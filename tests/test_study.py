@@ -301,9 +301,10 @@ def test_the_study_runs_name_the_committed_encoders_with_their_settings():
         check_same_run(json.loads((committed / f"{cache}.json").read_text())["config"], config, cache)
 
 
-def test_each_other_restricted_update_is_set_against_the_oft_model_of_its_size_and_clean_weight(smoke_profile):
-    """06's frontier compares like with like: never an OFT model trained with another clean weight (cw=2, 3)."""
-    setup = study.FinetuneStudy(smoke_profile)
+def test_each_other_restricted_update_is_set_against_the_oft_model_of_its_size_and_clean_weight(tmp_path):
+    """06's frontier compares like with like: never an OFT model trained with another clean weight (cw=2, 3). (The
+    whole profile: a smoke run has one OFT block size.)"""
+    setup = study.FinetuneStudy(cliplab.get_profile("shapes", encoder_cache=tmp_path / "cache"))
     pairs = setup.nearest_oft(list(setup.every_run()))
     assert list(pairs) == list(setup.frontier())  # LoRA, the last blocks and BitFit, each paired
     assert pairs == {"FARE-LoRA r=3": "FARE-OFT b=16 cw=1", "FARE-LoRA r=28": "FARE-OFT b=128 cw=1",

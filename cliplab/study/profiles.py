@@ -236,12 +236,13 @@ PROFILES = {
 
 # A smoke run: every budget shrunk so that all six notebooks run every cell and code path in minutes on a
 # CPU, even with ViT-B/32. Its numbers mean nothing; it proves that the study runs. (section -> its changes)
+# One OFT block size: a second adds no code path, only an OFT and a LoRA model to train, time and attack.
 SMOKE_BUDGETS = {
     "sweeps": dict(images=4, batch_size=4, steps=1, restarts=1, eps_255=(1, 8)),
     "evaluation": dict(steps=2, targets=2, queries=2),
     "defences": dict(images=2, eot_samples=2, eot_grid=(1, 2), votes=2),
     "certification": dict(n0=2, n=8, images=2),
-    "finetuning": dict(images=8, steps=2, batch_size=2, attack_steps=1),
+    "finetuning": dict(images=8, steps=2, batch_size=2, attack_steps=1, oft_block_sizes=(128,)),
 }
 
 # get_profile's settings and the environment variables that carry them into a notebook's kernel: every runtime
