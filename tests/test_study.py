@@ -157,6 +157,38 @@ def test_finetune_study_trains_once_then_loads_from_its_cache(smoke_profile):
     assert attacks._repr_markdown_() == attacks  # a notebook renders it as a Markdown table
 
 
+def test_fine_tuned_copies_share_the_originals_text_tower_and_own_their_image_encoder(smoke_profile):
+    """06 holds a dozen fine-tuned copies: the frozen text tower is the original's, never copied; fine-tuning a copy
+    changes neither the original nor another copy, and the original is unchanged after timing a step."""
+    setup = study.FinetuneStudy(smoke_profile)
+    before = {k: v.clone() for k, v in setup.original.state_dict().items()}
+    config = smoke_profile.finetune_config("fare", "full")
+    trained, _ = setup.fine_tuned("fare-full", config)
+    other = setup._copy_of_original()
+    assert setup.step_seconds("FARE-full") > 0
+    original = dict(setup.original.model.named_parameters())
+    for copy_ in (trained, other):
+        for name, parameter in copy_.model.named_parameters():
+            assert (parameter is original[name]) == (not name.startswith("visual.")), name
+    assert all(torch.equal(v, setup.original.state_dict()[k]) for k, v in before.items()), "original modified"
+    assert not torch.equal(trained.model.visual.proj, other.model.visual.proj), "the copies' encoders are their own"
+    assert torch.equal(other(setup.x_test), setup.original(setup.x_test))
+
+
+def test_timing_a_run_never_trains_more_steps_than_the_run(smoke_profile, monkeypatch):
+    """06's frontier times each run: a smoke run trains 2 steps, so it is timed on one after one to warm up."""
+    from cliplab.study import finetuning
+
+    calls = []
+    monkeypatch.setattr(finetuning, "train_step", lambda *args: calls.append(args))
+    setup = study.FinetuneStudy(smoke_profile)
+    assert smoke_profile.finetuning.steps == 2
+    for steps in (1, 2, 5):
+        calls.clear()
+        setup.step_seconds("FARE-OFT b=128 cw=1", steps=steps)
+        assert len(calls) == 2, steps
+
+
 def _same_reports(a, b) -> bool:
     return list(a) == list(b) and all(
         (a[e].clean, a[e].robust, a[e].per_attack, a[e].eps, a[e].norm) ==
