@@ -70,6 +70,25 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path, data,
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 
+def test_resuming_loads_the_image_encoder_alone(tmp_path, data):
+    """Only the image encoder trains, so a resumed run takes only it from the checkpoint: the rest of the model it
+    resumes into stays as it is (06's fine-tuned copies share the original's text tower and logit scale)."""
+    from safetensors.torch import save_file
+
+    x, y = data
+    config = tiny_config(steps=2)
+    trained = weights(ft.finetune(fresh(), x, y, config, tmp_path))
+    checkpoint = tmp_path / "checkpoint-2.safetensors"
+    stored = load_file(checkpoint)
+    stored["logit_scale"] = stored["logit_scale"] + 1  # a checkpoint whose text side is not the model's
+    stored["token_embedding.weight"] = torch.zeros_like(stored["token_embedding.weight"])
+    save_file(stored, checkpoint)
+    before = weights(fresh())
+    resumed = weights(ft.finetune(fresh(), x, y, config, tmp_path, resume=True))  # nothing left to train: loads only
+    for key in resumed:
+        assert torch.equal(resumed[key], (trained if key.startswith("visual.") else before)[key]), key
+
+
 KILLED_RUN = """
 import json, os, signal, sys, torch
 import cliplab

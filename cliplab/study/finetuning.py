@@ -58,6 +58,9 @@ class FinetuneStudy:
         self.profile = profile
         self.threat: ThreatModel = profile.threat_model()
         self.original = profile.load_classifier()
+        for name, parameter in self.original.model.named_parameters():  # the text tower, as fine-tuning holds it: the
+            if not name.startswith("visual."):  # fine-tuned copies share it (_copy_of_original)
+                parameter.requires_grad_(False)
         self.x_train, self.y_train, self.class_names = profile.load_dataset("train", n=profile.finetuning.images)
         self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
 
@@ -75,7 +78,8 @@ class FinetuneStudy:
 
     def models(self, *names: str) -> tuple[dict[str, ZeroShotClassifier], dict[str, list[dict]]]:
         """The original and the fine-tuned models ``names`` (of ``runs`` or ``frontier``; every one of ``runs`` when
-        none is named), each from the cache or trained now, and their training histories."""
+        none is named), each from the cache or trained now, and their training histories. The fine-tuned models
+        share the original's text tower (``fine_tuned``): move or cast them all together, never one alone."""
         runs = self.every_run()
         unknown = set(names) - set(runs)
         if unknown:
@@ -114,7 +118,8 @@ class FinetuneStudy:
 
     def fine_tuned(self, name: str, config: FinetuneConfig) -> tuple[ZeroShotClassifier, list[dict]]:
         """A copy of the original fine-tuned with ``config`` and its training history: from the cache
-        (``profile.encoder_cache_dir/<name>``), else trained now and cached."""
+        (``profile.encoder_cache_dir/<name>``), else trained now and cached. The copy's image encoder is its own, its
+        text tower the original's (``_copy_of_original``)."""
         return load_or_finetune(self._copy_of_original(), name, config, self.x_train, self.y_train,
                                 self.profile.encoder_cache_dir)
 
@@ -162,12 +167,12 @@ class FinetuneStudy:
     def step_seconds(self, name: str, steps: int = 2) -> float:
         """Seconds per optimiser step of the fine-tuning run ``name`` (of ``runs`` or ``frontier``), measured here on
         a copy of the original: the shortest of ``steps`` steps after one to warm up (the one least disturbed by
-        whatever else runs beside it), on the run's batch size. Timing a run never costs more steps than the run
-        itself trains (a smoke run's two: one to warm up, one timed)."""
+        whatever else runs beside it), on the run's batch size. Timing a run trains no more steps than the run itself
+        and no fewer than two, one to warm up and one timed (all a smoke run's two steps allow)."""
         config = (self.every_run())[name][1]
         steps = max(1, min(steps, config.steps - 1))
         model = self._copy_of_original()
-        objective = training_objective(model, self.original.model.visual, config)  # f0: the original, never trained
+        objective = training_objective(model, copy.deepcopy(model.model.visual).requires_grad_(False), config)
         trained = prepare(model, config)
         optimizer = torch.optim.AdamW(trained, lr=config.lr)
         x, y = self.x_train[:config.batch_size], self.y_train[:config.batch_size]

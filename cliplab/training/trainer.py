@@ -103,7 +103,9 @@ def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
     start, history = 0, []  # history, per step: loss and the batch's clean / adversarial accuracy
     if checkpoint is not None:
         weights, state = checkpoint
-        classifier.model.load_state_dict(weights)
+        # the image encoder alone: the rest never trains, and may be another model's (06's copies share the original's)
+        classifier.model.visual.load_state_dict(
+            {name.removeprefix("visual."): tensor for name, tensor in weights.items() if name.startswith("visual.")})
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
