@@ -75,6 +75,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(two_process_run
     half-batch means rounds differently from one mean, so the weights agree within float tolerance, not bitwise."""
     single = single_process(run, tmp_path / "single").model.state_dict()
     distributed = load_file(two_process_runs[run] / f"checkpoint-{CONFIG['steps']}.safetensors")
+    single = {name: weight for name, weight in single.items() if name.startswith("visual.")}  # all a checkpoint holds
     assert distributed.keys() == single.keys()
     for name, weight in single.items():
         torch.testing.assert_close(distributed[name], weight, atol=2e-4, rtol=1e-4, msg=name)

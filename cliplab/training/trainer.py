@@ -103,7 +103,8 @@ def _train(classifier, x, y, config, out, checkpoint, eval_data) -> None:
     start, history = 0, []  # history, per step: loss and the batch's clean / adversarial accuracy
     if checkpoint is not None:
         weights, state = checkpoint
-        # the image encoder alone: the rest never trains, and may be another model's (06's copies share the original's)
+        # the image encoder alone (all a checkpoint holds, or of an older one's whole model): the rest never trains,
+        # and may be another model's (06's fine-tuned copies share the original's)
         classifier.model.visual.load_state_dict(
             {name.removeprefix("visual."): tensor for name, tensor in weights.items() if name.startswith("visual.")})
         optimizer.load_state_dict(state["optimizer"])
