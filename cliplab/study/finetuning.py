@@ -58,9 +58,8 @@ class FinetuneStudy:
         self.profile = profile
         self.threat: ThreatModel = profile.threat_model()
         self.original = profile.load_classifier()
-        for name, parameter in self.original.model.named_parameters():  # the text tower, as fine-tuning holds it: the
-            if not name.startswith("visual."):  # fine-tuned copies share it (_copy_of_original)
-                parameter.requires_grad_(False)
+        for tensor in self._text_tower():  # frozen, as fine-tuning holds it: the fine-tuned copies share it
+            tensor.requires_grad_(False)
         self.x_train, self.y_train, self.class_names = profile.load_dataset("train", n=profile.finetuning.images)
         self.x_test, self.y_test, _ = profile.load_dataset("test", n=profile.sweeps.images)
 
@@ -127,10 +126,13 @@ class FinetuneStudy:
         """A copy of the original to fine-tune, with an image encoder of its own but the original's text tower, whose
         tensors it shares: fine-tuning never changes them, and 06 holds a dozen copies (ViT-B/32's text tower is 63M
         parameters, 250 MB in fp32). Every copy stays on the original's device (``.to`` would move them all)."""
+        return copy.deepcopy(self.original, memo={id(tensor): tensor for tensor in self._text_tower()})
+
+    def _text_tower(self) -> list[torch.Tensor]:
+        """The original's parameters and buffers outside its image encoder: what fine-tuning never changes."""
         model = self.original.model
-        text = {name: tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-                if not name.startswith("visual.")}
-        return copy.deepcopy(self.original, memo={id(tensor): tensor for tensor in text.values()})
+        return [tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+                if not name.startswith("visual.")]
 
     def evaluate(self, models: Mapping[str, nn.Module], threat: ThreatModel | None = None
                  ) -> dict[str, dict[float, RobustnessReport]]:
