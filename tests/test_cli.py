@@ -591,6 +591,13 @@ def test_an_explicit_cuda_device_without_a_gpu_is_refused_by_every_command(comma
     assert error.count("$CLIPLAB_DEVICE cuda: no CUDA GPU is available") == 1 and not caught
 
 
+def _is_kernel(process: psutil.Process) -> bool:
+    try:
+        return "ipykernel_launcher" in process.cmdline()
+    except psutil.Error:  # it ended meanwhile
+        return False
+
+
 def _interrupt_reproduce(directory, results, jobs: int, started, signum) -> tuple[int, str]:
     """``_interrupt`` of ``cliplab reproduce`` on ``directory``."""
     return _interrupt(["reproduce", "--notebooks", str(directory), "--results", str(results), "--jobs", str(jobs)],
@@ -674,8 +681,8 @@ def test_a_stop_while_a_kernel_starts_is_one_line(signum, status, tmp_path):
     _write_notebook(directory / "01_slow.ipynb", ["import time\ntime.sleep(120)"])
     kernels = []
 
-    def kernel_started(pid):
-        kernels.extend(psutil.Process(pid).children(recursive=True))
+    def kernel_started(pid):  # the kernel, not a passing child such as torch's ``ldconfig -p`` while it imports
+        kernels.extend(child for child in psutil.Process(pid).children(recursive=True) if _is_kernel(child))
         return bool(kernels)
 
     code, error = _interrupt_reproduce(directory, tmp_path / "results", 1, kernel_started, signum)
