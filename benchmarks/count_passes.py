@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import cliplab
-from cliplab import evaluation
+from cliplab.evaluation import ensemble
 from cliplab.study import FinetuneStudy
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     model = study.original
     pristine = copy.deepcopy(model.state_dict())
     counter = PassCounter(model)
-    run_attack = evaluation._run_attack
+    run_attack = ensemble._run_attack
 
     def labelled_attack(name, *a, eps, **kw):  # an attack's passes and time run until the next attack starts, so
         counter.switch((eps, name))  # its label also holds the judgement of the images it attacked
         return run_attack(name, *a, eps=eps, **kw)
 
-    evaluation._run_attack = labelled_attack
+    ensemble._run_attack = labelled_attack  # evaluate_robustness looks it up in its module
     rows, started = [], time.perf_counter()
     for name in names:
         model.load_state_dict(pristine)
