@@ -1,0 +1,68 @@
+"""The scripts under benchmarks/ still name what cliplab has: each ``name.attr.attr`` they read from a cliplab import
+resolves. A refactor that moves a function breaks a benchmark only when someone runs it, which may be weeks later
+(``count_passes.py`` read ``cliplab.evaluation._run_attack`` long after it had moved to ``evaluation.ensemble``)."""
+from __future__ import annotations
+
+import ast
+import importlib
+import types
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
+
+
+def _cliplab_imports(tree: ast.Module) -> dict[str, object]:
+    """Each name a script binds by importing from cliplab, and the object it is bound to."""
+    bound = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "cliplab":
+                    name = alias.asname or "cliplab"
+                    bound[name] = importlib.import_module(alias.name if alias.asname else "cliplab")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cliplab":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                bound[alias.asname or alias.name] = _member(module, alias.name)
+    return bound
+
+
+def _member(owner, name: str):
+    """``owner.name``, or the submodule ``owner.name`` (an attribute only once something has imported it)."""
+    if not hasattr(owner, name) and hasattr(owner, "__path__"):
+        importlib.import_module(f"{owner.__name__}.{name}")
+    return getattr(owner, name)
+
+
+def _attribute_chains(tree: ast.Module, roots) -> list[tuple[int, str, list[str]]]:
+    """(line, root, [attr, ...]) of every attribute read whose chain starts at one of ``roots``."""
+    chains = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            attrs, inner = [], node
+            while isinstance(inner, ast.Attribute):
+                attrs.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and inner.id in roots:
+                chains.append((node.lineno, inner.id, attrs[::-1]))
+    return chains
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda path: path.name)
+def test_what_a_benchmark_reads_from_cliplab_exists(script):
+    tree = ast.parse(script.read_text())
+    bound = _cliplab_imports(tree)
+    missing = []
+    for line, root, attrs in _attribute_chains(tree, bound):
+        owner = bound[root]
+        for depth, attr in enumerate(attrs):
+            if not isinstance(owner, types.ModuleType):
+                break  # a class's or a function's own attributes (a dataclass field, say): not looked up here
+            try:
+                owner = _member(owner, attr)
+            except (AttributeError, ModuleNotFoundError):
+                missing.append(f"{script.name}:{line}: {root}.{'.'.join(attrs[:depth + 1])}")
+                break
+    assert not missing, missing
