@@ -25,8 +25,7 @@ def save_checkpoint(out: Path, step: int, classifier, optimizer, schedule, gener
     """Write the image encoder's weights (safetensors, named as in the whole model: ``visual.*``) and the
     optimiser/scheduler/RNG state atomically, then point ``latest.json`` at them, then drop older checkpoints: a crash
     at any moment leaves a complete one. The text tower never trains, so it is not written (ViT-B/32's is 250 MB)."""
-    encoder = {f"visual.{name}": tensor for name, tensor in classifier.model.visual.state_dict().items()}
-    save_tensors(encoder, out / f"checkpoint-{step}.safetensors")
+    save_tensors(classifier.model.visual.state_dict(prefix="visual."), out / f"checkpoint-{step}.safetensors")
     with atomic_write(out / f"checkpoint-{step}.state.pt") as tmp:
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "generator": generator.get_state(), "config": asdict(config), "history": history}, tmp)
