@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=runner.usable_cores())
     args = parser.parse_args(argv)
     profile = cliplab.get_profile(args.profile, encoder_cache=NOTEBOOKS / "encoders" / args.profile)
-    env = {**runner.thread_environment(args.threads), "MPLBACKEND": "Agg"}
+    env = {**runner.kernel_environment(args.threads), "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as out:
         for path in runner.find_notebooks(NOTEBOOKS, args.only):
             run = asyncio.run(runner.execute_notebook(path, Path(out), {**env, **cliplab.study.profiles.profile_environment(

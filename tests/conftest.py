@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import cliplab
+from cliplab._memory import malloc_environment
 from cliplab.cli.reproduce import LONGEST_FIRST as NOTEBOOKS_LONGEST_FIRST
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -27,6 +28,9 @@ torch.set_num_threads(1)
 # (a notebook measured 30x slower under load). torch reads these when a kernel imports it.
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+# and they keep the memory a pass frees for the next pass, as `cliplab reproduce`'s kernels do (cliplab._memory); so do
+# xdist's workers, started after this
+os.environ.update(malloc_environment())
 # nbval compares the notebooks' checked outputs with the committed ones, which are fp32 (`cliplab reproduce --update`
 # pins it): their kernels inherit this, so that "auto" (bf16 where the CPU computes it) changes no digit of them
 os.environ["CLIPLAB_PRECISION"] = "fp32"

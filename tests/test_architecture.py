@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cliplab"
 # lower number: lower layer; a module's layer is its folder's, or its own name's for a module at the top. The kernel
 # packages are in order too: evaluation runs the attacks, training attacks and evaluates, and neither is imported back
 LAYERS = {
-    "helpers": (0, {"_arguments", "_distributed", "_io", "_network", "_stats", "_torch"}),
+    "helpers": (0, {"_arguments", "_distributed", "_io", "_memory", "_network", "_stats", "_torch"}),
     "kernels: the classifier, attacks, defences": (1, {"attacks", "defences", "classifier", "vit"}),
     "kernels: evaluation": (2, {"evaluation"}),
     "kernels: training": (3, {"training"}),
@@ -25,8 +25,9 @@ LAYERS = {
 }
 LEVEL = {name: level for level, names in LAYERS.values() for name in names}
 # cli: arguments and the notebooks' environment; profiles: get_profile's settings; data and _network: CLIPLAB_DATA
-# and the offline flags (HF_HUB_OFFLINE) that a library call honours without a profile
-READS_ENVIRONMENT = {"cli.commands", "cli.reproduce", "study.profiles", "data", "_network"}
+# and the offline flags (HF_HUB_OFFLINE) that a library call honours without a profile; _memory: the user's own malloc
+# settings (GLIBC_TUNABLES), which it keeps
+READS_ENVIRONMENT = {"cli.commands", "cli.reproduce", "study.profiles", "data", "_network", "_memory"}
 
 
 def package_sources(package: Path = PACKAGE) -> dict[str, str]:

@@ -3,6 +3,7 @@
 import os
 import sys
 
+from .._memory import keep_freed_memory
 from .stopping import StopSignals
 
 __all__ = ["console", "main"]
@@ -16,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         with stop:
             stop.deferring = True  # torch imports here (a signal is said as soon as the import is over)
             from .commands import run
+
+            keep_freed_memory()  # before the first pass: the commands attack and train on the CPU
 
             stop.raise_deferred()
             return run(argv, stop)

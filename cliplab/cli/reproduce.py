@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .._arguments import check_directory, check_int
 from .._io import atomic_write
+from .._memory import malloc_environment
 from .._torch import precision_line, resolve_precision
 from ..study.profiles import Profile, profile_environment
 from .._io import written_by_a_run
@@ -322,6 +323,12 @@ def thread_environment(threads: int) -> dict[str, str]:
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
+def kernel_environment(threads: int) -> dict[str, str]:
+    """What a notebook kernel runs with, beside the profile: ``threads`` torch threads (``thread_environment``) and a
+    malloc that keeps the memory a pass frees for the next (``cliplab._memory``)."""
+    return {**thread_environment(threads), **malloc_environment()}
+
+
 @dataclass(frozen=True)
 class Reproduction:
     """A checked ``cliplab reproduce`` job (``plan_reproduction``): which notebooks, for which profile, where to."""
@@ -443,7 +450,7 @@ def reproduce(job: Reproduction) -> Iterator[NotebookRun]:
 def _execute_all(job: Reproduction, profile: Profile) -> Iterator[NotebookRun]:
     """``reproduce``'s work, with ``profile`` in every kernel."""
     # the inline backend embeds every figure in the executed notebook (Agg would leave readers no plot)
-    env = {**thread_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    env = {**kernel_environment(job.threads), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     waiting = list(job.notebooks) if job.jobs == 1 else start_order(job.notebooks)
     running, tasks, stopped = set(), set(), []  # the kernel clients, the notebooks' tasks, the signals received
 
