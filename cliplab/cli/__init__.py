@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.deferring = True  # torch imports here (a signal is said as soon as the import is over)
             from .commands import run
 
-            keep_freed_memory()  # before the first pass: the commands attack and train on the CPU
+            keep_freed_memory()  # before the first pass, where a command runs on the CPU (cliplab._memory)
 
             stop.raise_deferred()
             return run(argv, stop)
